@@ -1,0 +1,122 @@
+"""The config schema: dataclasses registered with Hydra's ConfigStore.
+
+The YAML files under ``configs/`` fill these in; OmegaConf checks every value
+against the types here (an enum field rejects a value it does not list), so a
+typo in an override fails before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+
+from resnet_exp.models.units import OrderingName
+
+
+class Unit(str, Enum):
+    auto = "auto"
+    basic = "basic"
+    bottleneck = "bottleneck"
+    single = "single"
+
+
+class Downsample(str, Enum):
+    auto = "auto"
+    A = "A"  # zero-padding identity
+    B = "B"  # strided 1x1 projection
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class Mode(str, Enum):
+    train = "train"
+    diagnose = "diagnose"
+
+
+@dataclass
+class ModelConfig:
+    block: OrderingName = OrderingName.preact  # set by the `block` group
+    unit: Unit = Unit.auto  # auto: basic for 6n+2 depths, bottleneck for 164/1001 and 9n+2
+    downsample: Downsample = Downsample.auto  # auto: A for basic, B for bottleneck units
+    width: int = 16  # stem width; stages use width, 2*width, 4*width
+    checkpointing: int = 0  # activation-checkpoint segments (0: off)
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: str = "${oc.env:RESNET_EXP_DATA,data}"
+    download: bool = True
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    train_limit: int | None = None  # use only this many training images
+    test_limit: int | None = None  # evaluate on only this many test images
+    val_size: int = 0  # hold out this many training images (e.g. 5000) as a validation set
+    image_size: int = 32  # imagefolder images are resized (shorter side) and center-cropped to this
+    augment: bool = True  # pad-4 random crop + horizontal flip
+    pad: int = 4
+    num_classes: int | None = None  # synthetic only; real data sets count their classes
+    synthetic_train: int = 5000
+    synthetic_test: int = 1000
+    cache_dir: str = "${oc.env:XDG_CACHE_HOME,${oc.env:HOME,.}/.cache}/resnet-exp"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "paper"  # paper (step decay) | cosine | constant
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
+    gamma: float = 0.1
+    warmup: str = "auto"  # auto | true | false; auto follows the paper (see train/schedule.py)
+    warmup_steps: int = 400
+    warmup_factor: float = 0.1  # warm-up lr = factor * lr (0.01 for lr 0.1)
+    min_lr: float = 0.0  # cosine floor
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 164  # 164 x 390 steps ~ the paper's 64k iterations at batch 128
+    max_steps: int | None = None  # overrides epochs
+    precision: Precision = Precision.auto
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    log_every: int = 50  # steps between train-loss points in TensorBoard and the progress bar
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    depth: int = 110
+    seed: int = 0
+    resume: str | None = None  # a checkpoint, a run directory, or `auto` (this run's last.pt if any)
+    dry_run: bool = False
+    mode: Mode = Mode.train
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)

@@ -1,0 +1,173 @@
+"""The CIFAR residual networks of the paper: a 3x3 stem, three stages, a linear head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
+
+from resnet_exp.errors import UserError
+from resnet_exp.models.shortcuts import downsample_shortcut
+from resnet_exp.models.units import ORDERINGS, Ordering, ResidualUnit, conv, ops
+
+
+@dataclass(frozen=True)
+class UnitType:
+    kernels: tuple[int, ...]  # the branch's convolutions
+    expansion: int  # output width / inner width
+    form: str  # how the depth counts layers
+
+    @property
+    def layers_per_unit(self) -> int:
+        return len(self.kernels)
+
+    def widths(self, inner: int) -> tuple[int, ...]:
+        return (inner,) * (len(self.kernels) - 1) + (inner * self.expansion,)
+
+
+UNIT_TYPES = {
+    "basic": UnitType((3, 3), 1, "6n+2"),
+    "bottleneck": UnitType((1, 3, 1), 4, "9n+2"),
+    "single": UnitType((3,), 1, "3n+2"),  # the paper's "1-layer skip" ResNet-110
+}
+# Depths the paper builds from bottleneck units although 6n+2 would also fit.
+BOTTLENECK_DEPTHS = {164, 1001}
+
+
+def units_per_stage(depth: int, unit: str) -> int:
+    """n for a depth: 3 stages of n units plus the stem conv and the classifier."""
+    per = 3 * UNIT_TYPES[unit].layers_per_unit
+    n, rest = divmod(depth - 2, per)
+    if rest or n < 1:
+        form = UNIT_TYPES[unit].form
+        raise UserError(
+            f"depth={depth} does not fit {unit} units ({form}, n >= 1); "
+            f"nearest valid depths: {_nearest(depth, per)}"
+        )
+    return n
+
+
+def _nearest(depth: int, per: int) -> str:
+    below = (depth - 2) // per * per + 2
+    cands = sorted({d for d in (below, below + per) if d >= per + 2}) or [per + 2]
+    return ", ".join(str(d) for d in cands)
+
+
+def resolve_unit(depth: int, unit: str = "auto") -> tuple[str, int]:
+    """Pick the unit type for a depth (basic for 6n+2, bottleneck for 164/1001 and 9n+2)."""
+    if unit != "auto":
+        if unit not in UNIT_TYPES:
+            raise UserError(f"model.unit={unit!r} is not one of auto, {', '.join(UNIT_TYPES)}")
+        return unit, units_per_stage(depth, unit)
+    if depth in BOTTLENECK_DEPTHS or ((depth - 2) % 6 and not (depth - 2) % 9):
+        unit = "bottleneck"
+    elif not (depth - 2) % 6:
+        unit = "basic"
+    else:
+        raise UserError(
+            f"depth={depth} fits neither basic (6n+2) nor bottleneck (9n+2) units; "
+            f"nearest valid depths: {_nearest(depth, 6)} (basic), {_nearest(depth, 9)} (bottleneck)"
+        )
+    return unit, units_per_stage(depth, unit)
+
+
+class CifarResNet(nn.Module):
+    """Stem conv, three stages of residual units on 32/16/8-pixel maps, pool, linear.
+
+    Post-activation nets normalise and activate the stem output. Pre-activation
+    nets leave the stem conv bare: the first unit's BN-ReLU follows it directly
+    and feeds both paths, and one more BN-ReLU after the last unit precedes the
+    pooling (without it training can diverge).
+    """
+
+    def __init__(
+        self,
+        ordering: Ordering,
+        unit: str,
+        n: int,
+        num_classes: int = 10,
+        downsample: str = "auto",
+        width: int = 16,
+        checkpoint_segments: int = 0,
+    ) -> None:
+        super().__init__()
+        utype = UNIT_TYPES[unit]
+        if downsample == "auto":  # as each unit type was published
+            downsample = "B" if unit == "bottleneck" else "A"
+        self.stem = nn.Sequential(conv(3, width, 3), *([] if ordering.is_preact else ops("br", width)))
+        units: list[nn.Module] = []
+        cin = width
+        for stage in range(3):
+            inner = width * 2**stage
+            widths = utype.widths(inner)
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                # A projection is followed by BN when the branch's last conv is.
+                shortcut = downsample_shortcut(
+                    downsample, cin, widths[-1], stride, bn=ordering.last.endswith(("cb", "cbr"))
+                )
+                first = stage == 0 and i == 0
+                units.append(
+                    ResidualUnit(
+                        ordering, cin, utype.kernels, widths, stride, shortcut,
+                        share_preact=first and ordering.is_preact,
+                    )
+                )
+                cin = widths[-1]
+        self.units = nn.Sequential(*units)
+        self.head = ops(ordering.pre, cin) if ordering.is_preact else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        self.checkpoint_segments = checkpoint_segments
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):  # He et al. (MSRA) initialisation
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        if self.checkpoint_segments and self.training and torch.is_grad_enabled():
+            # Keep only segment boundaries; recompute the rest in backward.
+            x = checkpoint_sequential(self.units, self.checkpoint_segments, x, use_reentrant=False)
+        else:
+            x = self.units(x)
+        x = self.pool(self.head(x)).flatten(1)
+        return self.fc(x)
+
+
+def build_model(
+    block: str = "preact",
+    depth: int = 110,
+    num_classes: int = 10,
+    unit: str = "auto",
+    downsample: str = "auto",
+    width: int = 16,
+    checkpoint_segments: int = 0,
+) -> CifarResNet:
+    """Build a CIFAR ResNet of the paper, e.g. ``build_model("preact", 1001)``.
+
+    ``block`` is the unit ordering (``original``, ``bn_after_add``,
+    ``relu_before_add``, ``relu_only_preact``, ``preact``); ``unit`` is
+    ``basic`` (6n+2), ``bottleneck`` (9n+2), ``single`` (3n+2, one conv per
+    unit) or ``auto``; ``downsample`` is ``A`` (zero padding), ``B``
+    (projection) or ``auto`` (A for basic, B for bottleneck units).
+    """
+    if block not in ORDERINGS:
+        raise UserError(f"block={block!r} is not one of {', '.join(ORDERINGS)}")
+    if downsample not in ("auto", "A", "B"):
+        raise UserError(f"model.downsample={downsample!r} is not one of auto, A, B")
+    unit, n = resolve_unit(depth, unit)
+    return CifarResNet(ORDERINGS[block], unit, n, num_classes, downsample, width, checkpoint_segments)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

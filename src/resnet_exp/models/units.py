@@ -1,0 +1,133 @@
+"""Residual units: the five orderings of the paper's Fig. 4, written as data.
+
+An ordering is the row of operations the figure draws around one addition:
+``c`` convolution, ``b`` batch norm, ``r`` ReLU. Each ordering gives the ops
+around every convolution of the branch but the last, around the last one,
+and after the addition. A basic unit (two 3x3 convs), a bottleneck unit
+(1x1, 3x3, 1x1) and a one-conv unit all follow from the same three strings:
+
+    original (a), basic:       c b r  c b       (+x)  r
+    preact (e), bottleneck:    b r c  b r c  b r c  (+x)
+
+Ops in front of the first convolution form the unit's *pre-activation*. When
+the shortcut is a projection it reads the pre-activated input, so the
+BN-ReLU is computed once and shared (as in the authors' reference code); an
+identity shortcut always carries the untouched ``x``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+from resnet_exp.models.shortcuts import Add, Merge
+
+
+@dataclass(frozen=True)
+class Ordering:
+    each: str  # ops around every conv of the branch except the last
+    last: str  # ops around the last conv of the branch
+    after_add: str  # ops applied to the sum
+
+    def branch(self, convs: int) -> list[str]:
+        return [self.each] * (convs - 1) + [self.last]
+
+    @property
+    def pre(self) -> str:
+        """Ops before the first conv: the unit's pre-activation."""
+        return self.each[: self.each.index("c")]
+
+    @property
+    def is_preact(self) -> bool:
+        return bool(self.pre)
+
+
+class OrderingName(str, Enum):
+    original = "original"
+    bn_after_add = "bn_after_add"
+    relu_before_add = "relu_before_add"
+    relu_only_preact = "relu_only_preact"
+    preact = "preact"
+
+
+ORDERINGS: dict[str, Ordering] = {
+    #                       each conv,  last conv,  after the addition
+    "original": Ordering("cbr", "cb", "r"),  # (a) conv-BN-ReLU-conv-BN, add, ReLU
+    "bn_after_add": Ordering("cbr", "c", "br"),  # (b) ... conv, add, BN-ReLU
+    "relu_before_add": Ordering("cbr", "cbr", ""),  # (c) ... conv-BN-ReLU, add
+    "relu_only_preact": Ordering("rcb", "rcb", ""),  # (d) ReLU-conv-BN ..., add
+    "preact": Ordering("brc", "brc", ""),  # (e) BN-ReLU-conv ..., add
+}
+
+
+def ops(spec: str, channels: int, inplace: bool = True) -> nn.Sequential:
+    """Batch norms and ReLUs for a run of ``b``/``r`` letters (no convs)."""
+    layers: list[nn.Module] = []
+    for i, op in enumerate(spec):
+        if op == "b":
+            layers.append(nn.BatchNorm2d(channels))
+        elif op == "r":
+            # A ReLU that reads the unit's input must not overwrite it: the
+            # identity shortcut still needs it.
+            layers.append(nn.ReLU(inplace=inplace or i > 0))
+        else:
+            raise ValueError(f"unexpected op {op!r} in {spec!r}")
+    return nn.Sequential(*layers)
+
+
+def conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False)
+
+
+class ResidualUnit(nn.Module):
+    """One residual unit: ``post(merge(shortcut(x), branch(pre(x))))``.
+
+    ``kernels`` gives the branch's convolutions (``(3, 3)`` basic,
+    ``(1, 3, 1)`` bottleneck, ``(3,)`` one-layer skip); ``widths`` their
+    output channels. The stride sits on the first 3x3 conv (on the 3x3 of a
+    bottleneck, as in the reference code), never on a 1x1.
+    """
+
+    def __init__(
+        self,
+        ordering: Ordering,
+        cin: int,
+        kernels: tuple[int, ...],
+        widths: tuple[int, ...],
+        stride: int,
+        shortcut: nn.Module,
+        merge: Merge | None = None,
+        share_preact: bool = False,
+    ) -> None:
+        super().__init__()
+        pre = ordering.pre
+        # The unit's input is only overwritten in place where no identity
+        # path reads it afterwards.
+        self.pre = ops(pre, cin, inplace=False)
+        layers: list[nn.Module] = []
+        channels = cin
+        stride_at = next(i for i, k in enumerate(kernels) if k == 3)
+        for i, (spec, k, width) in enumerate(zip(ordering.branch(len(kernels)), kernels, widths)):
+            if i == 0:
+                spec = spec[len(pre) :]  # the pre-activation already ran
+            before, after = spec.split("c")
+            layers += ops(before, channels)
+            layers.append(conv(channels, width, k, stride if i == stride_at else 1))
+            channels = width
+            layers += ops(after, channels)
+        self.branch = nn.Sequential(*layers)
+        self.shortcut = shortcut
+        self.merge = merge if merge is not None else Add()
+        self.post = ops(ordering.after_add, channels)
+        # Projections read the pre-activated input (computed once); so does
+        # every shortcut of the first unit of a pre-act net, whose BN-ReLU
+        # follows the stem convolution directly.
+        self.share_preact = share_preact or getattr(shortcut, "is_projection", False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre(x)
+        identity = self.shortcut(pre if self.share_preact else x)
+        return self.post(self.merge(identity, self.branch(pre), x))

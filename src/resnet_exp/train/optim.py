@@ -1,0 +1,79 @@
+"""Optimizers and learning-rate schedules (torch's own; the schedule steps once per iteration)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import (
+    ChainedScheduler,
+    ConstantLR,
+    CosineAnnealingLR,
+    LRScheduler,
+    MultiStepLR,
+    SequentialLR,
+)
+
+from resnet_exp.config import OptimizerConfig, ScheduleConfig
+from resnet_exp.errors import UserError
+
+SCHEDULES = ("paper", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False) -> Optimizer:
+    """SGD with momentum (the paper; weight decay on every parameter) or AdamW."""
+    if not cfg.lr > 0:
+        raise UserError(f"optimizer.lr={cfg.lr} must be a positive number")
+    if cfg.weight_decay < 0:
+        raise UserError(f"optimizer.weight_decay={cfg.weight_decay} must be >= 0")
+    # One fused kernel per step on a GPU, else one multi-tensor (foreach) kernel per op.
+    kernel = {"fused": True} if fused else {"foreach": True}
+    params = model.parameters()
+    if cfg.name == "sgd":
+        if cfg.nesterov and cfg.momentum <= 0:
+            raise UserError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {cfg.momentum})")
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov, **kernel,
+        )
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel)
+    raise UserError(f"optimizer.name={cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
+
+
+def warmup_on(cfg: ScheduleConfig, depth: int, preact: bool) -> bool:
+    """The paper warms up at lr 0.01 for ResNet-110 (kept for every ordering, so
+    Table 2 compares like with like) and for the deep post-activation nets,
+    which otherwise fail to start; pre-activation nets do not need it."""
+    value = str(cfg.warmup).lower()
+    if value in ("true", "false"):
+        return value == "true"
+    if value != "auto":
+        raise UserError(f"schedule.warmup={cfg.warmup!r} is not one of auto, true, false")
+    return depth == 110 or (depth > 164 and not preact)
+
+
+def build_scheduler(opt: Optimizer, cfg: ScheduleConfig, total_steps: int, warmup: bool) -> LRScheduler:
+    warm = min(cfg.warmup_steps, total_steps) if warmup else 0
+    if cfg.name == "paper":
+        if any(not 0 < m < 1 for m in cfg.milestones):
+            raise UserError(f"schedule.milestones={list(cfg.milestones)} must be fractions of the run in (0, 1)")
+        milestones = sorted(round(m * total_steps) for m in cfg.milestones)
+        main = MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
+        if not warm:
+            return main
+        # Multiplicative factors compose: x0.1 until `warm`, then the step decay.
+        return ChainedScheduler([ConstantLR(opt, factor=cfg.warmup_factor, total_iters=warm), main])
+    if cfg.name == "cosine":
+        if not warm:
+            return CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.min_lr)
+        return SequentialLR(
+            opt,
+            [
+                ConstantLR(opt, factor=cfg.warmup_factor, total_iters=warm),
+                CosineAnnealingLR(opt, T_max=max(1, total_steps - warm), eta_min=cfg.min_lr),
+            ],
+            milestones=[warm],
+        )
+    raise UserError(f"schedule.name={cfg.name!r} is not one of {', '.join(SCHEDULES)}")
