@@ -21,8 +21,8 @@ class RunRecords:
         self.run_dir, self.enabled = run_dir, enabled
         self.writer: SummaryWriter | None = None
         if enabled:
-            # purge_step drops events a resumed run is about to write again.
-            self.writer = SummaryWriter(str(run_dir), purge_step=start_step or None)
+            # purge_step drops events after the checkpoint, which a resumed run writes again.
+            self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
             if start_step:
                 _truncate_metrics(run_dir / METRICS, start_step)
 

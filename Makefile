@@ -1,0 +1,38 @@
+# resnet-exp: `make run` sets up .venv and runs the default job; `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: install run test test-slow lint format tensorboard bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install resnet-exp (editable) with its dev tools
+
+run: install  ## the default job (pre-act ResNet-110, CIFAR-10); extra overrides in ARGS="..."
+	$(BIN)/resnet-exp $(ARGS)
+
+test: install  ## the test suite (CPU, a few minutes)
+	$(BIN)/pytest -q
+
+test-slow: install  ## the longer checks marked slow
+	$(BIN)/pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: install
+	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts
+
+tensorboard: install  ## curves of every run under outputs/
+	$(BIN)/tensorboard --logdir outputs
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache dist build

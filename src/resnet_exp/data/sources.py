@@ -1,0 +1,263 @@
+"""Data sets as uint8 tensors: CIFAR-10/100, any image folder, synthetic.
+
+Every source decodes once into ``(N, 3, H, W)`` uint8 images and int64
+labels; augmentation happens later, on the training device (loader.py).
+Decoded image folders are cached on disk, since decoding 60k JPEGs costs
+seconds that every run would otherwise pay again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
+from torchvision.transforms.v2 import functional as TF
+
+from resnet_exp.config import DataConfig
+from resnet_exp.errors import UserError
+
+# A fixed seed for splits and limits, so every run (and every seed of a
+# sweep) sees the same validation set and the same subset.
+SPLIT_SEED = 0
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    val: Split | None
+    classes: list[str]
+    mean: tuple[float, ...]  # per channel, in [0, 1] units, from the training images
+    std: tuple[float, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def eval_name(self) -> str:
+        return "val" if self.val is not None else "test"
+
+    @property
+    def eval_split(self) -> Split:
+        return self.val if self.val is not None else self.test
+
+
+CIFAR = {
+    "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py", "CIFAR-10"),
+    "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python", "CIFAR-100"),
+}
+SOURCES = ("cifar10", "cifar100", "imagefolder", "synthetic")
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    if cfg.name in CIFAR:
+        train, test, classes, source = _load_cifar(cfg)
+    elif cfg.name == "imagefolder":
+        train, test, classes = _load_folder_splits(Path(cfg.root), cfg)
+        source = f"image folders in {cfg.root}"
+    elif cfg.name == "synthetic":
+        train, test, classes = _synthetic(cfg)
+        source = "synthetic"
+    else:
+        raise UserError(f"data.name={cfg.name!r} is not one of {', '.join(SOURCES)}")
+    return _finish(train, test, classes, source, cfg)
+
+
+def _finish(train: Split, test: Split, classes: list[str], source: str, cfg: DataConfig) -> Dataset:
+    for key in ("train_limit", "test_limit"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise UserError(f"data.{key}={value} must be a positive number of images (or null for all)")
+    if cfg.val_size < 0 or cfg.val_size >= len(train):
+        raise UserError(f"data.val_size={cfg.val_size} must be in [0, {len(train) - 1}] for {len(train)} training images")
+    gen = torch.Generator().manual_seed(SPLIT_SEED)
+    order = torch.randperm(len(train), generator=gen)
+    val = train.subset(order[: cfg.val_size].sort().values) if cfg.val_size else None
+    keep = order[cfg.val_size :]
+    if cfg.train_limit is not None:
+        keep = keep[: cfg.train_limit]
+    train = train.subset(keep.sort().values)
+    if cfg.test_limit is not None and cfg.test_limit < len(test):
+        test = test.subset(torch.randperm(len(test), generator=gen)[: cfg.test_limit].sort().values)
+    mean, std = channel_stats(train.images)
+    return Dataset(train, test, val, classes, mean, std, source)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units.
+
+    From a 256-bin histogram per channel: exact, and no float copy of the data set.
+    """
+    values = torch.arange(256, dtype=torch.float64) / 255
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        hist = torch.bincount(images[:, c].flatten(), minlength=256).double()
+        n = hist.sum()
+        mean = (hist @ values) / n
+        var = (hist @ (values - mean) ** 2) / (n - 1)
+        means.append(mean.item())
+        stds.append(var.sqrt().item())
+    return tuple(means), tuple(stds)
+
+
+# --- CIFAR -------------------------------------------------------------------
+
+
+def _load_cifar(cfg: DataConfig) -> tuple[Split, Split, list[str], str]:
+    cls, folder, title = CIFAR[cfg.name]
+    root = Path(cfg.root)
+    if root.name == folder:  # pointed at the batches folder itself
+        root = root.parent
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train, test, classes = _load_folder_splits(root, cfg)
+        return train, test, classes, f"{title} image folders in {root}"
+    if not (root / folder).is_dir():
+        if not cfg.download:
+            raise UserError(
+                f"no {title} in data.root={str(root)!r} (expected {folder}/ or train/ + test/ folders); "
+                f"pass data.root=DIR holding one of them, or data.download=true"
+            )
+        _download(cls, root, title)
+    try:
+        splits = [cls(str(root), train=t, download=False) for t in (True, False)]
+    except RuntimeError as e:  # torchvision's integrity check
+        raise UserError(f"{title} in {root / folder} is unreadable ({e}); delete it and download again") from e
+    train, test = (Split(torch.from_numpy(np.ascontiguousarray(s.data.transpose(0, 3, 1, 2))),
+                         torch.tensor(s.targets, dtype=torch.int64)) for s in splits)
+    return train, test, list(splits[0].classes), f"{title} ({folder}) in {root}"
+
+
+def _download(cls: type, root: Path, title: str) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(
+            f"could not download {title} into data.root={str(root)!r} ({reason}); "
+            f"offline? pass data.root=DIR holding an existing copy"
+        ) from e
+
+
+# --- image folders -----------------------------------------------------------
+
+
+def _load_folder_splits(root: Path, cfg: DataConfig) -> tuple[Split, Split, list[str]]:
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise UserError(f"data.root={str(root)!r} needs train/ and test/ folders of class subfolders")
+    train, classes = load_folder(root / "train", cfg.image_size, cfg.cache_dir)
+    test, test_classes = load_folder(root / "test", cfg.image_size, cfg.cache_dir)
+    if classes != test_classes:
+        only = sorted(set(classes) ^ set(test_classes))
+        raise UserError(
+            f"train/ and test/ in {root} have different classes "
+            f"({len(classes)} vs {len(test_classes)}; in only one: {', '.join(only) or 'order differs'})"
+        )
+    return train, test, classes
+
+
+def load_folder(folder: Path, size: int, cache_dir: str | None = None) -> tuple[Split, list[str]]:
+    """Decode ``folder/<class>/*`` into uint8 ``size`` x ``size`` images, cached on disk."""
+    try:
+        classes, class_to_idx = find_classes(str(folder))
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"no images in {folder}: needs class subfolders holding image files") from e
+    cache = _cache_path(folder, size, samples, cache_dir)
+    if cache is not None and cache.exists():
+        try:
+            images, labels = torch.load(cache, weights_only=True)
+            return Split(images, labels), classes
+        except Exception:
+            pass  # a broken cache is rebuilt below
+    images = _decode_all([p for p, _ in samples], size)
+    labels = torch.tensor([c for _, c in samples], dtype=torch.int64)
+    if cache is not None:
+        _write_cache(cache, images, labels)
+    return Split(images, labels), classes
+
+
+def _cache_path(folder: Path, size: int, samples: list, cache_dir: str | None) -> Path | None:
+    if not cache_dir:
+        return None
+    # Keyed by the folder, the image size, the file list and the class folders' mtimes.
+    key = hashlib.sha1()
+    key.update(f"{folder.resolve()}|{size}|{len(samples)}".encode())
+    for d in sorted({os.path.dirname(p) for p, _ in samples}):
+        key.update(f"{d}:{os.stat(d).st_mtime_ns}".encode())
+    key.update("".join(p for p, _ in samples[:: max(1, len(samples) // 100)]).encode())
+    return Path(cache_dir) / f"{folder.name}-{size}px-{key.hexdigest()[:16]}.pt"
+
+
+def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save((images, labels), tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache is an optimisation; an unwritable one is not an error
+
+
+def _decode_all(paths: list[str], size: int) -> torch.Tensor:
+    def decode(path: str) -> torch.Tensor:
+        try:
+            img = pil_loader(path)
+        except (OSError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot decode image {path}: {e}") from e
+        if img.size != (size, size):
+            img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    # PIL's decoders release the GIL, so threads decode in parallel.
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(decode, paths, chunksize=256))
+    return torch.stack(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8)
+
+
+# --- synthetic ---------------------------------------------------------------
+
+
+def _synthetic(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
+    """Each class is a smooth random colour pattern; samples add noise and a shift.
+
+    Learnable but not trivial, so a smoke run shows the loss falling.
+    """
+    k = cfg.num_classes or 10
+    if k < 2:
+        raise UserError(f"data.num_classes={k} must be at least 2")
+    s = cfg.image_size
+    gen = torch.Generator().manual_seed(SPLIT_SEED)
+    protos = torch.nn.functional.interpolate(torch.rand(k, 3, 4, 4, generator=gen), size=(s, s), mode="bilinear")
+
+    def make(n: int) -> Split:
+        labels = torch.randint(0, k, (n,), generator=gen)
+        noise = torch.randn(n, 3, s, s, generator=gen) * 0.25
+        images = (protos[labels] + noise).clamp(0, 1).mul(255).round().to(torch.uint8)
+        return Split(images, labels)
+
+    return make(cfg.synthetic_train), make(cfg.synthetic_test), [f"class{i}" for i in range(k)]
