@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CIFAR10 = Path(os.environ.get("RESNET_EXP_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpeg"))
+CIFAR10 = Path(
+    os.environ.get("RESNET_EXP_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpeg")
+)
 
 
 def cifar10_root() -> Path | None:
@@ -36,18 +38,38 @@ def data_args(cache_dir: Path) -> list[str]:
     root = cifar10_root()
     common = [f"data.cache_dir={cache_dir}"]
     if root is None:
-        return ["dataset=synthetic", "data.synthetic_train=1024", "data.synthetic_test=256", *common]
-    return ["dataset=cifar10", f"data.root={root}", "data.train_limit=1024", "data.test_limit=256", *common]
+        return [
+            "dataset=synthetic",
+            "data.synthetic_train=1024",
+            "data.synthetic_test=256",
+            *common,
+        ]
+    return [
+        "dataset=cifar10",
+        f"data.root={root}",
+        "data.train_limit=1024",
+        "data.test_limit=256",
+        *common,
+    ]
 
 
-def run_cli(args: list[str], cwd: Path, check: bool = True, timeout: int = 600, env: dict | None = None):
+def run_cli(
+    args: list[str], cwd: Path, check: bool = True, timeout: int = 600, env: dict | None = None
+):
     """Run the console script from ``cwd``; returns the CompletedProcess."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     proc = subprocess.run(
-        [console_script(), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+        [console_script(), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"resnet-exp {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"resnet-exp {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 

@@ -8,15 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import REPO, cifar10_root, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SMALL = ["depth=20", "trainer.progress=false", "data.batch_size=64", "trainer.log_every=4"]
 
 
 def run_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent.parent for p in root.rglob(".hydra/config.yaml") if "resumed" not in str(p))
+    return sorted(
+        p.parent.parent for p in root.rglob(".hydra/config.yaml") if "resumed" not in str(p)
+    )
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -35,7 +36,14 @@ def test_train_writes_run_directory_and_resumes(tmp_path: Path, data_args: list[
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 12 and "test_error" in rows[-1] and "train_loss" in rows[-1]
     tags = scalars(run)
-    for tag in ("train/loss", "train/error", "test/loss", "test/error", "lr", "throughput/images_per_s"):
+    for tag in (
+        "train/loss",
+        "train/error",
+        "test/loss",
+        "test/error",
+        "lr",
+        "throughput/images_per_s",
+    ):
         assert tag in tags, tag
     assert [s for s, _ in tags["train/loss"]] == [4, 8, 12]
     assert (run / "last.pt").exists() and (run / ".hydra" / "config.yaml").exists()
@@ -52,8 +60,17 @@ def test_train_writes_run_directory_and_resumes(tmp_path: Path, data_args: list[
 
 def test_multirun_two_blocks_two_directories(tmp_path: Path, data_args: list[str]) -> None:
     sweep = tmp_path / "sweep"
-    run_cli(["-m", "block=original,preact", *SMALL, *data_args, "trainer.max_steps=4",
-             f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    run_cli(
+        [
+            "-m",
+            "block=original,preact",
+            *SMALL,
+            *data_args,
+            "trainer.max_steps=4",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     dirs = run_dirs(sweep)
     assert [d.name for d in dirs] == ["0_original_20", "1_preact_20"]
     blocks = [json.loads((d / "summary.json").read_text())["block"] for d in dirs]
@@ -61,8 +78,10 @@ def test_multirun_two_blocks_two_directories(tmp_path: Path, data_args: list[str
 
 
 def test_dry_run_prints_summary_from_any_directory(tmp_path: Path) -> None:
-    proc = run_cli(["dataset=synthetic", "depth=1001", "dry_run=true", "trainer.device=cpu"], cwd=tmp_path)
-    info = json.loads(proc.stdout[proc.stdout.index("{"):])
+    proc = run_cli(
+        ["dataset=synthetic", "depth=1001", "dry_run=true", "trainer.device=cpu"], cwd=tmp_path
+    )
+    info = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert info["params"] == 10_327_706 and info["unit"] == "bottleneck"
     assert not list(tmp_path.rglob("last.pt"))
 
@@ -70,9 +89,15 @@ def test_dry_run_prints_summary_from_any_directory(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["depth=100"], "depth=100 fits neither basic (6n+2) nor bottleneck (9n+2) units; nearest valid depths: 98, 104 (basic), 92, 101 (bottleneck)"),
+        (
+            ["depth=100"],
+            "depth=100 fits neither basic (6n+2) nor bottleneck (9n+2) units; nearest valid depths: 98, 104 (basic), 92, 101 (bottleneck)",
+        ),
         (["block=nope"], "Could not find 'block/nope'"),
-        (["dataset=cifar10", "data.root=/nonexistent", "data.download=false"], "no CIFAR-10 in data.root='/nonexistent'"),
+        (
+            ["dataset=cifar10", "data.root=/nonexistent", "data.download=false"],
+            "no CIFAR-10 in data.root='/nonexistent'",
+        ),
     ],
 )
 def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -85,19 +110,45 @@ def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str)
 def test_wheel_install_finds_its_configs(tmp_path: Path) -> None:
     """A regular (non-editable) install carries the configs inside the package."""
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     site = tmp_path / "site"
     wheel = next(wheels.glob("resnet_exp-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(site),
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert (site / "resnet_exp" / "configs" / "config.yaml").exists()
-    code = "import sys; from resnet_exp import cli; print('CONFIGS', cli.config_dir()); sys.argv[1:] = " \
-           "['dataset=synthetic', 'block=original', 'depth=32', 'dry_run=true']; cli.main()"
+    code = (
+        "import sys; from resnet_exp import cli; print('CONFIGS', cli.config_dir()); sys.argv[1:] = "
+        "['dataset=synthetic', 'block=original', 'depth=32', 'dry_run=true']; cli.main()"
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"CONFIGS {site / 'resnet_exp' / 'configs'}" in proc.stdout
     assert '"params": 464154' in proc.stdout
@@ -110,8 +161,18 @@ def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> Non
     Measured: about 60% test error after 200 steps; the bar (70%) leaves room for seeds.
     """
     run = tmp_path / "run"
-    run_cli(["depth=20", "block=preact", f"data.root={cifar10_root()}", f"data.cache_dir={cache_dir}",
-             "data.test_limit=2000", "trainer.max_steps=250", "trainer.progress=false",
-             f"hydra.run.dir={run}"], cwd=tmp_path)
+    run_cli(
+        [
+            "depth=20",
+            "block=preact",
+            f"data.root={cifar10_root()}",
+            f"data.cache_dir={cache_dir}",
+            "data.test_limit=2000",
+            "trainer.max_steps=250",
+            "trainer.progress=false",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_test_error"] < 70.0, summary

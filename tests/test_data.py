@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, cifar10_root
 from PIL import Image
 
 from resnet_exp.config import DataConfig
 from resnet_exp.data import Normalize, TrainLoader, crop_flip, load_dataset
 from resnet_exp.data.sources import channel_stats
 from resnet_exp.errors import UserError
-
-from conftest import REPO, cifar10_root
 
 
 def make_folder(root: Path, classes: dict[str, int], size: int = 32, split: str = "train") -> None:
@@ -55,8 +54,12 @@ def test_normalize_uses_channel_stats() -> None:
 
 
 def small_loader(seed: int = 0) -> TrainLoader:
-    ds = load_dataset(DataConfig(name="synthetic", synthetic_train=100, synthetic_test=10, cache_dir=""))
-    return TrainLoader(ds.train, 16, Normalize(ds.mean, ds.std, torch.device("cpu")), torch.device("cpu"), seed)
+    ds = load_dataset(
+        DataConfig(name="synthetic", synthetic_train=100, synthetic_test=10, cache_dir="")
+    )
+    return TrainLoader(
+        ds.train, 16, Normalize(ds.mean, ds.std, torch.device("cpu")), torch.device("cpu"), seed
+    )
 
 
 def test_loader_epochs_cover_each_image_once() -> None:
@@ -110,8 +113,15 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
 
 
 def test_limits_and_validation_split() -> None:
-    cfg = DataConfig(name="synthetic", synthetic_train=1000, synthetic_test=200, cache_dir="",
-                     val_size=100, train_limit=300, test_limit=50)
+    cfg = DataConfig(
+        name="synthetic",
+        synthetic_train=1000,
+        synthetic_test=200,
+        cache_dir="",
+        val_size=100,
+        train_limit=300,
+        test_limit=50,
+    )
     ds = load_dataset(cfg)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (300, 100, 50)
     assert ds.eval_name == "val"
@@ -137,17 +147,27 @@ def test_cifar_download_offline_is_one_clear_line(tmp_path: Path) -> None:
         "    print('USERERROR', e)\n"
     )
     # A proxy on a closed local port makes the download fail at once, network or not.
-    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-           "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120, cwd=REPO).stdout
+    env = {
+        **os.environ,
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "http_proxy": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, cwd=REPO
+    ).stdout
     assert "USERERROR could not download CIFAR-10 into data.root=" in out
     assert "offline?" in out
 
 
 @pytest.mark.skipif(cifar10_root() is None, reason="no CIFAR-10 copy on this machine")
 def test_real_cifar10_copy(cache_dir: Path) -> None:
-    ds = load_dataset(DataConfig(name="cifar10", root=str(cifar10_root()), cache_dir=str(cache_dir), test_limit=100))
+    ds = load_dataset(
+        DataConfig(
+            name="cifar10", root=str(cifar10_root()), cache_dir=str(cache_dir), test_limit=100
+        )
+    )
     assert len(ds.train) == 50_000 and ds.num_classes == 10
     assert ds.classes[0] == "airplane" and ds.train.images.shape[1:] == (3, 32, 32)
     assert 0.45 < ds.mean[0] < 0.52 and 0.2 < ds.std[0] < 0.3  # CIFAR-10's red channel

@@ -15,13 +15,21 @@ from resnet_exp.models.shortcuts import PadShortcut, Projection
 # PAPER.md: ResNet-20 0.27M, -56 0.85M, -110 1.7M, -1202 19.4M (original units,
 # option A); ResNet-164 1.7M, -1001 10.2M (bottleneck, pre-act).
 PAPER_PARAMS_M = {
-    ("original", 20): "0.27", ("original", 56): "0.85", ("original", 110): "1.7",
-    ("original", 1202): "19.4", ("preact", 164): "1.7", ("preact", 1001): "10.2",
+    ("original", 20): "0.27",
+    ("original", 56): "0.85",
+    ("original", 110): "1.7",
+    ("original", 1202): "19.4",
+    ("preact", 164): "1.7",
+    ("preact", 1001): "10.2",
 }
 # Exact counts of these architectures, for regressions.
 EXACT = {
-    ("original", 20): 269_722, ("original", 56): 853_018, ("original", 110): 1_727_962,
-    ("original", 1202): 19_421_274, ("preact", 164): 1_703_258, ("preact", 1001): 10_327_706,
+    ("original", 20): 269_722,
+    ("original", 56): 853_018,
+    ("original", 110): 1_727_962,
+    ("original", 1202): 19_421_274,
+    ("preact", 164): 1_703_258,
+    ("preact", 1001): 10_327_706,
 }
 
 
@@ -45,8 +53,10 @@ def test_parameter_counts_match_paper(block: str, depth: int) -> None:
 
 
 def test_param_count_same_for_every_ordering_at_basic_depths() -> None:
-    counts = {b: meta_params(b, 56) for b in ("original", "bn_after_add", "relu_before_add",
-                                              "relu_only_preact", "preact")}
+    counts = {
+        b: meta_params(b, 56)
+        for b in ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "preact")
+    }
     # (b) moves a BN, (c) a ReLU: same count. (d) starts its units with a ReLU,
     # so its stem conv has no BN of its own (16 weights + 16 biases fewer).
     assert counts["relu_only_preact"] == counts["original"] - 32
@@ -56,8 +66,15 @@ def test_param_count_same_for_every_ordering_at_basic_depths() -> None:
 
 @pytest.mark.parametrize(
     ("depth", "unit", "n"),
-    [(20, "basic", 3), (56, "basic", 9), (110, "basic", 18), (1202, "basic", 200),
-     (164, "bottleneck", 18), (1001, "bottleneck", 111), (47, "bottleneck", 5)],
+    [
+        (20, "basic", 3),
+        (56, "basic", 9),
+        (110, "basic", 18),
+        (1202, "basic", 200),
+        (164, "bottleneck", 18),
+        (1001, "bottleneck", 111),
+        (47, "bottleneck", 5),
+    ],
 )
 def test_depth_picks_unit(depth: int, unit: str, n: int) -> None:
     assert resolve_unit(depth) == (unit, n)
@@ -70,8 +87,13 @@ def test_unit_override() -> None:
 
 @pytest.mark.parametrize(
     ("depth", "unit", "names"),
-    [(100, "auto", ["98", "104", "101"]), (0, "auto", ["8", "11"]), (-5, "auto", ["8", "11"]),
-     (111, "bottleneck", ["110", "119"]), (21, "basic", ["20", "26"])],
+    [
+        (100, "auto", ["98", "104", "101"]),
+        (0, "auto", ["8", "11"]),
+        (-5, "auto", ["8", "11"]),
+        (111, "bottleneck", ["110", "119"]),
+        (21, "basic", ["20", "26"]),
+    ],
 )
 def test_bad_depth_names_nearest_valid(depth: int, unit: str, names: list[str]) -> None:
     with pytest.raises(UserError) as err:

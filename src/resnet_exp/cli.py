@@ -85,4 +85,3 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 def main() -> None:
     _hydra_main()
-

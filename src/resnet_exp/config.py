@@ -112,7 +112,9 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     depth: int = 110
     seed: int = 0
-    resume: str | None = None  # a checkpoint, a run directory, or `auto` (this run's last.pt if any)
+    resume: str | None = (
+        None  # a checkpoint, a run directory, or `auto` (this run's last.pt if any)
+    )
     dry_run: bool = False
     mode: Mode = Mode.train
 

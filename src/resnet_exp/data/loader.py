@@ -21,7 +21,9 @@ from resnet_exp.data.sources import Split
 class Normalize:
     """uint8 -> float, minus the per-channel mean, over the per-channel std."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+    def __init__(
+        self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+    ) -> None:
         std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = -torch.tensor(mean, device=device).view(1, -1, 1, 1) / std_t
@@ -98,7 +100,9 @@ class TrainLoader:
         if self.augment:
             x = crop_flip(x, self.pad, self.aug_gen)
         x = self.normalize(x)
-        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        x = x.contiguous(
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+        )
         return x, self.labels[idx]
 
     def state_dict(self) -> dict[str, Any]:
@@ -124,4 +128,7 @@ def eval_batches(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for i in range(0, len(split), batch_size):
         x = split.images[i : i + batch_size].to(device, non_blocking=True)
-        yield normalize(x).contiguous(memory_format=fmt), split.labels[i : i + batch_size].to(device)
+        yield (
+            normalize(x).contiguous(memory_format=fmt),
+            split.labels[i : i + batch_size].to(device),
+        )

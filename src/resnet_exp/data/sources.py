@@ -90,9 +90,13 @@ def _finish(train: Split, test: Split, classes: list[str], source: str, cfg: Dat
     for key in ("train_limit", "test_limit"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
-            raise UserError(f"data.{key}={value} must be a positive number of images (or null for all)")
+            raise UserError(
+                f"data.{key}={value} must be a positive number of images (or null for all)"
+            )
     if cfg.val_size < 0 or cfg.val_size >= len(train):
-        raise UserError(f"data.val_size={cfg.val_size} must be in [0, {len(train) - 1}] for {len(train)} training images")
+        raise UserError(
+            f"data.val_size={cfg.val_size} must be in [0, {len(train) - 1}] for {len(train)} training images"
+        )
     gen = torch.Generator().manual_seed(SPLIT_SEED)
     order = torch.randperm(len(train), generator=gen)
     val = train.subset(order[: cfg.val_size].sort().values) if cfg.val_size else None
@@ -144,9 +148,16 @@ def _load_cifar(cfg: DataConfig) -> tuple[Split, Split, list[str], str]:
     try:
         splits = [cls(str(root), train=t, download=False) for t in (True, False)]
     except RuntimeError as e:  # torchvision's integrity check
-        raise UserError(f"{title} in {root / folder} is unreadable ({e}); delete it and download again") from e
-    train, test = (Split(torch.from_numpy(np.ascontiguousarray(s.data.transpose(0, 3, 1, 2))),
-                         torch.tensor(s.targets, dtype=torch.int64)) for s in splits)
+        raise UserError(
+            f"{title} in {root / folder} is unreadable ({e}); delete it and download again"
+        ) from e
+    train, test = (
+        Split(
+            torch.from_numpy(np.ascontiguousarray(s.data.transpose(0, 3, 1, 2))),
+            torch.tensor(s.targets, dtype=torch.int64),
+        )
+        for s in splits
+    )
     return train, test, list(splits[0].classes), f"{title} ({folder}) in {root}"
 
 
@@ -168,7 +179,9 @@ def _download(cls: type, root: Path, title: str) -> None:
 
 def _load_folder_splits(root: Path, cfg: DataConfig) -> tuple[Split, Split, list[str]]:
     if not (root / "train").is_dir() or not (root / "test").is_dir():
-        raise UserError(f"data.root={str(root)!r} needs train/ and test/ folders of class subfolders")
+        raise UserError(
+            f"data.root={str(root)!r} needs train/ and test/ folders of class subfolders"
+        )
     train, classes = load_folder(root / "train", cfg.image_size, cfg.cache_dir)
     test, test_classes = load_folder(root / "test", cfg.image_size, cfg.cache_dir)
     if classes != test_classes:
@@ -252,7 +265,9 @@ def _synthetic(cfg: DataConfig) -> tuple[Split, Split, list[str]]:
         raise UserError(f"data.num_classes={k} must be at least 2")
     s = cfg.image_size
     gen = torch.Generator().manual_seed(SPLIT_SEED)
-    protos = torch.nn.functional.interpolate(torch.rand(k, 3, 4, 4, generator=gen), size=(s, s), mode="bilinear")
+    protos = torch.nn.functional.interpolate(
+        torch.rand(k, 3, 4, 4, generator=gen), size=(s, s), mode="bilinear"
+    )
 
     def make(n: int) -> Split:
         labels = torch.randint(0, k, (n,), generator=gen)

@@ -96,7 +96,9 @@ class CifarResNet(nn.Module):
         utype = UNIT_TYPES[unit]
         if downsample == "auto":  # as each unit type was published
             downsample = "B" if unit == "bottleneck" else "A"
-        self.stem = nn.Sequential(conv(3, width, 3), *([] if ordering.is_preact else ops("br", width)))
+        self.stem = nn.Sequential(
+            conv(3, width, 3), *([] if ordering.is_preact else ops("br", width))
+        )
         units: list[nn.Module] = []
         cin = width
         for stage in range(3):
@@ -111,7 +113,12 @@ class CifarResNet(nn.Module):
                 first = stage == 0 and i == 0
                 units.append(
                     ResidualUnit(
-                        ordering, cin, utype.kernels, widths, stride, shortcut,
+                        ordering,
+                        cin,
+                        utype.kernels,
+                        widths,
+                        stride,
+                        shortcut,
                         share_preact=first and ordering.is_preact,
                     )
                 )
@@ -166,7 +173,9 @@ def build_model(
     if downsample not in ("auto", "A", "B"):
         raise UserError(f"model.downsample={downsample!r} is not one of auto, A, B")
     unit, n = resolve_unit(depth, unit)
-    return CifarResNet(ORDERINGS[block], unit, n, num_classes, downsample, width, checkpoint_segments)
+    return CifarResNet(
+        ORDERINGS[block], unit, n, num_classes, downsample, width, checkpoint_segments
+    )
 
 
 def count_params(model: nn.Module) -> int:

@@ -17,12 +17,16 @@ from torch import nn
 class Merge(nn.Module):
     """Combines the shortcut and the branch; ``x`` is the unit's input (for gates)."""
 
-    def forward(self, shortcut: torch.Tensor, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, shortcut: torch.Tensor, branch: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
 class Add(Merge):
-    def forward(self, shortcut: torch.Tensor, branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, shortcut: torch.Tensor, branch: torch.Tensor, x: torch.Tensor
+    ) -> torch.Tensor:
         return shortcut + branch
 
 

@@ -36,8 +36,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         state = torch.load(path, map_location=map_location, weights_only=False)
     except FileNotFoundError as e:
         raise UserError(f"checkpoint {path} does not exist") from e
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise UserError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); cannot resume from it") from e
+    except (
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+    ) as e:
+        raise UserError(
+            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); cannot resume from it"
+        ) from e
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"checkpoint {path} is not a resnet-exp checkpoint")
     return state
@@ -54,5 +63,7 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.exists():
-        raise UserError(f"resume={resume!r}: {path} does not exist (pass a last.pt, its run directory, or auto)")
+        raise UserError(
+            f"resume={resume!r}: {path} does not exist (pass a last.pt, its run directory, or auto)"
+        )
     return path

@@ -73,8 +73,13 @@ def build_setup(cfg: Config) -> Setup:
             f"data.batch_size={cfg.data.batch_size} is larger than the {len(data.train)} training images"
         )
     model = build_model(
-        block, cfg.depth, data.num_classes, unit, cfg.model.downsample.value,
-        cfg.model.width, cfg.model.checkpointing,
+        block,
+        cfg.depth,
+        data.num_classes,
+        unit,
+        cfg.model.downsample.value,
+        cfg.model.width,
+        cfg.model.checkpointing,
     )
     info = {
         "block": block,
@@ -91,24 +96,46 @@ def build_setup(cfg: Config) -> Setup:
         "precision": precision,
         "seed": cfg.seed,
     }
-    model = model.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
+    model = model.to(
+        device,
+        memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format,
+    )
     normalize = Normalize(data.mean, data.std, device)
     loader = TrainLoader(
-        data.train, cfg.data.batch_size, normalize, device, cfg.seed,
-        augment=cfg.data.augment, pad=cfg.data.pad, channels_last=cfg.trainer.channels_last,
+        data.train,
+        cfg.data.batch_size,
+        normalize,
+        device,
+        cfg.seed,
+        augment=cfg.data.augment,
+        pad=cfg.data.pad,
+        channels_last=cfg.trainer.channels_last,
     )
-    steps = cfg.trainer.max_steps if cfg.trainer.max_steps is not None else cfg.trainer.epochs * loader.steps_per_epoch
+    steps = (
+        cfg.trainer.max_steps
+        if cfg.trainer.max_steps is not None
+        else cfg.trainer.epochs * loader.steps_per_epoch
+    )
     if steps < 1:
-        raise UserError(f"the run has {steps} steps: trainer.epochs and trainer.max_steps must be positive")
+        raise UserError(
+            f"the run has {steps} steps: trainer.epochs and trainer.max_steps must be positive"
+        )
     warmup = warmup_on(cfg.schedule, cfg.depth, ORDERINGS[block].is_preact)
-    info.update(steps=steps, steps_per_epoch=loader.steps_per_epoch, batch_size=cfg.data.batch_size, warmup=warmup)
+    info.update(
+        steps=steps,
+        steps_per_epoch=loader.steps_per_epoch,
+        batch_size=cfg.data.batch_size,
+        warmup=warmup,
+    )
     return Setup(cfg, device, precision, model, data, loader, normalize, steps, warmup, info)
 
 
 def config_fingerprint(cfg: Config) -> dict[str, Any]:
     """The parts of the config a checkpoint's weights and data order depend on."""
     c = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    data = {k: c["data"][k] for k in ("name", "image_size", "train_limit", "val_size", "num_classes")}
+    data = {
+        k: c["data"][k] for k in ("name", "image_size", "train_limit", "val_size", "num_classes")
+    }
     return {"model": c["model"], "depth": c["depth"], "data": data}
 
 
@@ -122,7 +149,9 @@ def evaluate(s: Setup, split: Split) -> tuple[float, float]:
     s.model.eval()
     loss_sum = torch.zeros((), device=s.device)
     wrong = torch.zeros((), device=s.device, dtype=torch.int64)
-    for x, y in eval_batches(split, s.cfg.data.eval_batch_size, s.normalize, s.device, s.cfg.trainer.channels_last):
+    for x, y in eval_batches(
+        split, s.cfg.data.eval_batch_size, s.normalize, s.device, s.cfg.trainer.channels_last
+    ):
         with autocast(s.device, s.precision):
             logits = s.model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
@@ -138,8 +167,15 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     info = s.info
     log.info(
         "%s ResNet-%d (%s units), %s params | %s: %d train images | %d steps on %s, %s",
-        info["block"], info["depth"], info["unit"], f"{info['params']:,}", info["data_source"],
-        info["train_images"], s.total_steps, s.device, s.precision,
+        info["block"],
+        info["depth"],
+        info["unit"],
+        f"{info['params']:,}",
+        info["data_source"],
+        info["train_images"],
+        s.total_steps,
+        s.device,
+        s.precision,
     )
     if cfg.dry_run:
         print(json.dumps(info, indent=2))
@@ -161,7 +197,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         state = load_checkpoint(ckpt_path, map_location=device)
         if state.get("fingerprint_hash") != _hash(fingerprint):
             old = state.get("fingerprint", {})
-            changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            changed = sorted(
+                k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
+            )
             raise UserError(
                 f"cannot resume from {ckpt_path}: the model or data config differs ({', '.join(changed)}); "
                 f"use the run's own config or start a new run"
@@ -182,13 +220,25 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     def checkpoint() -> None:
         nonlocal ckpt_step
         ckpt_step = step
-        save_checkpoint(run_dir / CHECKPOINT, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "loader": loader.state_dict(), "rng": rng_state(), "step": step, "best_error": best,
-            "throughput": history, "fingerprint": fingerprint, "fingerprint_hash": _hash(fingerprint),
-            "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True),
-        })
+        save_checkpoint(
+            run_dir / CHECKPOINT,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "loader": loader.state_dict(),
+                "rng": rng_state(),
+                "step": step,
+                "best_error": best,
+                "throughput": history,
+                "fingerprint": fingerprint,
+                "fingerprint_hash": _hash(fingerprint),
+                "config": OmegaConf.to_container(
+                    OmegaConf.structured(cfg), resolve=True, enum_to_str=True
+                ),
+            },
+        )
 
     # Running sums stay on the device; they are read (one sync) every log_every steps.
     zero = torch.zeros((), device=device)
@@ -205,9 +255,16 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     try:
         while step < s.total_steps:
             epoch = loader.epoch + (loader.pos == loader.steps_per_epoch)
-            todo = min(loader.steps_per_epoch - loader.pos % loader.steps_per_epoch, s.total_steps - step)
-            bar = tqdm(total=todo, desc=f"epoch {epoch + 1}/{epochs_total}", disable=not cfg.trainer.progress,
-                       leave=False, dynamic_ncols=True)
+            todo = min(
+                loader.steps_per_epoch - loader.pos % loader.steps_per_epoch, s.total_steps - step
+            )
+            bar = tqdm(
+                total=todo,
+                desc=f"epoch {epoch + 1}/{epochs_total}",
+                disable=not cfg.trainer.progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
             ep_loss, ep_wrong, ep_seen = zero.clone(), zero.clone(), 0
             for _ in range(todo):
                 x, y = loader.next()
@@ -244,9 +301,18 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                     history.append((images_mark, now - t_mark))
                     train_loss, train_err = lsum / seen, 100.0 * wsum / seen
                     lr = optimizer.param_groups[0]["lr"]
-                    records.scalars(step, {"train/loss": train_loss, "train/error": train_err, "lr": lr,
-                                           "throughput/images_per_s": ips})
-                    bar.set_postfix(loss=f"{train_loss:.3f}", err=f"{train_err:.1f}%", img_s=f"{ips:.0f}")
+                    records.scalars(
+                        step,
+                        {
+                            "train/loss": train_loss,
+                            "train/error": train_err,
+                            "lr": lr,
+                            "throughput/images_per_s": ips,
+                        },
+                    )
+                    bar.set_postfix(
+                        loss=f"{train_loss:.3f}", err=f"{train_err:.1f}%", img_s=f"{ips:.0f}"
+                    )
                     loss_sum.zero_(), wrong_sum.zero_()
                     seen = 0
                     t_mark, images_mark = time.perf_counter(), 0
@@ -263,25 +329,46 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 best = min(best, e_err)
                 last_eval = {f"{eval_name}_loss": e_loss, f"{eval_name}_error": e_err}
                 records.scalars(step, {f"{eval_name}/loss": e_loss, f"{eval_name}/error": e_err})
-                records.evaluation({
-                    "step": step, "epoch": epoch + 1, "train_loss": ep_l / max(ep_seen, 1),
-                    "train_error": 100.0 * ep_w / max(ep_seen, 1), **last_eval,
-                    "lr": optimizer.param_groups[0]["lr"], "time_s": round(time.perf_counter() - t_start, 2),
-                })
+                records.evaluation(
+                    {
+                        "step": step,
+                        "epoch": epoch + 1,
+                        "train_loss": ep_l / max(ep_seen, 1),
+                        "train_error": 100.0 * ep_w / max(ep_seen, 1),
+                        **last_eval,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "time_s": round(time.perf_counter() - t_start, 2),
+                    }
+                )
                 log.info(
                     "epoch %d/%d step %d | train loss %.4f err %.2f%% | %s loss %.4f err %.2f%%",
-                    epoch + 1, epochs_total, step, ep_l / max(ep_seen, 1), 100.0 * ep_w / max(ep_seen, 1),
-                    eval_name, e_loss, e_err,
+                    epoch + 1,
+                    epochs_total,
+                    step,
+                    ep_l / max(ep_seen, 1),
+                    100.0 * ep_w / max(ep_seen, 1),
+                    eval_name,
+                    e_loss,
+                    e_err,
                 )
             checkpoint()
-            t_mark += time.perf_counter() - t_eval  # evaluation and saving are not training throughput
+            t_mark += (
+                time.perf_counter() - t_eval
+            )  # evaluation and saving are not training throughput
 
     except NonFiniteLoss as e:
-        records.summary({**info, "status": "diverged", "diverged_at_step": e.args[0], "steps_done": step})
+        records.summary(
+            {**info, "status": "diverged", "diverged_at_step": e.args[0], "steps_done": step}
+        )
         records.close()
-        kept = (f"last good checkpoint: {run_dir / CHECKPOINT} (step {ckpt_step})"
-                if ckpt_step is not None else "no checkpoint was written before it")
-        raise UserError(f"loss became non-finite at step {e.args[0]}; training stopped, {kept}") from None
+        kept = (
+            f"last good checkpoint: {run_dir / CHECKPOINT} (step {ckpt_step})"
+            if ckpt_step is not None
+            else "no checkpoint was written before it"
+        )
+        raise UserError(
+            f"loss became non-finite at step {e.args[0]}; training stopped, {kept}"
+        ) from None
 
     summary = dict(info)
     if s.data.val is not None:

@@ -32,13 +32,21 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False)
     params = model.parameters()
     if cfg.name == "sgd":
         if cfg.nesterov and cfg.momentum <= 0:
-            raise UserError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {cfg.momentum})")
+            raise UserError(
+                f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {cfg.momentum})"
+            )
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            nesterov=cfg.nesterov, **kernel,
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+            **kernel,
         )
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel)
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel
+        )
     raise UserError(f"optimizer.name={cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
 
 
@@ -54,11 +62,15 @@ def warmup_on(cfg: ScheduleConfig, depth: int, preact: bool) -> bool:
     return depth == 110 or (depth > 164 and not preact)
 
 
-def build_scheduler(opt: Optimizer, cfg: ScheduleConfig, total_steps: int, warmup: bool) -> LRScheduler:
+def build_scheduler(
+    opt: Optimizer, cfg: ScheduleConfig, total_steps: int, warmup: bool
+) -> LRScheduler:
     warm = min(cfg.warmup_steps, total_steps) if warmup else 0
     if cfg.name == "paper":
         if any(not 0 < m < 1 for m in cfg.milestones):
-            raise UserError(f"schedule.milestones={list(cfg.milestones)} must be fractions of the run in (0, 1)")
+            raise UserError(
+                f"schedule.milestones={list(cfg.milestones)} must be fractions of the run in (0, 1)"
+            )
         milestones = sorted(round(m * total_steps) for m in cfg.milestones)
         main = MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
         if not warm:

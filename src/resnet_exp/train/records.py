@@ -22,7 +22,9 @@ class RunRecords:
         self.writer: SummaryWriter | None = None
         if enabled:
             # purge_step drops events after the checkpoint, which a resumed run writes again.
-            self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(
+                str(run_dir), purge_step=start_step + 1 if start_step else None
+            )
             if start_step:
                 _truncate_metrics(run_dir / METRICS, start_step)
 

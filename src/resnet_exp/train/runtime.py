@@ -24,9 +24,13 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"trainer.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"trainer.device={name!r} but no CUDA GPU is available; use trainer.device=cpu or auto")
+            raise UserError(
+                f"trainer.device={name!r} but no CUDA GPU is available; use trainer.device=cpu or auto"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"trainer.device={name!r} but only {torch.cuda.device_count()} GPU(s) are visible")
+            raise UserError(
+                f"trainer.device={name!r} but only {torch.cuda.device_count()} GPU(s) are visible"
+            )
     elif device.type != "cpu":
         raise UserError(f"trainer.device={name!r} is not supported (auto, cpu, cuda, cuda:N)")
     return device
@@ -41,7 +45,9 @@ def pick_precision(name: str, device: torch.device) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if name == "fp16" and device.type != "cuda":
-        raise UserError("trainer.precision=fp16 needs a CUDA GPU (fp16 with a grad scaler); on the CPU use bf16 or fp32")
+        raise UserError(
+            "trainer.precision=fp16 needs a CUDA GPU (fp16 with a grad scaler); on the CPU use bf16 or fp32"
+        )
     return name
 
 
@@ -64,7 +70,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
