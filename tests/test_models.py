@@ -252,3 +252,16 @@ def test_activation_checkpointing_same_gradients() -> None:
 def test_unknown_block_is_user_error() -> None:
     with pytest.raises(UserError, match="block='nope'"):
         build_model("nope", 20)
+
+
+def test_activation_checkpointing_updates_bn_stats_once() -> None:
+    torch.manual_seed(0)
+    plain = build_model("preact", 20)
+    ckpt = build_model("preact", 20, checkpoint_segments=3)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    plain(x).sum().backward()
+    ckpt(x).sum().backward()
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        if "running" in name:
+            torch.testing.assert_close(a, b)

@@ -96,7 +96,9 @@ class TrainerConfig:
     precision: Precision = Precision.auto
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
+    cuda_graphs: str = "auto"  # auto | true | false: replay the whole step as one CUDA graph
     deterministic: bool = False
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     log_every: int = 50  # steps between train-loss points in TensorBoard and the progress bar

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint
 
 from resnet_exp.errors import UserError
 from resnet_exp.models.shortcuts import downsample_shortcut
@@ -143,12 +147,44 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         if self.checkpoint_segments and self.training and torch.is_grad_enabled():
-            # Keep only segment boundaries; recompute the rest in backward.
-            x = checkpoint_sequential(self.units, self.checkpoint_segments, x, use_reentrant=False)
+            x = self._checkpointed_units(x)
         else:
             x = self.units(x)
         x = self.pool(self.head(x)).flatten(1)
         return self.fc(x)
+
+    def _checkpointed_units(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep only the segment boundaries; backward recomputes each segment.
+
+        The recomputation must not update BN running statistics a second time.
+        """
+        size = math.ceil(len(self.units) / self.checkpoint_segments)
+        for start in range(0, len(self.units), size):
+            segment = self.units[start : start + size]
+            x = checkpoint(
+                segment,
+                x,
+                use_reentrant=False,
+                context_fn=partial(_recompute_contexts, segment),
+            )
+        return x
+
+
+@contextmanager
+def _frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = 1 * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+
+
+def _recompute_contexts(segment: nn.Module):  # (forward context, recompute context)
+    return nullcontext(), _frozen_bn_stats(segment)
 
 
 def build_model(

@@ -32,6 +32,7 @@ from resnet_exp.train.runtime import (
     seed_everything,
     set_rng_state,
 )
+from resnet_exp.train.step import make_train_step
 
 log = logging.getLogger("resnet_exp")
 
@@ -185,9 +186,6 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg.schedule, s.total_steps, s.warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
-    step_fn = model
-    if cfg.trainer.compile:
-        step_fn = torch.compile(model)
 
     # Resume: weights, optimizer, schedule, scaler, data position and RNG states.
     fingerprint = config_fingerprint(cfg)
@@ -213,6 +211,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         step, best = state["step"], state["best_error"]
         history = state.get("throughput", [])
         log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, loader.epoch + 1)
+    t = cfg.trainer
+    train_step = make_train_step(
+        model, optimizer, scaler, device, s.precision, t.compile, t.compile_mode, t.cuda_graphs
+    )
     records = RunRecords(run_dir, start_step=step)
 
     ckpt_step = step if ckpt_path is not None else None
@@ -268,20 +270,14 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             ep_loss, ep_wrong, ep_seen = zero.clone(), zero.clone(), 0
             for _ in range(todo):
                 x, y = loader.next()
-                with autocast(device, s.precision):
-                    logits = step_fn(x)
-                    loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss, logits = train_step(x, y)
                 scheduler.step()
 
                 step += 1
                 step_t += 1
-                loss = loss.detach().float()
+                loss = loss.float()
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_t, bad_step)
-                wrong = (logits.detach().argmax(1) != y).sum()
+                wrong = (logits.argmax(1) != y).sum()
                 loss_sum += loss * len(y)
                 wrong_sum += wrong
                 ep_loss += loss * len(y)

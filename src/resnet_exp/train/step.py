@@ -1,0 +1,175 @@
+"""One training step (forward, loss, backward, update), eager or replayed from a CUDA graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnet_exp.errors import UserError
+from resnet_exp.train.runtime import autocast
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class EagerStep:
+    """Forward under autocast, backward through the grad scaler, optimizer step."""
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        device: torch.device,
+        precision: str,
+    ) -> None:
+        self.forward, self.optimizer, self.scaler = forward, optimizer, scaler
+        self.device, self.precision = device, precision
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        with autocast(self.device, self.precision):
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), logits.detach()
+
+
+class CudaGraphStep:
+    """The whole step captured once as a CUDA graph, then replayed.
+
+    Hand-written because the deep CIFAR nets are launch-bound on a GPU: a
+    ResNet-1001 step is ~10k small kernels whose launch cost exceeds their
+    run time, and a replay is one launch. Needs static shapes (the loader
+    drops the last partial batch), no host syncs inside the step (so not fp16
+    with its grad scaler), and fused SGD, which reads the learning rate from a
+    device tensor that is refilled from the scheduler's value before each replay.
+    """
+
+    WARMUP = 3  # eager steps before capture: cudnn autotuning, allocator, optimizer state
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: str,
+    ) -> None:
+        self.forward, self.model, self.optimizer, self.precision = (
+            forward,
+            model,
+            optimizer,
+            precision,
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _compute(self) -> Batch:
+        with torch.autocast(
+            "cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False
+        ):
+            logits = self.forward(self.static_x)
+            loss = F.cross_entropy(logits, self.static_y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), logits.detach()
+
+    def _state(self) -> list[torch.Tensor]:
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        for state in self.optimizer.state.values():
+            tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
+        return tensors
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.static_x, self.static_y = x.clone(), y.clone()
+        had_state = bool(self.optimizer.state)
+        saved = [t.detach().clone() for t in self._state()]
+        groups = self.optimizer.param_groups
+        self.lrs = [torch.tensor(float(g["lr"]), device=x.device) for g in groups]
+        floats = [g["lr"] for g in groups]
+        for g, lr in zip(groups, self.lrs):
+            g["lr"] = lr  # the captured update reads the lr from this tensor
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._compute()
+        torch.cuda.current_stream().wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_loss, self.static_logits = self._compute()
+        # Undo the warm-up steps: back to the state before them, in place (the
+        # graph holds these addresses). Momentum buffers the warm-up created
+        # start at zero, which makes the first replayed update equal to SGD's
+        # first step (buffer = gradient).
+        with torch.no_grad():
+            # (`saved` may be shorter: it lacks optimizer state the warm-up created.)
+            for t, s in zip(self._state(), saved):
+                t.copy_(s)
+            if not had_state:
+                for state in self.optimizer.state.values():
+                    for t in state.values():
+                        if isinstance(t, torch.Tensor) and t.is_floating_point():
+                            t.zero_()
+        for g, lr in zip(groups, floats):
+            g["lr"] = lr  # the scheduler keeps working on plain floats
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        if self.graph is None:
+            self._capture(x, y)
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        for lr, g in zip(self.lrs, self.optimizer.param_groups):
+            lr.fill_(g["lr"])
+        self.graph.replay()
+        return self.static_loss, self.static_logits
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    precision: str,
+    compile_model: bool = False,
+    compile_mode: str = "default",
+    cuda_graphs: str = "auto",
+) -> EagerStep | CudaGraphStep:
+    """The step the trainer runs: compiled or not, eager or replayed from a CUDA graph.
+
+    ``cuda_graphs=auto`` uses a graph wherever one works: on a GPU, with bf16
+    or fp32, plain fused SGD and no activation checkpointing.
+    """
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    if compile_model:
+        forward = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+    blockers = graph_blockers(model, optimizer, device, precision)
+    choice = str(cuda_graphs).lower()
+    if choice not in ("auto", "true", "false"):
+        raise UserError(f"trainer.cuda_graphs={cuda_graphs!r} is not one of auto, true, false")
+    if choice == "true" and blockers:
+        raise UserError(f"trainer.cuda_graphs=true needs {'; '.join(blockers)}")
+    if choice == "false" or blockers:
+        return EagerStep(forward, optimizer, scaler, device, precision)
+    return CudaGraphStep(forward, model, optimizer, precision)
+
+
+def graph_blockers(
+    model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str
+) -> list[str]:
+    """What rules out a CUDA-graph step, as 'needs ...' phrases (empty: nothing)."""
+    blockers = []
+    if device.type != "cuda":
+        blockers.append(f"a CUDA device (running on {device})")
+    if precision == "fp16":
+        blockers.append("bf16 or fp32 (fp16's grad scaler syncs with the host every step)")
+    if not (isinstance(optimizer, torch.optim.SGD) and optimizer.defaults.get("fused")):
+        blockers.append("optimizer=sgd (fused)")
+    if getattr(model, "checkpoint_segments", 0):
+        blockers.append("model.checkpointing=0 (recomputation saves RNG state on the host)")
+    return blockers
