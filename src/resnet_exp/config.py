@@ -7,6 +7,7 @@ typo in an override fails before anything is built.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -40,6 +41,11 @@ class Mode(str, Enum):
     diagnose = "diagnose"
 
 
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "resnet-exp")
+
+
 @dataclass
 class ModelConfig:
     block: OrderingName = OrderingName.preact  # set by the `block` group
@@ -52,7 +58,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "cifar10"
-    root: str = "${oc.env:RESNET_EXP_DATA,data}"
+    root: str = "data"  # configs/config.yaml: ${oc.env:RESNET_EXP_DATA,data}
     download: bool = True
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -65,7 +71,7 @@ class DataConfig:
     num_classes: int | None = None  # synthetic only; real data sets count their classes
     synthetic_train: int = 5000
     synthetic_test: int = 1000
-    cache_dir: str = "${oc.env:XDG_CACHE_HOME,${oc.env:HOME,.}/.cache}/resnet-exp"
+    cache_dir: str = field(default_factory=lambda: default_cache_dir())  # "" turns the cache off
 
 
 @dataclass
