@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -32,9 +34,9 @@ def run_steps(graphs: bool, precision: str, steps: int = 12, resume_state=None):
         model, opt, scaler, device, precision, cuda_graphs="true" if graphs else "false"
     )
     assert isinstance(step, CudaGraphStep if graphs else EagerStep)
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        opt.load_state_dict(resume_state["opt"])
+    if resume_state is not None:  # copies: the optimizer updates loaded buffers in place
+        model.load_state_dict(copy.deepcopy(resume_state["model"]))
+        opt.load_state_dict(copy.deepcopy(resume_state["opt"]))
     losses = []
     for _ in range(steps):
         loss, _ = step(*loader.next())
