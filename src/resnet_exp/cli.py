@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_exp.config import Config, register_configs
 from resnet_exp.errors import UserError
+from resnet_exp.train import distributed, gpus
 from resnet_exp.train.records import SUMMARY, write_json
 
 log = logging.getLogger("resnet_exp")
@@ -43,15 +44,33 @@ def _resume_dir(resume: str | None, default: str) -> str:
     return default  # a missing path is reported by the trainer, with its name
 
 
-def _config_subdir(resume: str | None) -> str:
-    """Keep the original run's .hydra/ config when a resumed run writes its own."""
+def _rank() -> int:
+    """This process's rank in a data-parallel run, known before Hydra starts the job."""
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 0
+
+
+def _config_subdir(resume: str | None) -> str | None:
+    """Rank 0 writes .hydra/; a resumed run keeps the original's and writes its own beside it."""
+    if _rank() != 0:
+        return None
     if _resume_dir(resume, "") == "":
         return ".hydra"
-    return f".hydra/resumed-{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    return f".hydra/resumed-{distributed.launch_time('%Y-%m-%d_%H-%M-%S')}"
 
 
 OmegaConf.register_new_resolver("run_dir", _resume_dir, replace=True)
 OmegaConf.register_new_resolver("config_subdir", _config_subdir, replace=True)
+OmegaConf.register_new_resolver(
+    "launch_time", distributed.launch_time, use_cache=True, replace=True
+)
+# Other ranks log warnings to the console only; rank 0 keeps the run's log file.
+OmegaConf.register_new_resolver(
+    "log_handlers", lambda: ["console", "file"] if _rank() == 0 else ["console"]
+)
+OmegaConf.register_new_resolver("log_level", lambda: "INFO" if _rank() == 0 else "WARNING")
 register_configs()
 
 
@@ -81,7 +100,13 @@ def _hydra_main(dcfg: DictConfig) -> None:
                 write_json(summary, {"status": "failed", "error": message})
             return
         sys.exit(2)
+    finally:
+        gpus.release()  # a parallel sweep's next job in this process may take the GPU
 
 
 def main() -> None:
-    _hydra_main()
+    distributed.init_distributed()  # before Hydra: ranks agree on the run directory
+    try:
+        _hydra_main()
+    finally:
+        distributed.shutdown()

@@ -11,13 +11,22 @@ import numpy as np
 import torch
 
 from resnet_exp.errors import UserError
+from resnet_exp.train.gpus import claim_gpu
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """``auto``: the rank's own GPU in a data-parallel run; a GPU no other job holds
+    when several are visible; else the GPU, or the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if local_rank is not None:
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if torch.cuda.device_count() > 1:
+            return torch.device("cuda", claim_gpu(torch.cuda.device_count()))
+        return torch.device("cuda")
     try:
         device = torch.device(name)
     except RuntimeError as e:
