@@ -29,14 +29,14 @@ def test_jobs_get_distinct_gpus_and_wait_when_all_are_taken(tmp_path: Path, monk
         )
         for _ in range(2)
     ]
-    claimed = sorted(int(p.stdout.readline()) for p in holders)
-    assert claimed == [0, 1]  # two jobs, two different GPUs
+    claimed = [int(p.stdout.readline()) for p in holders]
+    assert sorted(claimed) == [0, 1]  # two jobs, two different GPUs
     # A third job waits until one of them ends, then gets the freed GPU.
     index = gpus.claim_gpu(2, poll_s=0.1)
-    ended = [p.poll() is not None for p in holders]
+    holder_ended = holders[claimed.index(index)].poll() is not None
     for p in holders:
         p.wait()
-    assert index in (0, 1) and ended[index]  # it got the GPU only once its holder was gone
+    assert holder_ended  # it got the GPU only once that GPU's holder was gone
     gpus.release()
     # Released: the same process (the next job of a worker) claims again at once.
     assert gpus.claim_gpu(2, poll_s=0.1) == 0
