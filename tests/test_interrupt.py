@@ -332,6 +332,10 @@ def test_resume_refuses_model_and_data_changes_and_lists_safe_ones(tmp_path: Pat
         with pytest.raises(UserError, match=rf"cannot resume from .*{key}=") as info:
             check_resumable(state, flat, path)
         assert "\n" not in str(info.value)
+    # A checkpoint without its config is checked by the config hash alone.
+    flat = flat_config(make_cfg([*FLAT, "trainer.max_steps=3", "depth=14"]))
+    with pytest.raises(UserError, match="its config hash differs"):
+        check_resumable({**state, "config": None}, flat, path)
     flat = flat_config(
         make_cfg([*FLAT, "trainer.max_steps=9", "trainer.log_every=2", "trainer.eval_every=2"])
     )
@@ -340,6 +344,18 @@ def test_resume_refuses_model_and_data_changes_and_lists_safe_ones(tmp_path: Pat
         "trainer.log_every: 5 -> 2",
         "trainer.max_steps: 3 -> 9",
     ]
+
+
+def test_resuming_a_finished_run_changes_nothing_and_fewer_steps_are_refused(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    first = train_in(run, [*FLAT, "trainer.max_steps=3"])
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert train_in(run, [*FLAT, "trainer.max_steps=3", f"resume={run}"]) == first
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    with pytest.raises(UserError, match=r"is at step 3, past this run's 2 steps"):
+        train_in(run, [*FLAT, "trainer.max_steps=2", f"resume={run}"])
 
 
 def test_resume_path_inherits_the_runs_overrides(tmp_path: Path) -> None:

@@ -252,7 +252,12 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
             log.info("%s is already at the run's last step %d; nothing to do", ckpt_path, step)
             summary_path = run_dir / SUMMARY
             return json.loads(summary_path.read_text()) if summary_path.exists() else info
-        log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, loader.epoch + 1)
+        log.info(
+            "resumed from %s at step %d (epoch %d)",
+            ckpt_path,
+            step,
+            loader.epoch + 1 + (loader.pos == loader.steps_per_epoch),
+        )
     records = RunRecords(run_dir, start_step=step)
     ckpt_step = step if ckpt_path is not None else None
 

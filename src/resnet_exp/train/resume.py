@@ -90,13 +90,18 @@ def check_resumable(state: dict[str, Any], flat: dict[str, Any], path: Path) -> 
     """
     saved = _flatten(state.get("config") or {})
     fp = fingerprint(flat)
-    if state.get("fingerprint_hash") != fingerprint_hash(fp):
-        old = fingerprint(saved) if saved else {}
-        keys = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-        if not keys:  # a checkpoint without its config: name the groups at least
-            keys = sorted(set(state.get("fingerprint", {})) | {"model", "data"})
-        was = ", ".join(f"{k}={old.get(k, '?')}" for k in keys)
-        now = ", ".join(f"{k}={fp.get(k, '?')}" for k in keys)
+    if not saved:  # only the hash to go by
+        if state.get("fingerprint_hash") != fingerprint_hash(fp):
+            raise UserError(
+                f"cannot resume from {path}: it was trained with another model or data "
+                f"config (its config hash differs); start a new run"
+            )
+        return []
+    old = fingerprint(saved)
+    keys = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
+    if keys:
+        was = ", ".join(f"{k}={old.get(k)}" for k in keys)
+        now = ", ".join(f"{k}={fp.get(k)}" for k in keys)
         raise UserError(
             f"cannot resume from {path}: it was trained with {was}, this run asks for {now}; "
             f"resume with the run's own values or start a new run"
