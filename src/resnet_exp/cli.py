@@ -17,7 +17,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -132,6 +132,8 @@ def _one_line(e: BaseException) -> str:
         return f"{group}={name} is not one of {', '.join(e.options)}"
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     message = lines[0].rstrip(".") if lines else type(e).__name__
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {message}"
     cause = e.__cause__
     if cause is not None and str(cause).strip():
         message += ": " + str(cause).strip().splitlines()[0]
