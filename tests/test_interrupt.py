@@ -215,11 +215,17 @@ def test_sigterm_through_the_command_then_resume_is_bit_identical(
             stderr=stderr,
             env={**os.environ, **ONE_THREAD},
         )
-        deadline = time.monotonic() + 300
-        while not read_metrics(run / "metrics.jsonl") and time.monotonic() < deadline:
-            time.sleep(0.01)  # the first evaluation: the handlers are installed
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=300)
+        try:
+            deadline = time.monotonic() + 300
+            metrics = run / "metrics.jsonl"
+            while not (metrics.exists() and metrics.read_text().endswith("\n")):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)  # the first evaluation: the handlers are installed
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     text = err.read_text()
     assert rc == 128 + signal.SIGTERM, text
     assert "Traceback" not in text
