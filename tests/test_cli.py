@@ -86,27 +86,6 @@ def test_dry_run_prints_summary_from_any_directory(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("last.pt"))
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (
-            ["depth=100"],
-            "depth=100 fits neither basic (6n+2) nor bottleneck (9n+2) units; nearest valid depths: 98, 104 (basic), 92, 101 (bottleneck)",
-        ),
-        (["block=nope"], "Could not find 'block/nope'"),
-        (
-            ["dataset=cifar10", "data.root=/nonexistent", "data.download=false"],
-            "no CIFAR-10 in data.root='/nonexistent'",
-        ),
-    ],
-)
-def test_user_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = run_cli([*args, "dry_run=true"], cwd=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 def test_wheel_install_finds_its_configs(tmp_path: Path) -> None:
     """A regular (non-editable) install carries the configs inside the package."""
     wheels = tmp_path / "wheels"

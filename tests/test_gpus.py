@@ -22,9 +22,15 @@ time.sleep(1)
 
 def test_jobs_get_distinct_gpus_and_wait_when_all_are_taken(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("RESNET_EXP_GPU_LOCKS", str(tmp_path))
-    env = {"RESNET_EXP_GPU_LOCKS": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path)}
+    env = {
+        "RESNET_EXP_GPU_LOCKS": str(tmp_path),
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": ":".join(sys.path),
+    }
     holders = [
-        subprocess.Popen([sys.executable, "-c", HOLDER, str(s)], stdout=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(s)], stdout=subprocess.PIPE, text=True, env=env
+        )
         for s in (3, 30)
     ]
     claimed = [int(p.stdout.readline()) for p in holders]

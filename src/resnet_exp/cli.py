@@ -1,23 +1,36 @@
-"""The `resnet-exp` command: compose the config with Hydra, dispatch on `mode`."""
+"""The `resnet-exp` command: compose the config with Hydra, dispatch on `mode`.
+
+Exit status: 0 done; 2 a bad input (one line on stderr, nothing written);
+3 the loss diverged; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM),
+after saving a checkpoint; 1 a sweep with failed jobs, or an internal error.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from resnet_exp.config import Config, register_configs
 from resnet_exp.errors import UserError
 from resnet_exp.train import distributed, gpus
 from resnet_exp.train.records import SUMMARY, write_json
+from resnet_exp.train.resume import NO_RESUME, with_inherited_overrides
+from resnet_exp.train.stop import Interrupted, exit_code, signal_name
 
 log = logging.getLogger("resnet_exp")
+
+EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
 
 
 def config_dir() -> str:
@@ -34,7 +47,7 @@ def config_dir() -> str:
 
 def _resume_dir(resume: str | None, default: str) -> str:
     """A run resumed from a checkpoint continues in that checkpoint's directory."""
-    if resume in (None, "", "auto", "none", "null"):
+    if resume in NO_RESUME:
         return default
     path = Path(str(resume))
     if path.is_dir():
@@ -52,13 +65,15 @@ def _rank() -> int:
     return 0
 
 
-def _config_subdir(resume: str | None) -> str | None:
-    """Rank 0 writes .hydra/; a resumed run keeps the original's and writes its own beside it."""
+def _config_subdir(output_dir: str, resume: str | None) -> str | None:
+    """Rank 0 writes .hydra/, and never over a run's .hydra/config.yaml: a later
+    command writes its own beside it."""
     if _rank() != 0:
         return None
-    if _resume_dir(resume, "") == "":
+    if not (Path(output_dir) / ".hydra" / "config.yaml").exists():
         return ".hydra"
-    return f".hydra/resumed-{distributed.launch_time('%Y-%m-%d_%H-%M-%S')}"
+    kind = "again" if resume in NO_RESUME else "resumed"
+    return f".hydra/{kind}-{distributed.launch_time('%Y-%m-%d_%H-%M-%S')}"
 
 
 OmegaConf.register_new_resolver("run_dir", _resume_dir, replace=True)
@@ -82,31 +97,94 @@ def run(cfg: Config, run_dir: Path) -> dict:
     raise UserError(f"mode={cfg.mode.value!r} is not one of train")
 
 
+def _failed(run_dir: Path, status: str, message: str) -> dict[str, Any]:
+    """A sweep job's failure, kept in its directory unless a summary is there already
+    (this run's own, e.g. diverged, or an earlier run's, which stays as it was)."""
+    summary = run_dir / SUMMARY
+    if not summary.exists():
+        write_json(summary, {"status": status, "error": message})
+    return {"status": status, "error": message}
+
+
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
-def _hydra_main(dcfg: DictConfig) -> None:
+def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
+    from resnet_exp.train.loop import Diverged
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-        run(cfg, run_dir)
+        return run(cfg, run_dir)
     except UserError as e:
-        message = str(e)
-        print(f"resnet-exp: error: {message}", file=sys.stderr)
+        print(f"resnet-exp: error: {e}", file=sys.stderr)
         log.debug("user error", exc_info=True)
-        if hc.mode == RunMode.MULTIRUN:
-            # Record the failure in this job's directory; the sweep goes on.
-            summary = run_dir / SUMMARY
-            if not (summary.exists() and '"diverged"' in summary.read_text()):
-                write_json(summary, {"status": "failed", "error": message})
-            return
-        sys.exit(2)
+        diverged = isinstance(e, Diverged)
+        if multirun:  # the sweep goes on; Reporter names the failed jobs at its end
+            return _failed(run_dir, "diverged" if diverged else "failed", str(e))
+        sys.exit(EXIT_DIVERGED if diverged else EXIT_USER_ERROR)
+    except Interrupted as e:
+        print(
+            f"resnet-exp: stopped by {signal_name(e.signum)} after step {e.step}; "
+            f"checkpoint: {e.checkpoint}",
+            file=sys.stderr,
+        )
+        if multirun:
+            hint = f"rerun the same command with resume=auto hydra.sweep.dir={hc.sweep.dir}"
+        else:
+            hint = f"resnet-exp resume={run_dir}"
+        print(f"resnet-exp: to continue: {hint}", file=sys.stderr)
+        sys.exit(exit_code(e.signum))  # a sweep stops too: the user asked to stop
+    except Exception as e:
+        if not multirun:
+            raise  # an internal error: the traceback is for a bug report
+        message = f"{type(e).__name__}: {e}"
+        log.error("job failed with an internal error", exc_info=True)
+        print(f"resnet-exp: error in {run_dir.name}: {message}", file=sys.stderr)
+        return _failed(run_dir, "failed", message)
     finally:
         gpus.release()  # a parallel sweep's next job in this process may take the GPU
 
 
+def _one_line(e: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages, on one line."""
+    if isinstance(e, MissingConfigException) and e.options and "/" in (e.missing_cfg_file or ""):
+        group, name = e.missing_cfg_file.rsplit("/", 1)  # type: ignore[union-attr]
+        return f"{group}={name} is not one of {', '.join(e.options)}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    message = lines[0].rstrip(".") if lines else type(e).__name__
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse the override {e.override!r}: {message}"
+    cause = e.__cause__
+    if cause is not None and str(cause).strip():
+        message += ": " + str(cause).strip().splitlines()[0]
+    return message
+
+
 def main() -> None:
-    distributed.init_distributed()  # before Hydra: ranks agree on the run directory
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Hydra prints its own errors over several lines; with this set they reach the
+    # handler below instead, which prints one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    distributed.init_distributed()  # before Hydra: the ranks agree on the run directory
     try:
+        sys.argv[1:] = with_inherited_overrides(sys.argv[1:])
         _hydra_main()
+    except UserError as e:
+        print(f"resnet-exp: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except (HydraException, OmegaConfBaseException) as e:
+        if full_error:
+            raise
+        print(f"resnet-exp: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt as e:  # before training started, or a second signal during it
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(
+            f"\nresnet-exp: stopped at once by {signal_name(signum)}; files on disk are "
+            f"intact (checkpoints are replaced atomically)",
+            file=sys.stderr,
+        )
+        sys.exit(exit_code(signum))
     finally:
         distributed.shutdown()

@@ -17,10 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset, pil_loader
-from torchvision.transforms.v2 import functional as TF
 
 from resnet_exp.config import DataConfig
 from resnet_exp.errors import UserError
@@ -65,9 +62,11 @@ class Dataset:
         return self.val if self.val is not None else self.test
 
 
+# torchvision is imported only where a data set needs it: importing it takes
+# seconds (it loads torch's compiler stack), which synthetic and dry runs skip.
 CIFAR = {
-    "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py", "CIFAR-10"),
-    "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python", "CIFAR-100"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", "CIFAR-10"),
+    "cifar100": ("CIFAR100", "cifar-100-python", "CIFAR-100"),
 }
 SOURCES = ("cifar10", "cifar100", "imagefolder", "synthetic")
 
@@ -131,7 +130,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 
 
 def _load_cifar(cfg: DataConfig) -> tuple[Split, Split, list[str], str]:
-    cls, folder, title = CIFAR[cfg.name]
+    import torchvision.datasets
+
+    name, folder, title = CIFAR[cfg.name]
+    cls = getattr(torchvision.datasets, name)
     root = Path(cfg.root)
     if root.name == folder:  # pointed at the batches folder itself
         root = root.parent
@@ -195,6 +197,8 @@ def _load_folder_splits(root: Path, cfg: DataConfig) -> tuple[Split, Split, list
 
 def load_folder(folder: Path, size: int, cache_dir: str | None = None) -> tuple[Split, list[str]]:
     """Decode ``folder/<class>/*`` into uint8 ``size`` x ``size`` images, cached on disk."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     try:
         classes, class_to_idx = find_classes(str(folder))
         samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
@@ -237,6 +241,9 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor) -> None
 
 
 def _decode_all(paths: list[str], size: int) -> torch.Tensor:
+    from torchvision.datasets.folder import pil_loader
+    from torchvision.transforms.v2 import functional as TF
+
     def decode(path: str) -> torch.Tensor:
         try:
             img = pil_loader(path)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +12,27 @@ import torch
 from resnet_exp.errors import UserError
 
 CHECKPOINT = "last.pt"
+# What a checkpoint needs for an exact continuation (see train/loop.py).
+REQUIRED = ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    The rename is atomic, so ``path`` always holds either the previous complete
+    checkpoint or the new one, whenever the process dies (SIGKILL, power loss).
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -30,26 +40,38 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a checkpoint; a missing, truncated or foreign file is a UserError naming it.
+
+    ``mmap=True`` maps the tensors instead of reading them: cheap when only the
+    small entries (config, step) are needed.
+    """
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
     try:
         # The checkpoint holds RNG states and plain containers besides tensors.
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError as e:
-        raise UserError(f"checkpoint {path} does not exist") from e
-    except (
-        RuntimeError,
-        EOFError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        OSError,
-        ValueError,
-    ) as e:
+        state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as e:  # unpickling a damaged file can fail in many ways
         raise UserError(
             f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); cannot resume from it"
         ) from e
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise UserError(f"checkpoint {path} is not a resnet-exp checkpoint")
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+        raise UserError(f"checkpoint {path} is not a resnet-exp training checkpoint")
     return state
+
+
+def checkpoint_path(resume: str) -> Path:
+    """The checkpoint a ``resume=PATH`` names: the file, or a run directory's last.pt."""
+    path = Path(resume)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise UserError(
+            f"resume={resume!r}: {path} does not exist (pass a last.pt, its run directory, or auto)"
+        )
+    return path
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
@@ -59,11 +81,4 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume == "auto":
         path = run_dir / CHECKPOINT
         return path if path.exists() else None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.exists():
-        raise UserError(
-            f"resume={resume!r}: {path} does not exist (pass a last.pt, its run directory, or auto)"
-        )
-    return path
+    return checkpoint_path(resume)

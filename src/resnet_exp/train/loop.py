@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -22,8 +21,16 @@ from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_da
 from resnet_exp.errors import UserError
 from resnet_exp.models import ORDERINGS, build_model, count_params, resolve_unit
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint, resolve_resume, save_checkpoint
+from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
-from resnet_exp.train.records import RunRecords
+from resnet_exp.train.records import SUMMARY, RunRecords
+from resnet_exp.train.resume import (
+    check_resumable,
+    fingerprint,
+    fingerprint_hash,
+    flat_config,
+    resumable_overrides,
+)
 from resnet_exp.train.runtime import (
     autocast,
     pick_device,
@@ -33,12 +40,17 @@ from resnet_exp.train.runtime import (
     set_rng_state,
 )
 from resnet_exp.train.step import make_train_step
+from resnet_exp.train.stop import Interrupted, StopRequest, signal_name
 
 log = logging.getLogger("resnet_exp")
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -63,6 +75,7 @@ def build_setup(cfg: Config) -> Setup:
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     block, unit = cfg.model.block.value, cfg.model.unit.value
     unit, _ = resolve_unit(cfg.depth, unit)  # a bad depth fails before data loading
+    check_settings(cfg)
     if cfg.data.batch_size < 1:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
     if cfg.data.eval_batch_size < 1:
@@ -131,19 +144,6 @@ def build_setup(cfg: Config) -> Setup:
     return Setup(cfg, device, precision, model, data, loader, normalize, steps, warmup, info)
 
 
-def config_fingerprint(cfg: Config) -> dict[str, Any]:
-    """The parts of the config a checkpoint's weights and data order depend on."""
-    c = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    data = {
-        k: c["data"][k] for k in ("name", "image_size", "train_limit", "val_size", "num_classes")
-    }
-    return {"model": c["model"], "depth": c["depth"], "data": data}
-
-
-def _hash(d: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
 @torch.inference_mode()
 def evaluate(s: Setup, split: Split) -> tuple[float, float]:
     """Mean loss and error (%) on a split; one host sync at the end."""
@@ -162,8 +162,23 @@ def evaluate(s: Setup, split: Split) -> tuple[float, float]:
     return loss / len(split), 100.0 * wrong_n / len(split)
 
 
-def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[str, Any]:
+    """Train (or continue) one run in ``run_dir``; SIGINT/SIGTERM stop it cleanly (train/stop.py)."""
     t_start = time.perf_counter()
+    stop = stop or StopRequest()
+    flat = flat_config(cfg)
+    fp = fingerprint(flat)
+    # A resume is checked against the checkpoint before any data is loaded.
+    state, changes = None, []
+    ckpt_path = resolve_resume(cfg.resume, run_dir)
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path)
+        changes = check_resumable(state, flat, ckpt_path)
+    elif not cfg.dry_run and (run_dir / CHECKPOINT).exists():
+        raise UserError(
+            f"{run_dir} already holds a run ({CHECKPOINT}); continue it with resume={run_dir} "
+            f"(or resume=auto), or pass another hydra.run.dir"
+        )
     s = build_setup(cfg)
     info = s.info
     log.info(
@@ -186,21 +201,27 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg.schedule, s.total_steps, s.warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
+    t = cfg.trainer
+    train_step = make_train_step(
+        model, optimizer, scaler, device, s.precision, t.compile, t.compile_mode, t.cuda_graphs
+    )
 
-    # Resume: weights, optimizer, schedule, scaler, data position and RNG states.
-    fingerprint = config_fingerprint(cfg)
+    # Running sums stay on the device; they are read (one sync) every log_every steps.
+    zero = torch.zeros((), device=device)
+    loss_sum, wrong_sum, seen = zero.clone(), zero.clone(), 0  # this logging interval
+    ep_loss, ep_wrong, ep_seen = zero.clone(), zero.clone(), 0  # this epoch
     step, best, history = 0, math.inf, []
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, map_location=device)
-        if state.get("fingerprint_hash") != _hash(fingerprint):
-            old = state.get("fingerprint", {})
-            changed = sorted(
-                k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k)
-            )
+    last_eval: dict[str, float] = {}
+    train_loss = train_err = math.nan
+
+    # Resume: weights, optimizer, schedule, scaler, data position, RNG states and the
+    # partial sums of the current epoch and logging interval, so that the continuation
+    # computes exactly what an uninterrupted run would have.
+    if state is not None:
+        if state["step"] > s.total_steps:
             raise UserError(
-                f"cannot resume from {ckpt_path}: the model or data config differs ({', '.join(changed)}); "
-                f"use the run's own config or start a new run"
+                f"{ckpt_path} is at step {state['step']}, past this run's {s.total_steps} steps; "
+                f"pass a larger trainer.max_steps or trainer.epochs"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -210,13 +231,36 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         set_rng_state(state["rng"])
         step, best = state["step"], state["best_error"]
         history = state.get("throughput", [])
-        log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, loader.epoch + 1)
-    t = cfg.trainer
-    train_step = make_train_step(
-        model, optimizer, scaler, device, s.precision, t.compile, t.compile_mode, t.cuda_graphs
-    )
+        if "progress" in state:
+            p = state["progress"]
+            loss_sum, wrong_sum, seen = (
+                p["loss_sum"].to(device),
+                p["wrong_sum"].to(device),
+                p["seen"],
+            )
+            ep_loss, ep_wrong, ep_seen = (
+                p["ep_loss"].to(device),
+                p["ep_wrong"].to(device),
+                p["ep_seen"],
+            )
+            train_loss, train_err, last_eval = p["train_loss"], p["train_error"], p["last_eval"]
+        for change in changes:
+            log.info("resuming with a changed setting: %s", change)
+        if any(c.startswith(("trainer.epochs", "trainer.max_steps")) for c in changes):
+            log.info(
+                "the learning-rate schedule continues as saved (milestones of the original length)"
+            )
+        if step == s.total_steps:
+            log.info("%s is already at the run's last step %d; nothing to do", ckpt_path, step)
+            summary_path = run_dir / SUMMARY
+            return json.loads(summary_path.read_text()) if summary_path.exists() else info
+        log.info(
+            "resumed from %s at step %d (epoch %d)",
+            ckpt_path,
+            step,
+            loader.epoch + 1 + (loader.pos == loader.steps_per_epoch),
+        )
     records = RunRecords(run_dir, start_step=step)
-
     ckpt_step = step if ckpt_path is not None else None
 
     def checkpoint() -> None:
@@ -233,124 +277,191 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
                 "rng": rng_state(),
                 "step": step,
                 "best_error": best,
+                "progress": {
+                    "loss_sum": loss_sum,
+                    "wrong_sum": wrong_sum,
+                    "seen": seen,
+                    "ep_loss": ep_loss,
+                    "ep_wrong": ep_wrong,
+                    "ep_seen": ep_seen,
+                    "train_loss": train_loss,
+                    "train_error": train_err,
+                    "last_eval": last_eval,
+                },
                 "throughput": history,
-                "fingerprint": fingerprint,
-                "fingerprint_hash": _hash(fingerprint),
+                "fingerprint": fp,
+                "fingerprint_hash": fingerprint_hash(fp),
                 "config": OmegaConf.to_container(
                     OmegaConf.structured(cfg), resolve=True, enum_to_str=True
                 ),
+                "overrides": _run_overrides(),
             },
         )
 
-    # Running sums stay on the device; they are read (one sync) every log_every steps.
-    zero = torch.zeros((), device=device)
-    loss_sum, wrong_sum, seen = zero.clone(), zero.clone(), 0
+    def interrupted(completed: bool) -> Interrupted:
+        assert stop.signum is not None
+        if not completed:
+            records.summary(
+                {
+                    **info,
+                    "status": "interrupted",
+                    "signal": signal_name(stop.signum),
+                    "steps_done": step,
+                    "checkpoint": str(run_dir / CHECKPOINT),
+                }
+            )
+        records.close()
+        return Interrupted(stop.signum, step, run_dir / CHECKPOINT)
+
     bad_step = torch.full((), -1, device=device, dtype=torch.int64)
     step_t = torch.full((), step, device=device, dtype=torch.int64)
     epochs_total = math.ceil(s.total_steps / loader.steps_per_epoch)
     eval_name, eval_split = s.data.eval_name, s.data.eval_split
-    last_eval: dict[str, float] = {}
-    train_loss = train_err = math.nan
     t_mark, images_mark = time.perf_counter(), 0
 
     model.train()
     try:
-        while step < s.total_steps:
-            epoch = loader.epoch + (loader.pos == loader.steps_per_epoch)
-            todo = min(
-                loader.steps_per_epoch - loader.pos % loader.steps_per_epoch, s.total_steps - step
-            )
-            bar = tqdm(
-                total=todo,
-                desc=f"epoch {epoch + 1}/{epochs_total}",
-                disable=not cfg.trainer.progress,
-                leave=False,
-                dynamic_ncols=True,
-            )
-            ep_loss, ep_wrong, ep_seen = zero.clone(), zero.clone(), 0
-            for _ in range(todo):
-                x, y = loader.next()
-                loss, logits = train_step(x, y)
-                scheduler.step()
+        with stop.installed():
+            while step < s.total_steps:
+                epoch = loader.epoch + (loader.pos == loader.steps_per_epoch)
+                todo = min(
+                    loader.steps_per_epoch - loader.pos % loader.steps_per_epoch,
+                    s.total_steps - step,
+                )
+                bar = tqdm(
+                    total=todo,
+                    desc=f"epoch {epoch + 1}/{epochs_total}",
+                    disable=not cfg.trainer.progress,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+                for _ in range(todo):
+                    x, y = loader.next()
+                    loss, logits = train_step(x, y)
+                    scheduler.step()
 
-                step += 1
-                step_t += 1
-                loss = loss.float()
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_t, bad_step)
-                wrong = (logits.argmax(1) != y).sum()
-                loss_sum += loss * len(y)
-                wrong_sum += wrong
-                ep_loss += loss * len(y)
-                ep_wrong += wrong
-                seen += len(y)
-                ep_seen += len(y)
-                images_mark += len(y)
-                bar.update()
+                    step += 1
+                    step_t += 1
+                    loss = loss.float()
+                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_t, bad_step)
+                    wrong = (logits.argmax(1) != y).sum()
+                    loss_sum += loss * len(y)
+                    wrong_sum += wrong
+                    ep_loss += loss * len(y)
+                    ep_wrong += wrong
+                    seen += len(y)
+                    ep_seen += len(y)
+                    images_mark += len(y)
+                    bar.update()
 
-                if step % cfg.trainer.log_every == 0 or step == s.total_steps:
-                    lsum, wsum, bad = torch.stack([loss_sum, wrong_sum, bad_step.double()]).tolist()
-                    if bad >= 0:
-                        bar.close()
-                        raise NonFiniteLoss(int(bad))
-                    now = time.perf_counter()
-                    ips = images_mark / (now - t_mark)
-                    history.append((images_mark, now - t_mark))
-                    train_loss, train_err = lsum / seen, 100.0 * wsum / seen
-                    lr = optimizer.param_groups[0]["lr"]
+                    if step % cfg.trainer.log_every == 0 or step == s.total_steps:
+                        lsum, wsum, bad = torch.stack(
+                            [loss_sum, wrong_sum, bad_step.double()]
+                        ).tolist()
+                        if bad >= 0:
+                            bar.close()
+                            raise NonFiniteLoss(int(bad))
+                        now = time.perf_counter()
+                        ips = images_mark / (now - t_mark)
+                        history.append((images_mark, now - t_mark))
+                        train_loss, train_err = lsum / seen, 100.0 * wsum / seen
+                        lr = optimizer.param_groups[0]["lr"]
+                        records.scalars(
+                            step,
+                            {
+                                "train/loss": train_loss,
+                                "train/error": train_err,
+                                "lr": lr,
+                                "throughput/images_per_s": ips,
+                            },
+                        )
+                        bar.set_postfix(
+                            loss=f"{train_loss:.3f}", err=f"{train_err:.1f}%", img_s=f"{ips:.0f}"
+                        )
+                        # A run's last interval may be partial: its sums go on in a resumed
+                        # run, which then logs the same points as an uninterrupted one.
+                        if step % cfg.trainer.log_every == 0:
+                            loss_sum.zero_(), wrong_sum.zero_()
+                            seen = 0
+                        t_mark, images_mark = time.perf_counter(), 0
+                    if stop.requested:  # a Python flag: no device sync per step
+                        break
+                bar.close()
+
+                epoch_done = loader.pos == loader.steps_per_epoch
+                done = step == s.total_steps
+                if not (epoch_done or done):  # stopped mid-epoch on request
+                    if bad_step.item() >= 0:  # never checkpoint a diverged model
+                        raise NonFiniteLoss(int(bad_step.item()))
+                    checkpoint()
+                    raise interrupted(completed=False)
+
+                # End of an epoch (or of the run): evaluate, record, checkpoint.
+                t_eval = time.perf_counter()
+                ep_l, ep_w, bad = torch.stack([ep_loss, ep_wrong, bad_step.double()]).tolist()
+                if bad >= 0:  # never checkpoint a diverged model
+                    raise NonFiniteLoss(int(bad))
+                # Scheduled evaluations count towards the best error; the one at the end of
+                # a run that stops mid-epoch (max_steps) only towards this run's summary.
+                scheduled = epoch_done and (epoch + 1) % cfg.trainer.eval_every == 0
+                if scheduled or done:
+                    e_loss, e_err = evaluate(s, eval_split)
+                    if scheduled:
+                        best = min(best, e_err)
+                    last_eval = {f"{eval_name}_loss": e_loss, f"{eval_name}_error": e_err}
                     records.scalars(
-                        step,
+                        step, {f"{eval_name}/loss": e_loss, f"{eval_name}/error": e_err}
+                    )
+                    records.evaluation(
                         {
-                            "train/loss": train_loss,
-                            "train/error": train_err,
-                            "lr": lr,
-                            "throughput/images_per_s": ips,
-                        },
+                            "step": step,
+                            "epoch": epoch + 1,
+                            "train_loss": ep_l / max(ep_seen, 1),
+                            "train_error": 100.0 * ep_w / max(ep_seen, 1),
+                            **last_eval,
+                            "lr": optimizer.param_groups[0]["lr"],
+                            "time_s": round(time.perf_counter() - t_start, 2),
+                        }
                     )
-                    bar.set_postfix(
-                        loss=f"{train_loss:.3f}", err=f"{train_err:.1f}%", img_s=f"{ips:.0f}"
+                    log.info(
+                        "epoch %d/%d step %d | train loss %.4f err %.2f%% | %s loss %.4f err %.2f%%",
+                        epoch + 1,
+                        epochs_total,
+                        step,
+                        ep_l / max(ep_seen, 1),
+                        100.0 * ep_w / max(ep_seen, 1),
+                        eval_name,
+                        e_loss,
+                        e_err,
                     )
-                    loss_sum.zero_(), wrong_sum.zero_()
-                    seen = 0
-                    t_mark, images_mark = time.perf_counter(), 0
-            bar.close()
+                if epoch_done:
+                    ep_loss.zero_(), ep_wrong.zero_()
+                    ep_seen = 0
+                checkpoint()
+                # evaluation and saving are not training throughput
+                t_mark += time.perf_counter() - t_eval
+                if stop.requested and not done:
+                    raise interrupted(completed=False)
 
-            # End of an epoch (or of the run): evaluate, record, checkpoint.
-            done = step == s.total_steps
-            t_eval = time.perf_counter()
-            ep_l, ep_w, bad = torch.stack([ep_loss, ep_wrong, bad_step.double()]).tolist()
-            if bad >= 0:  # never checkpoint a diverged model
-                raise NonFiniteLoss(int(bad))
-            if (epoch + 1) % cfg.trainer.eval_every == 0 or done:
-                e_loss, e_err = evaluate(s, eval_split)
-                best = min(best, e_err)
-                last_eval = {f"{eval_name}_loss": e_loss, f"{eval_name}_error": e_err}
-                records.scalars(step, {f"{eval_name}/loss": e_loss, f"{eval_name}/error": e_err})
-                records.evaluation(
-                    {
-                        "step": step,
-                        "epoch": epoch + 1,
-                        "train_loss": ep_l / max(ep_seen, 1),
-                        "train_error": 100.0 * ep_w / max(ep_seen, 1),
-                        **last_eval,
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "time_s": round(time.perf_counter() - t_start, 2),
-                    }
-                )
-                log.info(
-                    "epoch %d/%d step %d | train loss %.4f err %.2f%% | %s loss %.4f err %.2f%%",
-                    epoch + 1,
-                    epochs_total,
-                    step,
-                    ep_l / max(ep_seen, 1),
-                    100.0 * ep_w / max(ep_seen, 1),
-                    eval_name,
-                    e_loss,
-                    e_err,
-                )
-            checkpoint()
-            t_mark += (
-                time.perf_counter() - t_eval
-            )  # evaluation and saving are not training throughput
+            summary = dict(info)
+            if s.data.val is not None:
+                test_loss, test_err = evaluate(s, s.data.test)
+                summary.update(test_loss=test_loss, test_error=test_err)
+            summary.update(
+                status="completed",
+                steps_done=step,
+                final_train_loss=train_loss,
+                final_train_error=train_err,
+                **{f"final_{k}": v for k, v in last_eval.items()},
+                **{f"best_{eval_name}_error": min(best, last_eval.get(f"{eval_name}_error", best))},
+                train_images_per_s=steady_throughput(history),
+                wall_time_s=round(time.perf_counter() - t_start, 2),
+            )
+            records.summary(summary)
+            if stop.requested:  # it came during the last evaluation: done, but stop a sweep
+                raise interrupted(completed=True)
+            records.close()
+            return summary
 
     except NonFiniteLoss as e:
         records.summary(
@@ -362,27 +473,18 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             if ckpt_step is not None
             else "no checkpoint was written before it"
         )
-        raise UserError(
+        raise Diverged(
             f"loss became non-finite at step {e.args[0]}; training stopped, {kept}"
         ) from None
 
-    summary = dict(info)
-    if s.data.val is not None:
-        test_loss, test_err = evaluate(s, s.data.test)
-        summary.update(test_loss=test_loss, test_error=test_err)
-    summary.update(
-        status="completed",
-        steps_done=step,
-        final_train_loss=train_loss,
-        final_train_error=train_err,
-        **{f"final_{k}": v for k, v in last_eval.items()},
-        **{f"best_{eval_name}_error": best},
-        train_images_per_s=steady_throughput(history),
-        wall_time_s=round(time.perf_counter() - t_start, 2),
-    )
-    records.summary(summary)
-    records.close()
-    return summary
+
+def _run_overrides() -> list[str]:
+    """This run's command-line overrides, kept in the checkpoint for ``resume=PATH``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return resumable_overrides(list(HydraConfig.get().overrides.task))
 
 
 def steady_throughput(history: list[tuple[int, float]]) -> float:

@@ -1,0 +1,41 @@
+"""Checks of settings that are used only late in a run, done before any data is loaded.
+
+A bad learning rate or logging interval would otherwise surface after the
+data set is decoded and the model built, or as a ZeroDivisionError mid-run.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from resnet_exp.config import Config
+from resnet_exp.errors import UserError
+from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
+
+
+def check_settings(cfg: Config) -> None:
+    t = cfg.trainer
+    for key in ("log_every", "eval_every"):
+        value = getattr(t, key)
+        if value < 1:
+            raise UserError(f"trainer.{key}={value} must be at least 1")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise UserError(f"trainer.max_steps={t.max_steps} must be at least 1 (or null)")
+    if t.max_steps is None and t.epochs < 1:
+        raise UserError(f"trainer.epochs={t.epochs} must be at least 1")
+    if cfg.model.width < 1:
+        raise UserError(f"model.width={cfg.model.width} must be at least 1")
+    sch = cfg.schedule
+    if not 0 <= sch.warmup_factor <= 1:
+        raise UserError(f"schedule.warmup_factor={sch.warmup_factor} must be in [0, 1]")
+    if not sch.gamma > 0:
+        raise UserError(f"schedule.gamma={sch.gamma} must be positive")
+    # The optimizer and the schedule check their own settings when built: build
+    # them on a stand-in parameter now. torch's own messages name the value.
+    try:
+        opt = build_optimizer(nn.Linear(1, 1), cfg.optimizer)
+        build_scheduler(opt, sch, 100, warmup_on(sch, cfg.depth, preact=True))
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"optimizer/schedule settings rejected by torch: {e}") from e

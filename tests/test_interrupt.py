@@ -1,0 +1,428 @@
+"""Interrupting and resuming: bit-exact continuation, signals, atomic checkpoints, sweeps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import console_script, run_cli
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from resnet_exp.cli import config_dir
+from resnet_exp.config import Config
+from resnet_exp.errors import UserError
+from resnet_exp.train.checkpoint import load_checkpoint, save_checkpoint
+from resnet_exp.train.loop import train
+from resnet_exp.train.records import read_metrics
+from resnet_exp.train.resume import check_resumable, flat_config, with_inherited_overrides
+from resnet_exp.train.stop import Abort, Interrupted, StopRequest
+
+# 16 steps per epoch of a tiny net on small synthetic images: a second per run.
+TINY = [
+    "dataset=synthetic",
+    "data.synthetic_train=256",
+    "data.synthetic_test=64",
+    "data.image_size=16",
+    "depth=8",
+    "data.batch_size=16",
+    "trainer.log_every=5",
+    "trainer.progress=false",
+    "trainer.deterministic=true",
+    "trainer.device=cpu",
+]
+STEPS_PER_EPOCH = 16
+# The paper schedule over 8 epochs: lr / 10 at steps 64 and 96, after any stop below.
+PAPER = [*TINY, "trainer.epochs=8"]
+# Constant lr after an 8-step warm-up: a run cut short by max_steps has the same
+# schedule as a longer one (paper milestones are fractions of the run's length).
+FLAT = [
+    *TINY,
+    "trainer.epochs=3",
+    "schedule.gamma=1.0",
+    "schedule.warmup=true",
+    "schedule.warmup_steps=8",
+]
+# One thread: bit-exact across processes, and fast on a busy machine (no spinning workers).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(overrides: list[str]) -> Config:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))  # type: ignore[return-value]
+
+
+def train_in(run_dir: Path, overrides: list[str], stop: StopRequest | None = None) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return train(make_cfg(overrides), run_dir, stop)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted runs to compare against."""
+    root = tmp_path_factory.mktemp("reference")
+    for name, overrides in (("paper", PAPER), ("flat", FLAT)):
+        train_in(root / name, overrides)
+    return {"paper": root / "paper", "flat": root / "flat"}
+
+
+class StopAt(StopRequest):
+    """A stop requested at the loop's n-th poll (once per step, once per epoch end),
+    as a preemption notice calling ``request()`` would."""
+
+    def __init__(self, polls: int) -> None:
+        super().__init__()
+        self.left = polls
+
+    @property
+    def requested(self) -> bool:
+        self.left -= 1
+        if self.left == 0:
+            self.request(signal.SIGINT)
+        return self.signum is not None
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {
+        tag: {e.step: e.value for e in acc.Scalars(tag)}
+        for tag in acc.Tags()["scalars"]
+        if not tag.startswith("throughput")  # wall-clock
+    }
+
+
+def outcome(run_dir: Path) -> dict[str, Any]:
+    state = torch.load(run_dir / "last.pt", weights_only=False)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("wall_time_s", "train_images_per_s"):  # wall-clock
+        summary.pop(key)
+    return {
+        "state": state,
+        "rows": [
+            {k: v for k, v in r.items() if k != "time_s"}
+            for r in read_metrics(run_dir / "metrics.jsonl")
+        ],
+        "scalars": scalars(run_dir),
+        "summary": summary,
+    }
+
+
+def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
+    """Equal structure, and every tensor equal bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_identical(resumed: Path, reference: Path, extra_step: int | None = None) -> None:
+    """Same weights, optimizer, schedule, data position, RNG; same metrics and curves.
+
+    ``extra_step``: a run stopped by max_steps evaluated and logged there once more.
+    """
+    got, want = outcome(resumed), outcome(reference)
+    if extra_step is not None:
+        # The shorter run set its milestones (unused here: gamma 1) for its own length.
+        for o in (got, want):
+            o["state"]["scheduler"]["_schedulers"][1].pop("milestones")
+    for key in (
+        "model",
+        "optimizer",
+        "scheduler",
+        "loader",
+        "rng",
+        "step",
+        "progress",
+        "best_error",
+    ):
+        assert_same_tensors(got["state"][key], want["state"][key], key)
+    assert [r for r in got["rows"] if r["step"] != extra_step] == want["rows"]
+    assert got["scalars"].keys() == want["scalars"].keys()
+    for tag, points in got["scalars"].items():
+        assert {s: v for s, v in points.items() if s != extra_step} == want["scalars"][tag], tag
+    assert got["summary"] == want["summary"]
+
+
+def test_stop_mid_epoch_then_resume_is_bit_identical(
+    tmp_path: Path, references: dict[str, Path]
+) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted) as info:
+        train_in(run, PAPER, stop=StopAt(polls=STEPS_PER_EPOCH + 1 + 5))
+    assert info.value.step == STEPS_PER_EPOCH + 5  # mid-epoch, mid logging interval
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps_done"] == info.value.step
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == info.value.step
+
+    train_in(run, [*PAPER, f"resume={run}"])
+    assert_identical(run, references["paper"])
+
+
+def test_max_steps_stop_then_longer_run_is_bit_identical(
+    tmp_path: Path, references: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    stop_at = 2 * STEPS_PER_EPOCH - 5  # mid-epoch, not a logging step
+    train_in(run, [*FLAT, f"trainer.max_steps={stop_at}"])
+    with caplog.at_level(logging.INFO, logger="resnet_exp"):
+        train_in(run, [*FLAT, "trainer.max_steps=null", f"resume={run}"])
+    assert f"trainer.max_steps: {stop_at} -> None" in caplog.text
+    assert_identical(run, references["flat"], extra_step=stop_at)
+
+
+def test_sigterm_through_the_command_then_resume_is_bit_identical(
+    tmp_path: Path, references: dict[str, Path]
+) -> None:
+    run = tmp_path / "run"
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [console_script(), *PAPER, f"hydra.run.dir={run}"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, **ONE_THREAD},
+        )
+        try:
+            deadline = time.monotonic() + 300
+            metrics = run / "metrics.jsonl"
+            while not (metrics.exists() and metrics.read_text().endswith("\n")):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)  # the first evaluation: the handlers are installed
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = err.read_text()
+    assert rc == 128 + signal.SIGTERM, text
+    assert "Traceback" not in text
+    step = json.loads((run / "summary.json").read_text())["steps_done"]
+    assert f"stopped by SIGTERM after step {step}; checkpoint: {run / 'last.pt'}" in text
+    assert f"to continue: resnet-exp resume={run}" in text
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == step
+
+    # The checkpoint remembers the run's overrides: resume=DIR alone continues it.
+    resumed = run_cli([f"resume={run}"], cwd=tmp_path, env=ONE_THREAD)
+    assert f"resumed from {run / 'last.pt'} at step {step}" in resumed.stdout
+    assert_identical(run, references["paper"])
+
+
+def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    good = {
+        k: torch.zeros(1) for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
+    }
+    save_checkpoint(path, {**good, "step": 1})
+
+    class SignalWhilePickled:
+        def __reduce__(self) -> Any:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-write
+            return (int, (0,))
+
+    stop = StopRequest()
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signum == signal.SIGINT
+        with pytest.raises(Abort):
+            save_checkpoint(path, {**good, "step": 2, "x": [SignalWhilePickled()] * 100})
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a third one kills
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert load_checkpoint(path)["step"] == 1
+    assert not (tmp_path / ".last.pt.tmp").exists()
+
+
+def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "last.pt"
+    tmp = tmp_path / ".last.pt.tmp"
+    caught_mid_write = 0
+    rng = random.Random(0)
+    for trial in range(6):
+        pid = os.fork()
+        if pid == 0:  # the child rewrites the checkpoint as fast as it can
+            try:
+                for i in range(trial * 1000, trial * 1000 + 1000):
+                    big = torch.full((2_000_000,), float(i))
+                    state = {
+                        k: big
+                        for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
+                    }
+                    save_checkpoint(path, {**state, "step": i})
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 60
+        while not (path.exists() and tmp.exists()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.02))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        caught_mid_write += tmp.exists()
+        state = load_checkpoint(path)  # never a UserError: always a complete file
+        assert torch.equal(state["model"], torch.full((2_000_000,), float(state["step"])))
+    assert caught_mid_write >= 1  # the kill really did land mid-write
+
+
+def test_truncated_or_foreign_checkpoints_are_named(tmp_path: Path) -> None:
+    good = tmp_path / "good.pt"
+    save_checkpoint(
+        good,
+        {
+            k: torch.zeros(1000)
+            for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step")
+        },
+    )
+    data = good.read_bytes()
+    cases = {
+        "truncated.pt": data[: len(data) // 2],
+        "empty.pt": b"",
+        "garbage.pt": os.urandom(4096),
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
+    for name in [*cases, "foreign.pt"]:
+        with pytest.raises(
+            UserError,
+            match=rf"checkpoint {tmp_path / name} is (truncated or corrupt|not a resnet-exp)",
+        ):
+            load_checkpoint(tmp_path / name)
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_resume_refuses_model_and_data_changes_and_lists_safe_ones(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_in(run, [*FLAT, "trainer.max_steps=3"])
+    state = load_checkpoint(run / "last.pt")
+    path = run / "last.pt"
+    for override, key in (
+        ("depth=14", "depth"),
+        ("block=original", "model.block"),
+        ("data.batch_size=32", "data.batch_size"),
+        ("data.synthetic_train=512", "data.synthetic_train"),
+        ("seed=1", "seed"),
+    ):
+        flat = flat_config(make_cfg([*FLAT, "trainer.max_steps=3", override]))
+        with pytest.raises(UserError, match=rf"cannot resume from .*{key}=") as info:
+            check_resumable(state, flat, path)
+        assert "\n" not in str(info.value)
+    # A checkpoint without its config is checked by the config hash alone.
+    flat = flat_config(make_cfg([*FLAT, "trainer.max_steps=3", "depth=14"]))
+    with pytest.raises(UserError, match="its config hash differs"):
+        check_resumable({**state, "config": None}, flat, path)
+    flat = flat_config(
+        make_cfg([*FLAT, "trainer.max_steps=9", "trainer.log_every=2", "trainer.eval_every=2"])
+    )
+    assert check_resumable(state, flat, path) == [
+        "trainer.eval_every: 1 -> 2",
+        "trainer.log_every: 5 -> 2",
+        "trainer.max_steps: 3 -> 9",
+    ]
+
+
+def test_resuming_a_finished_run_changes_nothing_and_fewer_steps_are_refused(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    first = train_in(run, [*FLAT, "trainer.max_steps=3"])
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert train_in(run, [*FLAT, "trainer.max_steps=3", f"resume={run}"]) == first
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    with pytest.raises(UserError, match=r"is at step 3, past this run's 2 steps"):
+        train_in(run, [*FLAT, "trainer.max_steps=2", f"resume={run}"])
+
+
+def test_resume_path_inherits_the_runs_overrides(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    good = {
+        k: torch.zeros(1) for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
+    }
+    saved = ["depth=8", "dataset=synthetic", "trainer.max_steps=12", "hydra.run.dir=/old"]
+    save_checkpoint(run / "last.pt", {**good, "step": 12, "overrides": saved})
+    got = with_inherited_overrides(["trainer.max_steps=20", f"resume={run}"])
+    assert got == ["depth=8", "dataset=synthetic", "trainer.max_steps=20", f"resume={run}"]
+    assert with_inherited_overrides(["-m", f"resume={run}"]) == ["-m", f"resume={run}"]
+    assert with_inherited_overrides(["resume=auto"]) == ["resume=auto"]
+
+
+def test_sweep_goes_on_after_failures_and_names_them(tmp_path: Path) -> None:
+    """Four jobs: completes, internal error (an injected fault), bad input, divergence."""
+    sweep = tmp_path / "sweep"
+    code = (
+        "import sys\n"
+        "from resnet_exp import cli\n"
+        "real = cli.run\n"
+        "def run(cfg, run_dir):\n"
+        "    if cfg.optimizer.lr == 0.2:\n"
+        "        raise RuntimeError('injected fault')\n"
+        "    return real(cfg, run_dir)\n"
+        "cli.run = run\n"
+        "cli.main()\n"
+    )
+    args = [
+        "-m",
+        "optimizer.lr=0.1,0.2,-1,1e30",
+        *TINY,
+        "trainer.max_steps=4",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **ONE_THREAD, "HYDRA_FULL_ERROR": "0"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "resnet-exp: 3 of 4 jobs failed: 1_preact_8 (failed), 2_preact_8 (failed), 3_preact_8 (diverged)"
+    ), last
+    status = {
+        d.name: json.loads((d / "summary.json").read_text())
+        for d in sorted(sweep.iterdir())
+        if d.is_dir()
+    }
+    assert status["0_preact_8"]["status"] == "completed"
+    assert status["1_preact_8"] == {"status": "failed", "error": "RuntimeError: injected fault"}
+    assert "Traceback" in (sweep / "1_preact_8" / "resnet-exp.log").read_text()  # for a bug report
+    assert status["2_preact_8"]["error"] == "optimizer.lr=-1.0 must be a positive number"
+    assert (
+        status["3_preact_8"]["status"] == "diverged"
+        and status["3_preact_8"]["diverged_at_step"] >= 1
+    )
+    assert "Traceback" not in proc.stderr
