@@ -26,7 +26,7 @@ from resnet_exp.errors import UserError
 from resnet_exp.train import distributed, gpus
 from resnet_exp.train.records import SUMMARY, write_json
 from resnet_exp.train.resume import NO_RESUME, with_inherited_overrides
-from resnet_exp.train.stop import Interrupted, exit_code, signal_name
+from resnet_exp.train.stop import Interrupted, exit_code, requeue, signal_name
 
 log = logging.getLogger("resnet_exp")
 
@@ -115,6 +115,8 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
     multirun = hc.mode == RunMode.MULTIRUN
     try:
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+        if cfg.resume is None and "SUBMITIT_EXECUTOR" in os.environ:
+            cfg.resume = "auto"  # a cluster job may be a requeued one: continue its last.pt
         return run(cfg, run_dir)
     except UserError as e:
         print(f"resnet-exp: error: {e}", file=sys.stderr)
@@ -134,6 +136,7 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
         else:
             hint = f"resnet-exp resume={run_dir}"
         print(f"resnet-exp: to continue: {hint}", file=sys.stderr)
+        requeue(e.signum)  # a submitit job on a cluster: requeued, resumes by itself
         sys.exit(exit_code(e.signum))  # a sweep stops too: the user asked to stop
     except Exception as e:
         if not multirun:

@@ -106,6 +106,7 @@ class TrainerConfig:
     compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
     cuda_graphs: str = "auto"  # auto | true | false: replay the whole step as one CUDA graph
     deterministic: bool = False
+    sync_bn: bool = False  # data-parallel runs: batch norm statistics over all ranks (CUDA)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     log_every: int = 50  # steps between train-loss points in TensorBoard and the progress bar
     progress: bool = True

@@ -82,7 +82,8 @@ class TrainLoader:
         # Drop the last partial batch: constant shapes suit cudnn autotuning and compiled graphs.
         self.steps_per_epoch = len(split) // (batch_size * world)
         self.order_gen = torch.Generator().manual_seed(seed)
-        self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
+        # One permutation for all ranks; each rank draws its own crops and flips.
+        self.aug_gen = torch.Generator(device=device).manual_seed(seed + 1 + rank)
         self.epoch, self.pos = 0, 0
         self.perm = self._permutation()
 

@@ -86,3 +86,34 @@ def launch_time(pattern: str) -> str:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sum_(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def min_(*tensors: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any (a host-side all-reduce over gloo)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_to_main(obj: object) -> list[object] | None:
+    """Every rank's ``obj`` on rank 0 (None elsewhere); ``[obj]`` in a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -14,12 +14,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from resnet_exp.config import Config
 from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_dataset
 from resnet_exp.errors import UserError
 from resnet_exp.models import ORDERINGS, build_model, count_params, resolve_unit
+from resnet_exp.train import distributed
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint, resolve_resume, save_checkpoint
 from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
@@ -60,7 +62,8 @@ class Setup:
     cfg: Config
     device: torch.device
     precision: str
-    model: nn.Module
+    model: nn.Module  # the network itself (checkpoints, evaluation)
+    train_model: nn.Module  # what the step calls: the network, or DDP around it
     data: Any
     loader: TrainLoader
     normalize: Normalize
@@ -70,7 +73,8 @@ class Setup:
 
 
 def build_setup(cfg: Config) -> Setup:
-    device = pick_device(cfg.trainer.device)
+    dist = distributed.current()
+    device = pick_device(cfg.trainer.device, dist.local_rank if dist.enabled else None)
     precision = pick_precision(str(cfg.trainer.precision.value), device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     block, unit = cfg.model.block.value, cfg.model.unit.value
@@ -80,6 +84,17 @@ def build_setup(cfg: Config) -> Setup:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
     if cfg.data.eval_batch_size < 1:
         raise UserError(f"data.eval_batch_size={cfg.data.eval_batch_size} must be at least 1")
+    # data.batch_size is the global batch (the paper's 128), split over the ranks:
+    # the recipe, lr included, is the same on any number of GPUs.
+    if cfg.data.batch_size % dist.world:
+        raise UserError(
+            f"data.batch_size={cfg.data.batch_size} does not split evenly over {dist.world} "
+            f"processes; use a multiple of {dist.world}"
+        )
+    if cfg.trainer.sync_bn and device.type != "cuda":
+        raise UserError(
+            "trainer.sync_bn=true needs CUDA GPUs (SyncBatchNorm); on CPUs leave it off"
+        )
 
     data = load_dataset(cfg.data)
     if cfg.data.batch_size > len(data.train):
@@ -109,21 +124,33 @@ def build_setup(cfg: Config) -> Setup:
         "device": str(device),
         "precision": precision,
         "seed": cfg.seed,
+        "processes": dist.world,
     }
     model = model.to(
         device,
         memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format,
     )
+    train_model: nn.Module = model
+    if dist.enabled:
+        if cfg.trainer.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Every rank starts from rank 0's weights (DDP broadcasts them) and
+        # keeps BN running statistics in step with rank 0's (broadcast_buffers).
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     normalize = Normalize(data.mean, data.std, device)
     loader = TrainLoader(
         data.train,
-        cfg.data.batch_size,
+        cfg.data.batch_size // dist.world,
         normalize,
         device,
         cfg.seed,
         augment=cfg.data.augment,
         pad=cfg.data.pad,
         channels_last=cfg.trainer.channels_last,
+        rank=dist.rank,
+        world=dist.world,
     )
     steps = (
         cfg.trainer.max_steps
@@ -141,24 +168,33 @@ def build_setup(cfg: Config) -> Setup:
         batch_size=cfg.data.batch_size,
         warmup=warmup,
     )
-    return Setup(cfg, device, precision, model, data, loader, normalize, steps, warmup, info)
+    return Setup(
+        cfg, device, precision, model, train_model, data, loader, normalize, steps, warmup, info
+    )
 
 
 @torch.inference_mode()
 def evaluate(s: Setup, split: Split) -> tuple[float, float]:
-    """Mean loss and error (%) on a split; one host sync at the end."""
+    """Mean loss and error (%) on a split; one host sync at the end.
+
+    In a data-parallel run each rank evaluates every world-th image and the sums are added.
+    """
     s.model.eval()
     loss_sum = torch.zeros((), device=s.device)
     wrong = torch.zeros((), device=s.device, dtype=torch.int64)
+    dist = distributed.current()
+    shard = split.subset(torch.arange(dist.rank, len(split), dist.world)) if dist.enabled else split
     for x, y in eval_batches(
-        split, s.cfg.data.eval_batch_size, s.normalize, s.device, s.cfg.trainer.channels_last
+        shard, s.cfg.data.eval_batch_size, s.normalize, s.device, s.cfg.trainer.channels_last
     ):
         with autocast(s.device, s.precision):
             logits = s.model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         wrong += (logits.argmax(1) != y).sum()
     s.model.train()
-    loss, wrong_n = torch.stack([loss_sum, wrong.double()]).tolist()
+    totals = torch.stack([loss_sum, wrong.double()])
+    distributed.sum_(totals)
+    loss, wrong_n = totals.tolist()
     return loss / len(split), 100.0 * wrong_n / len(split)
 
 
@@ -203,8 +239,16 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
     scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
     t = cfg.trainer
     train_step = make_train_step(
-        model, optimizer, scaler, device, s.precision, t.compile, t.compile_mode, t.cuda_graphs
+        s.train_model,
+        optimizer,
+        scaler,
+        device,
+        s.precision,
+        t.compile,
+        t.compile_mode,
+        t.cuda_graphs,
     )
+    dist = distributed.current()
 
     # Running sums stay on the device; they are read (one sync) every log_every steps.
     zero = torch.zeros((), device=device)
@@ -218,6 +262,13 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
     # partial sums of the current epoch and logging interval, so that the continuation
     # computes exactly what an uninterrupted run would have.
     if state is not None:
+        if state.get("world", 1) != dist.world:
+            raise UserError(
+                f"{ckpt_path} was written by a run of {state.get('world', 1)} processes; resume it "
+                f"with the same number (this run has {dist.world}): the data order is split by rank"
+            )
+        if dist.enabled:  # this rank's own data position, RNG and partial sums
+            state = {**state, **state["ranks"][dist.rank]}
         if state["step"] > s.total_steps:
             raise UserError(
                 f"{ckpt_path} is at step {state['step']}, past this run's {s.total_steps} steps; "
@@ -260,12 +311,31 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
             step,
             loader.epoch + 1 + (loader.pos == loader.steps_per_epoch),
         )
-    records = RunRecords(run_dir, start_step=step)
+    records = RunRecords(run_dir, start_step=step, enabled=dist.is_main)
     ckpt_step = step if ckpt_path is not None else None
 
     def checkpoint() -> None:
         nonlocal ckpt_step
         ckpt_step = step
+        # What differs between ranks: each one's data position, RNG and partial sums.
+        own = {
+            "loader": loader.state_dict(),
+            "rng": rng_state(),
+            "progress": {
+                "loss_sum": loss_sum.cpu(),
+                "wrong_sum": wrong_sum.cpu(),
+                "seen": seen,
+                "ep_loss": ep_loss.cpu(),
+                "ep_wrong": ep_wrong.cpu(),
+                "ep_seen": ep_seen,
+                "train_loss": train_loss,
+                "train_error": train_err,
+                "last_eval": last_eval,
+            },
+        }
+        ranks = distributed.gather_to_main(own)
+        if not dist.is_main:
+            return
         save_checkpoint(
             run_dir / CHECKPOINT,
             {
@@ -273,21 +343,11 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
-                "loader": loader.state_dict(),
-                "rng": rng_state(),
+                **own,
                 "step": step,
                 "best_error": best,
-                "progress": {
-                    "loss_sum": loss_sum,
-                    "wrong_sum": wrong_sum,
-                    "seen": seen,
-                    "ep_loss": ep_loss,
-                    "ep_wrong": ep_wrong,
-                    "ep_seen": ep_seen,
-                    "train_loss": train_loss,
-                    "train_error": train_err,
-                    "last_eval": last_eval,
-                },
+                "world": dist.world,
+                **({"ranks": ranks} if dist.enabled else {}),
                 "throughput": history,
                 "fingerprint": fp,
                 "fingerprint_hash": fingerprint_hash(fp),
@@ -331,7 +391,7 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                 bar = tqdm(
                     total=todo,
                     desc=f"epoch {epoch + 1}/{epochs_total}",
-                    disable=not cfg.trainer.progress,
+                    disable=not (cfg.trainer.progress and dist.is_main),
                     leave=False,
                     dynamic_ncols=True,
                 )
@@ -351,20 +411,19 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                     ep_wrong += wrong
                     seen += len(y)
                     ep_seen += len(y)
-                    images_mark += len(y)
+                    images_mark += len(y) * dist.world
                     bar.update()
 
                     if step % cfg.trainer.log_every == 0 or step == s.total_steps:
-                        lsum, wsum, bad = torch.stack(
-                            [loss_sum, wrong_sum, bad_step.double()]
-                        ).tolist()
+                        bad, (lsum, wsum) = _reduced(bad_step, loss_sum, wrong_sum)
                         if bad >= 0:
                             bar.close()
                             raise NonFiniteLoss(int(bad))
                         now = time.perf_counter()
                         ips = images_mark / (now - t_mark)
                         history.append((images_mark, now - t_mark))
-                        train_loss, train_err = lsum / seen, 100.0 * wsum / seen
+                        n = seen * dist.world
+                        train_loss, train_err = lsum / n, 100.0 * wsum / n
                         lr = optimizer.param_groups[0]["lr"]
                         records.scalars(
                             step,
@@ -384,21 +443,27 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                             loss_sum.zero_(), wrong_sum.zero_()
                             seen = 0
                         t_mark, images_mark = time.perf_counter(), 0
-                    if stop.requested:  # a Python flag: no device sync per step
+                    # A Python flag: no device sync. Ranks agree (a host-side all-reduce),
+                    # so all of them stop after the same step.
+                    if distributed.any_rank(stop.requested):
+                        if not stop.requested:
+                            stop.request()
                         break
                 bar.close()
 
                 epoch_done = loader.pos == loader.steps_per_epoch
                 done = step == s.total_steps
                 if not (epoch_done or done):  # stopped mid-epoch on request
-                    if bad_step.item() >= 0:  # never checkpoint a diverged model
-                        raise NonFiniteLoss(int(bad_step.item()))
+                    bad, _ = _reduced(bad_step)
+                    if bad >= 0:  # never checkpoint a diverged model
+                        raise NonFiniteLoss(int(bad))
                     checkpoint()
                     raise interrupted(completed=False)
 
                 # End of an epoch (or of the run): evaluate, record, checkpoint.
                 t_eval = time.perf_counter()
-                ep_l, ep_w, bad = torch.stack([ep_loss, ep_wrong, bad_step.double()]).tolist()
+                bad, (ep_l, ep_w) = _reduced(bad_step, ep_loss, ep_wrong)
+                ep_n = ep_seen * dist.world
                 if bad >= 0:  # never checkpoint a diverged model
                     raise NonFiniteLoss(int(bad))
                 # Scheduled evaluations count towards the best error; the one at the end of
@@ -416,8 +481,8 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                         {
                             "step": step,
                             "epoch": epoch + 1,
-                            "train_loss": ep_l / max(ep_seen, 1),
-                            "train_error": 100.0 * ep_w / max(ep_seen, 1),
+                            "train_loss": ep_l / max(ep_n, 1),
+                            "train_error": 100.0 * ep_w / max(ep_n, 1),
                             **last_eval,
                             "lr": optimizer.param_groups[0]["lr"],
                             "time_s": round(time.perf_counter() - t_start, 2),
@@ -428,8 +493,8 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                         epoch + 1,
                         epochs_total,
                         step,
-                        ep_l / max(ep_seen, 1),
-                        100.0 * ep_w / max(ep_seen, 1),
+                        ep_l / max(ep_n, 1),
+                        100.0 * ep_w / max(ep_n, 1),
                         eval_name,
                         e_loss,
                         e_err,
@@ -485,6 +550,18 @@ def _run_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return resumable_overrides(list(HydraConfig.get().overrides.task))
+
+
+def _reduced(bad_step: torch.Tensor, *sums: torch.Tensor) -> tuple[int, list[float]]:
+    """One host sync: the first non-finite step (-1: none; the earliest over the
+    ranks) and the device sums, added over the ranks."""
+    values = torch.stack([*(t.double() for t in sums), bad_step.double()])
+    values[-1] = torch.where(values[-1] < 0, math.inf, values[-1])
+    if distributed.current().enabled:
+        distributed.sum_(values[:-1])
+        distributed.min_(values[-1:])
+    *totals, bad = values.tolist()
+    return (-1 if math.isinf(bad) else int(bad)), totals
 
 
 def steady_throughput(history: list[tuple[int, float]]) -> float:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from resnet_exp.errors import UserError
+from resnet_exp.train import distributed
 from resnet_exp.train.runtime import autocast
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -172,4 +173,6 @@ def graph_blockers(
         blockers.append("optimizer=sgd (fused)")
     if getattr(model, "checkpoint_segments", 0):
         blockers.append("model.checkpointing=0 (recomputation saves RNG state on the host)")
+    if distributed.current().enabled:
+        blockers.append("a single process (DDP's gradient all-reduce is not captured)")
     return blockers

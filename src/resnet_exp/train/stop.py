@@ -25,6 +25,29 @@ from typing import Any
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def requeue_signal() -> int | None:
+    """The signal submitit sends before a SLURM time limit or preemption (SIGUSR2
+    unless configured otherwise); None outside a submitit job."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return None
+    from submitit import JobEnvironment
+
+    return int(JobEnvironment._usr_sig())
+
+
+def handled_signals() -> tuple[int, ...]:
+    sig = requeue_signal()
+    return SIGNALS + ((sig,) if sig is not None else ())
+
+
+def requeue(signum: int) -> None:
+    """After the checkpoint: hand a submitit job's signal to submitit's own handler,
+    which resubmits the job (it resumes from last.pt with resume=auto) and exits."""
+    handler = signal.getsignal(signum)
+    if signum == requeue_signal() and callable(handler):
+        handler(signum, None)
+
+
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
@@ -74,7 +97,7 @@ class StopRequest:
                 f"saving a checkpoint (send it again to stop at once)\n".encode(),
             )
             return
-        for s in SIGNALS:
+        for s in handled_signals():
             signal.signal(s, signal.SIG_DFL)
         raise Abort(signum)
 
@@ -84,8 +107,8 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             yield self  # signals reach only the main thread; rely on request()
             return
-        previous: dict[int, Any] = {s: signal.getsignal(s) for s in SIGNALS}
-        for s in SIGNALS:
+        previous: dict[int, Any] = {s: signal.getsignal(s) for s in handled_signals()}
+        for s in previous:
             signal.signal(s, self._handle)
         try:
             yield self
