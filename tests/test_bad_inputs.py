@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
 from PIL import Image
+
+from conftest import run_cli
 
 # A tiny synthetic job; most cases only build it (dry_run) inside an existing run's directory.
 TINY = [

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cifar10_root, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, cifar10_root, run_cli
 
 SMALL = ["depth=20", "trainer.progress=false", "data.batch_size=64", "trainer.log_every=4"]
 

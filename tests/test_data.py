@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, cifar10_root
 from PIL import Image
 
 from resnet_exp.config import DataConfig
 from resnet_exp.data import Normalize, TrainLoader, crop_flip, load_dataset
 from resnet_exp.data.sources import channel_stats
 from resnet_exp.errors import UserError
+
+from conftest import REPO, cifar10_root
 
 
 def make_folder(root: Path, classes: dict[str, int], size: int = 32, split: str = "train") -> None:

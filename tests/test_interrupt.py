@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import console_script, run_cli
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -30,6 +29,8 @@ from resnet_exp.train.loop import train
 from resnet_exp.train.records import read_metrics
 from resnet_exp.train.resume import check_resumable, flat_config, with_inherited_overrides
 from resnet_exp.train.stop import Abort, Interrupted, StopRequest
+
+from conftest import console_script, run_cli
 
 # 16 steps per epoch of a tiny net on small synthetic images: a second per run.
 TINY = [

@@ -30,10 +30,17 @@ ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two cores
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-           "-m", "resnet_exp", *args]
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **ENV})
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "resnet_exp",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -73,8 +80,18 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
 
 def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    run_cli(["-m", "hydra/launcher=local", "block=original,preact", *TINY, "trainer.max_steps=4",
-             f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=ENV)
+    run_cli(
+        [
+            "-m",
+            "hydra/launcher=local",
+            "block=original,preact",
+            *TINY,
+            "trainer.max_steps=4",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+    )
     done = {d.name: summary(d) for d in sweep.iterdir() if (d / "summary.json").exists()}
     assert sorted(done) == ["0_original_8", "1_preact_8"]
     assert all(s["status"] == "completed" and s["steps_done"] == 4 for s in done.values())
@@ -98,10 +115,24 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
     """A cluster's preemption signal (SIGUSR2, as SLURM sends through submitit) makes
     the job checkpoint and requeue; the requeued job continues from that step."""
     sweep = tmp_path / "sweep"
-    args = [console_script(), "-m", "hydra/launcher=local", *TINY, "data.synthetic_train=256",
-            "data.batch_size=32", "trainer.max_steps=320", f"hydra.sweep.dir={sweep}"]
-    sweeper = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env={**os.environ, **ENV})
+    args = [
+        console_script(),
+        "-m",
+        "hydra/launcher=local",
+        *TINY,
+        "data.synthetic_train=256",
+        "data.batch_size=32",
+        "trainer.max_steps=320",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    sweeper = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **ENV},
+    )
     job = sweep / "0_preact_8"
     try:
         deadline = time.monotonic() + 300
