@@ -358,6 +358,13 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
             },
         )
 
+    def stop_agreed() -> bool:
+        """The stop flag: a Python attribute, no device sync. In a data-parallel run the
+        ranks agree on it (a host-side all-reduce), so all of them stop after the same step."""
+        if distributed.any_rank(stop.requested) and not stop.requested:
+            stop.request()
+        return stop.requested
+
     def interrupted(completed: bool) -> Interrupted:
         assert stop.signum is not None
         if not completed:
@@ -443,11 +450,7 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                             loss_sum.zero_(), wrong_sum.zero_()
                             seen = 0
                         t_mark, images_mark = time.perf_counter(), 0
-                    # A Python flag: no device sync. Ranks agree (a host-side all-reduce),
-                    # so all of them stop after the same step.
-                    if distributed.any_rank(stop.requested):
-                        if not stop.requested:
-                            stop.request()
+                    if stop_agreed():
                         break
                 bar.close()
 
@@ -505,7 +508,7 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                 checkpoint()
                 # evaluation and saving are not training throughput
                 t_mark += time.perf_counter() - t_eval
-                if stop.requested and not done:
+                if stop_agreed() and not done:
                     raise interrupted(completed=False)
 
             summary = dict(info)
