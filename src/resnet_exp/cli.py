@@ -60,7 +60,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
         from resnet_exp.train.loop import train
 
         return train(cfg, run_dir)
-    raise UserError(f"mode={cfg.mode.value!r} is not one of train")
+    if cfg.mode.value == "diagnose":
+        from resnet_exp.diagnose import diagnose
+
+        return diagnose(cfg, run_dir)
+    raise UserError(f"mode={cfg.mode.value!r} is not one of train, diagnose")
 
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")

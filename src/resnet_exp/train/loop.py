@@ -20,6 +20,7 @@ from tqdm import tqdm
 from resnet_exp.config import Config
 from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_dataset
 from resnet_exp.errors import UserError
+from resnet_exp.gradflow import GradFlowMonitor
 from resnet_exp.models import ORDERINGS, build_model, count_params, resolve_unit
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint, resolve_resume, save_checkpoint
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
@@ -185,6 +186,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg.schedule, s.total_steps, s.warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
+    gradflow = GradFlowMonitor(model, cfg.trainer.log_gradflow_every)
     step_fn = model
     if cfg.trainer.compile:
         step_fn = torch.compile(model)
@@ -268,11 +270,12 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
             ep_loss, ep_wrong, ep_seen = zero.clone(), zero.clone(), 0
             for _ in range(todo):
                 x, y = loader.next()
-                with autocast(device, s.precision):
-                    logits = step_fn(x)
+                with autocast(device, s.precision), gradflow.watch(step + 1) as measured:
+                    logits = (model if measured else step_fn)(x)
                     loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                gradflow.log(records, step + 1, scaler)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
