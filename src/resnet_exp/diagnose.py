@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,6 +196,12 @@ def plot(series: list[tuple[str, GradFlow]], title: str = "") -> Figure:
         xlabel="$l$: input of unit $l$ ($l = L$: output of the last unit)",
     )
     axes[2].axhline(1.0, color="0.5", lw=0.8)
+    # Where no identity path is left (BN after the addition) the coefficient swings by
+    # hundreds; the range that tells orderings apart is around [0, 1].
+    coefs = [c for _, flow in series for c in flow.identity_coef if math.isfinite(c)]
+    if coefs and (min(coefs) < -1 or max(coefs) > 2):
+        axes[2].set_ylim(max(min(coefs), -1) - 0.05, min(max(coefs), 2) + 0.05)
+        axes[2].set_title("(clipped to [-1, 2])", fontsize="small", loc="right")
     axes[0].legend(loc="best", fontsize="small")
     fig.suptitle("gradient flow at initialisation" + (f"\n{title}" if title else ""))
     return fig
