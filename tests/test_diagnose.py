@@ -42,6 +42,7 @@ def test_diagnose_sweep_writes_each_run_and_an_overlay(
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},  # see one_thread in test_gradflow.py
     )
     assert "diagnose.batch_size=1 must be at least 2" in proc.stderr
     assert "Traceback" not in proc.stderr

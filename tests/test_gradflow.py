@@ -20,6 +20,16 @@ from resnet_exp.gradflow import GradFlow, GradFlowMonitor, GradFlowProbe
 ORDERINGS = ["original", "bn_after_add", "relu_before_add", "relu_only_preact", "preact"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Other jobs share the test machine's 2 cores; two OpenMP threads then wait on each
+    other (a ResNet-20 step measured 50x slower than with one thread), one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def measure(block: str, depth: int, batch: int, seed: int = 0, **kw) -> GradFlow:
     """One forward/backward pass of a fresh net in training mode, as mode=diagnose runs it."""
     torch.manual_seed(seed)
