@@ -101,9 +101,8 @@ def test_overlay_skips_sweeps_without_diagnose_runs(tmp_path: Path) -> None:
 
 
 def test_diagnose_dry_run(tmp_path: Path) -> None:
-    proc = run_cli(
-        ["mode=diagnose", "dataset=synthetic", "depth=164", "dry_run=true"], cwd=tmp_path
-    )
+    args = ["mode=diagnose", "dataset=synthetic", "depth=164", "dry_run=true"]
+    proc = run_cli(args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     info = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert info["mode"] == "diagnose" and info["params"] == 1_703_258 and info["batch_size"] == 32
     assert not list(tmp_path.rglob("gradflow.csv"))

@@ -98,13 +98,10 @@ def _ratio(a: float, b: float) -> float:
 
 
 class GradFlowProbe:
-    """Measures x_0 .. x_L of ``model``'s residual units during one captured pass::
+    """Measures x_0 .. x_L of ``model``'s residual units during one captured pass.
 
-    probe = GradFlowProbe(model)
-    with probe.capture():
-        loss = loss_fn(model(x), y)
-    loss.backward()
-    flow = probe.result()
+    Run the forward pass inside ``with probe.capture():``, then ``backward()``
+    the loss and read ``probe.result()``.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -154,7 +151,7 @@ class GradFlowProbe:
         self._grad[i] = g.norm()
         # Backward reaches a stage's end before any signal inside it.
         if self._ends[i] == i:
-            self._ref = g
+            self._ref = g.clone()  # autograd owns g and may reuse its memory
             self._coef[i] = g.new_ones(())
         elif self._ref is not None and self._ref.shape == g.shape:
             self._coef[i] = (g * self._ref).sum() / self._ref.square().sum()
