@@ -94,7 +94,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
         from resnet_exp.train.loop import train
 
         return train(cfg, run_dir)
-    raise UserError(f"mode={cfg.mode.value!r} is not one of train")
+    if cfg.mode.value == "diagnose":
+        from resnet_exp.diagnose import diagnose
+
+        return diagnose(cfg, run_dir)
+    raise UserError(f"mode={cfg.mode.value!r} is not one of train, diagnose")
 
 
 def _failed(run_dir: Path, status: str, message: str) -> dict[str, Any]:

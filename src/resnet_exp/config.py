@@ -110,6 +110,12 @@ class TrainerConfig:
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     log_every: int = 50  # steps between train-loss points in TensorBoard and the progress bar
     progress: bool = True
+    log_gradflow_every: int = 0  # steps between per-unit gradient norms in TensorBoard (0: off)
+
+
+@dataclass
+class DiagnoseConfig:
+    batch_size: int = 32  # images in the measured batch (its batch-norm statistics are used)
 
 
 @dataclass
@@ -119,6 +125,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     depth: int = 110
     seed: int = 0
     resume: str | None = (

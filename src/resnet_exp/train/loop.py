@@ -20,6 +20,7 @@ from tqdm import tqdm
 from resnet_exp.config import Config
 from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_dataset
 from resnet_exp.errors import UserError
+from resnet_exp.gradflow import GradFlowMonitor
 from resnet_exp.models import ORDERINGS, build_model, count_params, resolve_unit
 from resnet_exp.train import distributed
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint, resolve_resume, save_checkpoint
@@ -247,7 +248,9 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
         t.compile,
         t.compile_mode,
         t.cuda_graphs,
+        hooks=t.log_gradflow_every > 0,
     )
+    gradflow = GradFlowMonitor(model, t.log_gradflow_every)
     dist = distributed.current()
 
     # Running sums stay on the device; they are read (one sync) every log_every steps.
@@ -404,7 +407,9 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                 )
                 for _ in range(todo):
                     x, y = loader.next()
-                    loss, logits = train_step(x, y)
+                    with gradflow.watch(step + 1, scaler) as measured:
+                        loss, logits = train_step(x, y, plain=measured)
+                    gradflow.log(records, step + 1)
                     scheduler.step()
 
                     step += 1

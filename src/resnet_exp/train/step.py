@@ -16,22 +16,27 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class EagerStep:
-    """Forward under autocast, backward through the grad scaler, optimizer step."""
+    """Forward under autocast, backward through the grad scaler, optimizer step.
+
+    ``plain=True`` runs the model itself rather than its compiled form, for a
+    step whose activations are hooked (gradient-flow logging).
+    """
 
     def __init__(
         self,
         forward: Callable[[torch.Tensor], torch.Tensor],
+        model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
         device: torch.device,
         precision: str,
     ) -> None:
-        self.forward, self.optimizer, self.scaler = forward, optimizer, scaler
+        self.forward, self.model, self.optimizer, self.scaler = forward, model, optimizer, scaler
         self.device, self.precision = device, precision
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, plain: bool = False) -> Batch:
         with autocast(self.device, self.precision):
-            logits = self.forward(x)
+            logits = (self.model if plain else self.forward)(x)
             loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -120,7 +125,7 @@ class CudaGraphStep:
         for g, lr in zip(groups, floats):
             g["lr"] = lr  # the scheduler keeps working on plain floats
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, plain: bool = False) -> Batch:
         if self.graph is None:
             self._capture(x, y)
         self.static_x.copy_(x)
@@ -140,6 +145,7 @@ def make_train_step(
     compile_model: bool = False,
     compile_mode: str = "default",
     cuda_graphs: str = "auto",
+    hooks: bool = False,
 ) -> EagerStep | CudaGraphStep:
     """The step the trainer runs: compiled or not, eager or replayed from a CUDA graph.
 
@@ -150,13 +156,15 @@ def make_train_step(
     if compile_model:
         forward = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     blockers = graph_blockers(model, optimizer, device, precision)
+    if hooks:
+        blockers.append("trainer.log_gradflow_every=0 (hooked steps run eagerly)")
     choice = str(cuda_graphs).lower()
     if choice not in ("auto", "true", "false"):
         raise UserError(f"trainer.cuda_graphs={cuda_graphs!r} is not one of auto, true, false")
     if choice == "true" and blockers:
         raise UserError(f"trainer.cuda_graphs=true needs {'; '.join(blockers)}")
     if choice == "false" or blockers:
-        return EagerStep(forward, optimizer, scaler, device, precision)
+        return EagerStep(forward, model, optimizer, scaler, device, precision)
     return CudaGraphStep(forward, model, optimizer, precision)
 
 
