@@ -80,11 +80,13 @@ def build_setup(cfg: Config) -> Setup:
         cfg.model.downsample.value,
         cfg.model.width,
         cfg.model.checkpointing,
+        shortcut=cfg.model.shortcut,
     )
     info = {
         "block": block,
         "depth": cfg.depth,
         "unit": unit,
+        "shortcut": cfg.model.shortcut.describe(),
         "params": count_params(model),
         "dataset": cfg.data.name,
         "data_source": data.source,
@@ -137,6 +139,10 @@ def config_fingerprint(cfg: Config) -> dict[str, Any]:
         k: c["data"][k] for k in ("name", "image_size", "train_limit", "val_size", "num_classes")
     }
     return {"model": c["model"], "depth": c["depth"], "data": data}
+
+
+def plain_config(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore[return-value]
 
 
 def _hash(d: dict[str, Any]) -> str:
@@ -358,7 +364,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     except NonFiniteLoss as e:
         records.summary(
-            {**info, "status": "diverged", "diverged_at_step": e.args[0], "steps_done": step}
+            {**info, "status": "diverged", "diverged_at_step": e.args[0], "steps_done": step},
+            plain_config(cfg),
         )
         records.close()
         kept = (
@@ -384,7 +391,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
         train_images_per_s=steady_throughput(history),
         wall_time_s=round(time.perf_counter() - t_start, 2),
     )
-    records.summary(summary)
+    records.summary(summary, plain_config(cfg))
     records.close()
     return summary
 
