@@ -14,6 +14,7 @@ from enum import Enum
 from hydra.core.config_store import ConfigStore
 
 from resnet_exp.models.units import OrderingName
+from resnet_exp.models.variants import ShortcutSpec
 
 
 class Unit(str, Enum):
@@ -53,6 +54,7 @@ class ModelConfig:
     downsample: Downsample = Downsample.auto  # auto: A for basic, B for bottleneck units
     width: int = 16  # stem width; stages use width, 2*width, 4*width
     checkpointing: int = 0  # activation-checkpoint segments (0: off)
+    shortcut: ShortcutSpec = field(default_factory=ShortcutSpec)  # set by the `shortcut` group
 
 
 @dataclass
@@ -119,6 +121,20 @@ class DiagnoseConfig:
 
 
 @dataclass
+class ScaleConfig:
+    """How large the paper presets run (the `scale` group, used by configs/experiment/*).
+
+    A preset names the paper's nets; the scale says which depth stands for each:
+    the nets themselves at `full`, small stand-ins at `short`.
+    """
+
+    name: str = "full"
+    resnet110: int = 110
+    resnet164: int = 164
+    resnet1001: int = 1001
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -126,6 +142,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     depth: int = 110
     seed: int = 0
     resume: str | None = (

@@ -13,8 +13,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from resnet_exp.errors import UserError
-from resnet_exp.models.shortcuts import downsample_shortcut
 from resnet_exp.models.units import ORDERINGS, Ordering, ResidualUnit, conv, ops
+from resnet_exp.models.variants import ShortcutSpec, unit_shortcut
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,10 @@ class CifarResNet(nn.Module):
         downsample: str = "auto",
         width: int = 16,
         checkpoint_segments: int = 0,
+        shortcut: ShortcutSpec | None = None,
     ) -> None:
         super().__init__()
+        spec = shortcut if shortcut is not None else ShortcutSpec()
         utype = UNIT_TYPES[unit]
         if downsample == "auto":  # as each unit type was published
             downsample = "B" if unit == "bottleneck" else "A"
@@ -111,8 +113,13 @@ class CifarResNet(nn.Module):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
                 # A projection is followed by BN when the branch's last conv is.
-                shortcut = downsample_shortcut(
-                    downsample, cin, widths[-1], stride, bn=ordering.last.endswith(("cb", "cbr"))
+                path, merge = unit_shortcut(
+                    spec,
+                    downsample,
+                    cin,
+                    widths[-1],
+                    stride,
+                    bn=ordering.last.endswith(("cb", "cbr")),
                 )
                 first = stage == 0 and i == 0
                 units.append(
@@ -122,7 +129,8 @@ class CifarResNet(nn.Module):
                         utype.kernels,
                         widths,
                         stride,
-                        shortcut,
+                        path,
+                        merge,
                         share_preact=first and ordering.is_preact,
                     )
                 )
@@ -195,6 +203,8 @@ def build_model(
     downsample: str = "auto",
     width: int = 16,
     checkpoint_segments: int = 0,
+    *,
+    shortcut: str | ShortcutSpec = "identity",
 ) -> CifarResNet:
     """Build a CIFAR ResNet of the paper, e.g. ``build_model("preact", 1001)``.
 
@@ -203,14 +213,20 @@ def build_model(
     ``basic`` (6n+2), ``bottleneck`` (9n+2), ``single`` (3n+2, one conv per
     unit) or ``auto``; ``downsample`` is ``A`` (zero padding), ``B``
     (projection) or ``auto`` (A for basic, B for bottleneck units).
+    ``shortcut`` is a variant of Fig. 2 by name (``identity``, ``scaling``,
+    ``exclusive_gating``, ``shortcut_gating``, ``conv1x1``, ``dropout``) or a
+    ``ShortcutSpec`` with its parameters, e.g.
+    ``ShortcutSpec("exclusive_gating", gate_bias=-7)``.
     """
     if block not in ORDERINGS:
         raise UserError(f"block={block!r} is not one of {', '.join(ORDERINGS)}")
     if downsample not in ("auto", "A", "B"):
         raise UserError(f"model.downsample={downsample!r} is not one of auto, A, B")
+    spec = ShortcutSpec(shortcut) if isinstance(shortcut, str) else shortcut
+    spec.check()
     unit, n = resolve_unit(depth, unit)
     return CifarResNet(
-        ORDERINGS[block], unit, n, num_classes, downsample, width, checkpoint_segments
+        ORDERINGS[block], unit, n, num_classes, downsample, width, checkpoint_segments, spec
     )
 
 

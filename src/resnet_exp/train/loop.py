@@ -110,11 +110,13 @@ def build_setup(cfg: Config) -> Setup:
         cfg.model.downsample.value,
         cfg.model.width,
         cfg.model.checkpointing,
+        shortcut=cfg.model.shortcut,
     )
     info = {
         "block": block,
         "depth": cfg.depth,
         "unit": unit,
+        "shortcut": cfg.model.shortcut.describe(),
         "params": count_params(model),
         "dataset": cfg.data.name,
         "data_source": data.source,
@@ -530,7 +532,7 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                 train_images_per_s=steady_throughput(history),
                 wall_time_s=round(time.perf_counter() - t_start, 2),
             )
-            records.summary(summary)
+            records.summary(summary, flat)
             if stop.requested:  # it came during the last evaluation: done, but stop a sweep
                 raise interrupted(completed=True)
             records.close()
@@ -538,7 +540,8 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
 
     except NonFiniteLoss as e:
         records.summary(
-            {**info, "status": "diverged", "diverged_at_step": e.args[0], "steps_done": step}
+            {**info, "status": "diverged", "diverged_at_step": e.args[0], "steps_done": step},
+            flat,
         )
         records.close()
         kept = (

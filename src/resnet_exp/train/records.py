@@ -9,9 +9,38 @@ from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+# Config keys shown as hyperparameters in TensorBoard's HPARAMS tab (dotted; a
+# trailing dot takes the whole section).
+HPARAM_KEYS = (
+    "model.",
+    "depth",
+    "seed",
+    "data.name",
+    "data.batch_size",
+    "data.train_limit",
+    "optimizer.name",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "schedule.name",
+    "trainer.epochs",
+    "trainer.max_steps",
+    "trainer.precision",
+    "scale.name",
+)
+# Summary values logged as the HPARAMS tab's metrics.
+HPARAM_METRICS = (
+    "final_test_error",
+    "best_test_error",
+    "final_val_error",
+    "best_val_error",
+    "test_error",
+    "final_train_loss",
+    "final_train_error",
+)
 
 
 class RunRecords:
@@ -42,9 +71,29 @@ class RunRecords:
         if self.writer is not None:
             self.writer.flush()
 
-    def summary(self, summary: dict[str, Any]) -> None:
+    def summary(self, summary: dict[str, Any], config: dict[str, Any] | None = None) -> None:
+        """Write summary.json; with the run's ``config`` (dotted keys), also its HPARAMS entry."""
         if self.enabled:
             write_json(self.run_dir / SUMMARY, summary)
+        if self.writer is not None and config is not None:
+            self._hparams(config, summary)
+
+    def _hparams(self, config: dict[str, Any], summary: dict[str, Any]) -> None:
+        # SummaryWriter.add_hparams would write into a new sub-run per call;
+        # this run's own file writer keeps the entry next to its scalars.
+        params = {k: _hparam_value(v) for k, v in config.items() if _shown(k)}
+        params["status"] = str(summary.get("status"))
+        metrics = {
+            f"hparams/{k}": float(summary[k])
+            for k in HPARAM_METRICS
+            if isinstance(summary.get(k), (int, float)) and math.isfinite(summary[k])
+        }
+        step = int(summary.get("steps_done") or 0)
+        for proto in hparams(params, metrics):
+            self.writer.file_writer.add_summary(proto, step)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -55,6 +104,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _shown(key: str) -> bool:
+    return any(key.startswith(k) if k.endswith(".") else key == k for k in HPARAM_KEYS)
+
+
+def _hparam_value(v: Any) -> int | float | str | bool:
+    """TensorBoard takes numbers, strings and booleans (None and lists become text)."""
+    return v if isinstance(v, (int, float, str, bool)) else str(v)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,98 @@
+"""The report's PNG figures (matplotlib's Agg canvas: no display, no pyplot state)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
+
+from resnet_exp.report.tables import Row
+
+PANEL_FACETS = ("dataset", "net")
+
+
+def _panels(rows: list[Row]) -> dict[str, list[Row]]:
+    """Rows split into panels by data set and net when something else varies too
+    (as the paper's Fig. 6 draws one panel per depth)."""
+    keys = [k for k in PANEL_FACETS if k in rows[0].parts]
+    if all(set(r.parts) <= set(keys) for r in rows):
+        keys = []
+    panels: dict[str, list[Row]] = {}
+    for row in rows:
+        panels.setdefault(" · ".join(row.parts[k] for k in keys), []).append(row)
+    return panels
+
+
+def _line_label(row: Row, panel_title: str) -> str:
+    return (
+        ", ".join(v for v in row.parts.values() if v not in panel_title.split(" · ")) or row.label
+    )
+
+
+def curves(rows: list[Row], path: Path) -> Path:
+    """Training loss (log scale) and test error against iterations, one colour per
+    configuration, one line per seed (the paper's Fig. 1 and 6)."""
+    panels = _panels(rows)
+    colors = matplotlib.colormaps["tab10" if len(rows) <= 10 else "tab20"]
+    fig = Figure(figsize=(11, 0.6 + 3.2 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), 2, squeeze=False)
+    for (title, prows), (ax_loss, ax_err) in zip(panels.items(), axes):
+        for i, row in enumerate(prows):
+            color = colors(i % colors.N)
+            label = _line_label(row, title)
+            for j, run in enumerate(row.runs):
+                name = label if j == 0 else None
+                if run.train_loss:
+                    steps, loss = zip(*run.train_loss)
+                    ax_loss.plot(steps, loss, color=color, lw=1, alpha=0.85, label=name)
+                    if run.status == "diverged":
+                        ax_loss.plot(steps[-1], loss[-1], "x", color=color, ms=8)
+                if run.error_curve:
+                    steps, err = zip(*run.error_curve)
+                    ax_err.plot(steps, err, color=color, lw=1.5, marker=".", label=name)
+        ax_loss.set_yscale("log")
+        for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%.2g"))  # 0.3, 2.1: not 3x10^-1 on short ranges
+        ax_loss.set_ylabel("training loss")
+        ax_err.set_ylabel("test error (%)")
+        for ax in (ax_loss, ax_err):
+            ax.set_xlabel("iterations")
+            ax.grid(True, which="both", alpha=0.3)
+            if title:
+                ax.set_title(title)
+        ax_err.legend(fontsize="small", loc="upper right")
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _paper_value(text: str | None) -> float | None:
+    m = re.match(r"\d+(\.\d+)?", text or "")
+    return float(m.group()) if m else None
+
+
+def final_errors(rows: list[Row], path: Path) -> Path:
+    """Median final test error per configuration; whiskers span the seeds, a diamond
+    marks the paper's number."""
+    fig = Figure(figsize=(8, 1.2 + 0.4 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    ys = list(range(len(rows)))[::-1]
+    for y, row in zip(ys, rows):
+        if row.median is None:
+            ax.text(0.5, y, " / ".join(sorted({r.status for r in row.runs})), va="center")
+            continue
+        errs = row.errors
+        whisker = [[row.median - min(errs)], [max(errs) - row.median]] if len(errs) > 1 else None
+        ax.barh(y, row.median, color="tab:blue", alpha=0.8, xerr=whisker, capsize=3)
+        ax.text(max(errs), y, f"  {row.median:.2f}", va="center", fontsize="small")
+    paper = [(y, _paper_value(r.paper)) for y, r in zip(ys, rows) if _paper_value(r.paper)]
+    if paper:
+        ax.plot([p for _, p in paper], [y for y, _ in paper], "kD", ms=5, label="paper")
+        ax.legend(loc="lower right", fontsize="small")
+    ax.set_yticks(ys, [r.label for r in rows])
+    ax.set_xlabel("final test error (%), median over seeds")
+    ax.grid(True, axis="x", alpha=0.3)
+    fig.savefig(path, dpi=90)
+    return path

@@ -1,0 +1,144 @@
+"""Reading run directories back: config, status, summary, metrics and curves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from resnet_exp.errors import UserError
+from resnet_exp.train.records import METRICS, SUMMARY, read_metrics
+
+CONFIG = Path(".hydra") / "config.yaml"
+# Keys that do not change what a run computes: runs that differ only in these
+# (and in the seed) are one configuration.
+NOT_CONFIGURATION = {
+    "seed",
+    "resume",
+    "dry_run",
+    "data.root",
+    "data.cache_dir",
+    "data.download",
+    "trainer.progress",
+    "trainer.log_every",
+}
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]  # flattened, dotted keys, interpolations resolved
+    summary: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+
+    @property
+    def status(self) -> str:
+        """completed | diverged | failed | unfinished (no summary: killed or still running)."""
+        return str(self.summary.get("status", "unfinished"))
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+    @property
+    def eval_name(self) -> str:
+        """The split evaluated during training: test, or val with data.val_size > 0."""
+        return "val" if (self.config.get("data.val_size") or 0) > 0 else "test"
+
+    @property
+    def test_error(self) -> float | None:
+        """Final test error (%); with a validation split, the test set evaluated at the end."""
+        s = self.summary
+        return s.get("test_error", s.get(f"final_{self.eval_name}_error"))
+
+    @property
+    def best_error(self) -> float | None:
+        return self.summary.get(f"best_{self.eval_name}_error")
+
+    @property
+    def error_curve(self) -> list[tuple[int, float]]:
+        key = f"{self.eval_name}_error"
+        return [(r["step"], r[key]) for r in self.metrics if r.get(key) is not None]
+
+    def configuration(self) -> tuple[tuple[str, str], ...]:
+        """What the run computes, seed aside: the key that groups seeds into one row."""
+        return tuple(
+            sorted((k, repr(v)) for k, v in self.config.items() if k not in NOT_CONFIGURATION)
+        )
+
+
+def find_runs(dirs: list[Path]) -> list[Path]:
+    """Run directories given, or found below the given directories (multirun sweeps)."""
+    found: list[Path] = []
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"{d} is not a directory; give run or multirun directories")
+        if (d / CONFIG).is_file():
+            found.append(d)
+            continue
+        below = sorted(p.parent.parent for p in d.rglob("config.yaml") if p.parent.name == ".hydra")
+        if not below:
+            raise UserError(f"no runs in {d}: a run directory holds {CONFIG}")
+        found += below
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return sorted(unique, key=_job_order)
+
+
+def _job_order(path: Path) -> tuple[str, int, str]:
+    """Sweep jobs in launch order: `10_x` after `9_x`."""
+    m = re.match(r"(\d+)_", path.name)
+    return (str(path.parent), int(m.group(1)) if m else -1, path.name)
+
+
+def load_run(path: Path, curves: bool = True) -> Run:
+    raw = OmegaConf.load(path / CONFIG)
+    try:
+        config = OmegaConf.to_container(raw, resolve=True)
+    except Exception:  # an interpolation this process cannot resolve: keep it as written
+        config = OmegaConf.to_container(raw, resolve=False)
+    summary_path = path / SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    run = Run(path, _flatten(config), summary, read_metrics(path / METRICS))  # type: ignore[arg-type]
+    if curves:
+        run.train_loss = _train_loss_curve(run)
+    return run
+
+
+def load_runs(dirs: list[Path], curves: bool = True) -> list[Run]:
+    return [load_run(p, curves) for p in find_runs(dirs)]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _train_loss_curve(run: Run) -> list[tuple[int, float]]:
+    """Training loss every `log_every` steps from TensorBoard's events (finer than the
+    per-epoch means in metrics.jsonl, which are the fallback)."""
+    if any(run.path.glob("events.out.tfevents.*")):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(run.path), size_guidance={"scalars": 0})
+        tb_log = logging.getLogger("tensorboard")
+        level = tb_log.level
+        tb_log.setLevel(logging.WARNING)  # it logs every file it reads at INFO
+        try:
+            acc.Reload()
+        finally:
+            tb_log.setLevel(level)
+        if "train/loss" in acc.Tags().get("scalars", []):
+            points = {e.step: e.value for e in acc.Scalars("train/loss")}  # a resume rewrites steps
+            return sorted(points.items())
+    return [(r["step"], r["train_loss"]) for r in run.metrics if r.get("train_loss") is not None]

@@ -1,0 +1,257 @@
+"""One row per configuration: seeds aggregated, the paper's number beside it."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
+from resnet_exp.report.runs import Run
+
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+@dataclass
+class Row:
+    parts: dict[str, str]  # what names this configuration among the others: facet -> text
+    runs: list[Run]
+
+    @property
+    def label(self) -> str:
+        return ", ".join(self.parts.values())
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.runs[0].config
+
+    @property
+    def completed(self) -> list[Run]:
+        return [r for r in self.runs if _done(r)]
+
+    @property
+    def errors(self) -> list[float]:
+        return [r.test_error for r in self.completed]  # type: ignore[misc]
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.errors) if self.errors else None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.errors) if self.errors else None
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (none for a single run)."""
+        return statistics.stdev(self.errors) if len(self.errors) > 1 else None
+
+    @property
+    def best(self) -> float | None:
+        """Lowest test error at any evaluation of any seed."""
+        bests = [r.best_error for r in self.completed if r.best_error is not None]
+        return min(bests) if bests else None
+
+    @property
+    def params(self) -> int | None:
+        return next((r.summary["params"] for r in self.runs if "params" in r.summary), None)
+
+    def _median_of(self, key: str) -> float | None:
+        values = [r.summary[key] for r in self.completed if r.summary.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self._median_of("train_images_per_s")
+
+    @property
+    def wall_time_s(self) -> float | None:
+        return self._median_of("wall_time_s")
+
+    @property
+    def paper(self) -> str | None:
+        return paper_error(self.config)
+
+    @property
+    def not_completed(self) -> list[Run]:
+        return [r for r in self.runs if not _done(r)]
+
+
+def _done(run: Run) -> bool:
+    return run.status == "completed" and run.test_error is not None
+
+
+def facets(config: dict[str, Any]) -> dict[str, str]:
+    """The parts a configuration is named by, in reading order."""
+    unit = config.get("model.unit")
+    net = f"ResNet-{config.get('depth')}" + (" 1-layer skips" if unit == "single" else "")
+    name = str(config.get("data.name"))
+    return {
+        "dataset": DATASETS.get(name, name),
+        "net": net,
+        "block": str(config.get("model.block")),
+        "shortcut": shortcut_text(config),
+        "batch": f"batch {config.get('data.batch_size')}",
+    }
+
+
+def group_rows(runs: list[Run]) -> list[Row]:
+    """Runs grouped by configuration (seed aside), in the order they were launched.
+
+    A row is named by what differs between the rows: the facets above, then
+    any other differing key as ``key=value``.
+    """
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.configuration(), []).append(r)
+    firsts = [g[0].config for g in groups.values()]
+    named = [k for k in facets(firsts[0]) if len({facets(c)[k] for c in firsts}) > 1]
+    covered = {"data.name", "depth", "model.unit", "model.block", "data.batch_size"}
+    others = sorted(
+        k
+        for k in set().union(*firsts)
+        if k not in covered
+        and not k.startswith("model.shortcut.")
+        and len({repr(c.get(k)) for c in firsts}) > 1
+    )
+    if not named and not others:
+        named = ["net", "block", "shortcut"]
+    rows = []
+    for group in groups.values():
+        c = group[0].config
+        parts = {k: facets(c)[k] for k in named} | {k: f"{k}={c.get(k)}" for k in others}
+        rows.append(Row(parts, group))
+    return rows
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m" if h else f"{m}m {s:02d}s" if m else f"{s}s"
+
+
+def _error_cell(row: Row) -> str:
+    if row.median is not None:
+        return _num(row.median)
+    statuses = sorted({r.status for r in row.runs})
+    return "/".join(statuses)
+
+
+CSV_FIELDS = [
+    "configuration",
+    "dataset",
+    "depth",
+    "unit",
+    "block",
+    "shortcut",
+    "batch_size",
+    "paper_net",
+    "runs",
+    "completed",
+    "not_completed",
+    "seeds",
+    "median_error",
+    "mean_error",
+    "std_error",
+    "best_error",
+    "paper_error",
+    "params",
+    "images_per_s",
+    "wall_time_s",
+]
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    """Full-precision values, one row per configuration (empty where there is none)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for row in rows:
+            c = row.config
+            values = {
+                "configuration": row.label,
+                "dataset": c.get("data.name"),
+                "depth": c.get("depth"),
+                "unit": row.runs[0].summary.get("unit", c.get("model.unit")),
+                "block": c.get("model.block"),
+                "shortcut": shortcut_text(c),
+                "batch_size": c.get("data.batch_size"),
+                "paper_net": paper_net(c),
+                "runs": len(row.runs),
+                "completed": len(row.completed),
+                "not_completed": "; ".join(f"{r.path.name}: {r.status}" for r in row.not_completed),
+                "seeds": " ".join(str(r.seed) for r in row.runs),
+                "median_error": row.median,
+                "mean_error": row.mean,
+                "std_error": row.std,
+                "best_error": row.best,
+                "paper_error": row.paper,
+                "params": row.params,
+                "images_per_s": row.images_per_s,
+                "wall_time_s": row.wall_time_s,
+            }
+            w.writerow({k: ("" if v is None else v) for k, v in values.items()})
+
+
+def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
+    runs = [r for row in rows for r in row.runs]
+    done = sum(len(row.completed) for row in rows)
+    lines = [
+        "# resnet-exp report",
+        "",
+        f"{len(runs)} runs in {len(rows)} configurations ({done} completed), from "
+        + ", ".join(f"`{s}`" for s in sources)
+        + ".",
+        "",
+    ]
+    scales = {r.config.get("scale.name") for r in runs}
+    if "short" in scales:
+        c = next(r.config for r in runs if r.config.get("scale.name") == "short")
+        lines += [
+            f"scale=short: ResNet-{c.get('scale.resnet110')} stands for ResNet-110, "
+            f"ResNet-{c.get('scale.resnet164')} for -164, ResNet-{c.get('scale.resnet1001')} "
+            "for -1001, trained for a few hundred steps; the paper column gives the "
+            "full-size net's error, for comparing the ordering of rows, not the values.",
+            "",
+        ]
+    lines += [
+        "| configuration | runs | test error % (median) | mean ± std | best | paper | params "
+        "| images/s | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        spread = _num(row.mean) + (f" ± {row.std:.2f}" if row.std is not None else "")
+        params = f"{row.params / 1e6:.2f}M" if row.params else ""
+        lines.append(
+            f"| {row.label} | {len(row.completed)}/{len(row.runs)} | {_error_cell(row)} "
+            f"| {spread} | {_num(row.best)} | {row.paper or ''} | {params} "
+            f"| {_num(row.images_per_s, 0)} | {_duration(row.wall_time_s)} |"
+        )
+    lines += [
+        "",
+        "Test error: the last evaluation's error on the test set, over seeds; best: the "
+        "lowest error at any evaluation of any seed; paper: the paper's median of 5 runs "
+        "(fail: above 20%); runs: completed/all; images/s and wall time: per run, median.",
+    ]
+    missing = [(row, r) for row in rows for r in row.not_completed]
+    if missing:
+        lines += ["", "## Runs not completed", "", "| run | configuration | status | detail |"]
+        lines.append("|---|---|---|---|")
+        for row, r in missing:
+            detail = r.summary.get("error") or (
+                f"non-finite loss at step {r.summary['diverged_at_step']}"
+                if "diverged_at_step" in r.summary
+                else f"{len(r.metrics)} evaluations written"
+            )
+            lines.append(f"| `{r.path.name}` | {row.label} | {r.status} | {detail} |")
+    if figures:
+        lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""The paper presets: every job of every table composes and builds, at both scales (in-process)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from resnet_exp import build_model
+from resnet_exp.cli import config_dir
+from resnet_exp.config import Config
+from resnet_exp.models import resolve_unit
+from resnet_exp.report.paper import paper_error
+from resnet_exp.report.runs import _flatten
+
+ORDERINGS = ["original", "bn_after_add", "relu_before_add", "relu_only_preact", "preact"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_configs():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def sweep_jobs(experiment: str, scale: str) -> list[list[str]]:
+    """The override lists of a preset's jobs, expanded as Hydra's basic sweeper does."""
+    base = [f"+experiment={experiment}", f"scale={scale}"]
+    cfg = compose("config", overrides=base, return_hydra_config=True)
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    overrides = OverridesParser.create().parse_overrides(params)
+    (batch,) = BasicSweeper.split_arguments(overrides, None)
+    return [base + job for job in batch]
+
+
+def job_config(overrides: list[str]) -> Config:
+    return OmegaConf.to_object(compose("config", overrides=overrides))  # type: ignore[return-value]
+
+
+# preset -> jobs per seed, and the depths at each scale
+PRESETS = {
+    "table1": (10, {"short": {20}, "full": {110}}),
+    "table2": (10, {"short": {20, 29}, "full": {110, 164}}),
+    "table3": (16, {"short": {20, 29, 47}, "full": {110, 164, 1001}}),
+    "resnet1001_batch64": (1, {"short": {47}, "full": {1001}}),
+}
+SEEDS = {"short": ["seed=1"], "full": [f"seed={s}" for s in range(1, 6)]}
+# Composition is slow (~0.1-0.4 s a job): every preset once, table3 (16 jobs) at the full
+# scale, where it builds each net of the paper, the others at the short scale.
+CASES = [("table1", "short"), ("table2", "short"), ("table3", "full")] + [
+    ("resnet1001_batch64", s) for s in ("short", "full")
+]
+
+
+@functools.cache
+def seed_one(experiment: str, scale: str) -> list[Config]:
+    """The configs of a preset's first seed; other seeds differ only by the seed."""
+    per_seed, _ = PRESETS[experiment]
+    jobs = sweep_jobs(experiment, scale)
+    assert len(jobs) == per_seed * len(SEEDS[scale])
+    assert sorted({o for j in jobs for o in j if o.startswith("seed=")}) == SEEDS[scale]
+    return [job_config(j) for j in jobs[:per_seed]]
+
+
+@pytest.mark.parametrize(("experiment", "scale"), CASES)
+def test_every_job_of_a_preset_composes_and_builds(experiment: str, scale: str) -> None:
+    _, depths = PRESETS[experiment]
+    configs = seed_one(experiment, scale)
+    assert {c.seed for c in configs} == {1}
+    assert {c.depth for c in configs} == depths[scale]
+    for c in configs:
+        unit, _ = resolve_unit(c.depth, c.model.unit.value)  # a depth that fits its unit
+        if scale == "short":
+            assert c.trainer.max_steps == 250 and c.data.test_limit == 2000
+            with torch.device("meta"):
+                build_model(c.model.block.value, c.depth, 10, unit, shortcut=c.model.shortcut)
+        else:
+            assert c.trainer.max_steps is None and c.trainer.epochs == 164
+            assert c.data.train_limit is None and c.data.test_limit is None
+        # Every job is a row of the paper: the report can put its number beside it.
+        flat = _flatten(OmegaConf.to_container(OmegaConf.structured(c), enum_to_str=True))
+        if not (experiment == "table3" and c.data.name == "cifar100" and unit != "bottleneck"):
+            assert paper_error(flat) is not None, c
+
+
+def test_table2_is_five_orderings_at_two_depths() -> None:
+    configs = seed_one("table2", "short")
+    rows = {(c.model.block.value, c.depth, c.model.unit.value) for c in configs}
+    expect = {(b, d, u) for b in ORDERINGS for d, u in ((20, "basic"), (29, "bottleneck"))}
+    assert rows == expect and all(c.data.name == "cifar10" for c in configs)
+
+
+def test_table1_cases_are_the_papers() -> None:
+    configs = seed_one("table1", "short")
+    cases = [c.model.shortcut.describe() for c in configs]
+    assert cases == [
+        "identity",
+        "scaling(0.5/1)",
+        "scaling(0.5/0.5)",
+        "exclusive_gating(b_g=0)",
+        "exclusive_gating(b_g=-6)",
+        "exclusive_gating(b_g=-7)",
+        "shortcut_gating(b_g=0)",
+        "shortcut_gating(b_g=-6)",
+        "conv1x1",
+        "dropout(p=0.5)",
+    ]
+    assert {c.model.block.value for c in configs} == {"original"}
+
+
+def test_table3_nets_and_datasets() -> None:
+    configs = seed_one("table3", "full")
+    nets = {(c.data.name, c.model.block.value, c.depth, c.model.unit.value) for c in configs}
+    assert len(nets) == 16
+    assert ("cifar10", "original", 110, "single") in nets
+    assert ("cifar100", "preact", 1001, "bottleneck") in nets
+    (batch64,) = seed_one("resnet1001_batch64", "full")
+    assert (batch64.model.block.value, batch64.depth, batch64.data.batch_size) == (
+        "preact",
+        1001,
+        64,
+    )

@@ -1,0 +1,181 @@
+"""Sweep reports: a real multirun (two variants x two seeds, plus a failing variant) on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from resnet_exp.report import cli as report_cli
+from resnet_exp.report.paper import paper_error
+
+from conftest import run_cli
+
+TINY = [
+    "depth=8",
+    "block=original",
+    "data.batch_size=64",
+    "trainer.max_steps=10",
+    "trainer.log_every=2",
+    "trainer.progress=false",
+]
+LABELS = ["identity", "exclusive_gating(b_g=-6)", "dropout(p=1.5)"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory, data_args: list[str]) -> Path:
+    """identity and exclusive gating train; the dropout jobs fail (p=1.5 is refused)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    sweep = tmp / "multirun"
+    proc = run_cli(
+        [
+            "-m",
+            "shortcut=identity,exclusive_gating,dropout",
+            "seed=1,2",
+            "model.shortcut.dropout=1.5",
+            *TINY,
+            *data_args,
+            # 384 training images at batch 64: 6 steps per epoch, so 10 steps give two
+            # evaluations (steps 6 and 10).
+            "data.train_limit=384",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp,
+        check=False,
+    )
+    assert proc.returncode == 1 and "2 of 6 jobs failed" in proc.stderr  # the dropout jobs
+    assert f"report in {sweep / 'report.md'}" in proc.stdout  # the callback announced it
+    return sweep
+
+
+def runs_by_label(sweep: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for d in sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir()):
+        name = OmegaConf.load(d / ".hydra" / "config.yaml").model.shortcut.name
+        out.setdefault(name, []).append(d)
+    return out
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with open(path) as f:
+        return {row["configuration"]: row for row in csv.DictReader(f)}
+
+
+def test_multirun_report_holds_the_runs_values(sweep: Path) -> None:
+    # Written by the Hydra callback at the end of the multirun, not by the command.
+    for name in ("report.md", "report.csv", "curves.png", "final_error.png"):
+        assert (sweep / name).is_file(), name
+    rows = read_csv(sweep / "report.csv")
+    assert list(rows) == LABELS
+    dirs = runs_by_label(sweep)
+    for label, name in zip(LABELS[:2], ("identity", "exclusive_gating")):
+        row = rows[label]
+        summaries = [json.loads((d / "summary.json").read_text()) for d in dirs[name]]
+        metrics = [
+            [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in dirs[name]
+        ]
+        assert [s["status"] for s in summaries] == ["completed", "completed"]
+        assert [s["seed"] for s in summaries] == [1, 2]
+        final = [m[-1]["test_error"] for m in metrics]  # the last evaluation of each seed
+        assert final == [s["final_test_error"] for s in summaries]
+        assert len(metrics[0]) == 2 and metrics[0][-1]["step"] == 10
+        assert float(row["median_error"]) == statistics.median(final)
+        assert float(row["mean_error"]) == statistics.fmean(final)
+        assert float(row["std_error"]) == statistics.stdev(final)
+        assert float(row["best_error"]) == min(r["test_error"] for m in metrics for r in m)
+        assert int(row["params"]) == summaries[0]["params"]
+        assert float(row["images_per_s"]) == statistics.median(
+            s["train_images_per_s"] for s in summaries
+        )
+        assert float(row["wall_time_s"]) == statistics.median(s["wall_time_s"] for s in summaries)
+        assert (row["runs"], row["completed"], row["seeds"]) == ("2", "2", "1 2")
+        assert summaries[0]["shortcut"] == label
+        md = (sweep / "report.md").read_text()
+        assert f"| {label} | 2/2 | {statistics.median(final):.2f} |" in md
+    # The gates add parameters: 1x1 convs from each unit's input to its output.
+    assert int(rows[LABELS[1]]["params"]) > int(rows[LABELS[0]]["params"])
+
+
+def test_failed_runs_are_listed(sweep: Path) -> None:
+    row = read_csv(sweep / "report.csv")["dropout(p=1.5)"]
+    assert (row["runs"], row["completed"], row["median_error"]) == ("2", "0", "")
+    assert row["not_completed"] == "4_original_8: failed; 5_original_8: failed"
+    md = (sweep / "report.md").read_text()
+    assert "| dropout(p=1.5) | 0/2 | failed |" in md
+    listed = md.split("## Runs not completed")[1]
+    assert listed.count("| failed | model.shortcut.dropout=1.5 must be in [0, 1) |") == 2
+
+
+def test_figures_open(sweep: Path) -> None:
+    for name in ("curves.png", "final_error.png"):
+        with Image.open(sweep / name) as im:
+            im.verify()
+        with Image.open(sweep / name) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 150
+
+
+def test_report_command_on_run_directories(sweep: Path, tmp_path: Path, capsys) -> None:
+    """Several run directories give the same table as their multirun directory."""
+    dirs = runs_by_label(sweep)["identity"] + runs_by_label(sweep)["exclusive_gating"]
+    report_cli.main([*map(str, dirs), "-o", str(tmp_path)])
+    assert str(tmp_path / "report.md") in capsys.readouterr().out
+    mine, theirs = read_csv(tmp_path / "report.csv"), read_csv(sweep / "report.csv")
+    assert list(mine) == LABELS[:2]
+    for label in LABELS[:2]:
+        assert mine[label] == theirs[label]
+
+
+def test_report_command_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        report_cli.main([str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"resnet-exp-report: error: no runs in {tmp_path}: a run directory holds .hydra/config.yaml\n"
+    )
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_each_run_logs_hparams_in_its_own_directory(sweep: Path) -> None:
+    run = runs_by_label(sweep)["exclusive_gating"][0]
+    assert not [p for p in run.rglob("events.out.tfevents.*") if p.parent != run]  # no sub-runs
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content)
+    start = content["_hparams_/session_start_info"]
+    assert b"exclusive_gating" in start and b"model.shortcut.gate_bias" in start
+    summary = json.loads((run / "summary.json").read_text())
+    final = acc.Scalars("hparams/final_test_error")
+    assert [(e.step, round(e.value, 4)) for e in final] == [
+        (10, round(summary["final_test_error"], 4))
+    ]
+
+
+def test_paper_numbers_are_keyed_by_the_net_a_run_stands_for() -> None:
+    base = {"data.name": "cifar10", "data.batch_size": 128, "model.unit": "auto"}
+    full = {"scale.resnet110": 110, "scale.resnet164": 164, "scale.resnet1001": 1001}
+    short = {"scale.resnet110": 20, "scale.resnet164": 29, "scale.resnet1001": 47}
+    cases = [
+        ({**full, "depth": 110, "model.block": "bn_after_add"}, "8.17"),
+        ({**short, "depth": 29, "model.block": "preact"}, "5.46"),  # stands for ResNet-164
+        ({**full, "depth": 20, "model.block": "preact"}, None),  # not a net of the paper
+        ({**short, "depth": 20, "model.block": "original", "model.unit": "single"}, "9.90"),
+        (
+            {**full, "depth": 110, "model.block": "original", "model.shortcut.name": "exclusive_gating",
+             "model.shortcut.gate_bias": -7.0},
+            "9.81",
+        ),
+        ({**full, "depth": 1001, "model.block": "preact", "data.batch_size": 64}, "4.62 (mean 4.69 ± 0.20)"),
+        ({**full, "depth": 164, "model.block": "original", "data.name": "cifar100"}, "25.16"),
+    ]  # fmt: skip
+    for config, expect in cases:
+        assert paper_error({**base, **config}) == expect, config
