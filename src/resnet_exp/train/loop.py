@@ -366,9 +366,10 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
     def stop_agreed() -> bool:
         """The stop flag: a Python attribute, no device sync. In a data-parallel run the
         ranks agree on it (a host-side all-reduce), so all of them stop after the same step."""
-        if distributed.any_rank(stop.requested) and not stop.requested:
-            stop.request()
-        return stop.requested
+        agreed = distributed.any_rank(stop.requested)  # one read per poll
+        if agreed:
+            stop.request()  # no-op on the rank that asked; the others take the same stop
+        return agreed
 
     def interrupted(completed: bool) -> Interrupted:
         assert stop.signum is not None
