@@ -17,7 +17,7 @@ from resnet_exp.cli import config_dir
 from resnet_exp.config import Config
 from resnet_exp.models import resolve_unit
 from resnet_exp.report.paper import paper_error
-from resnet_exp.report.runs import _flatten
+from resnet_exp.train.resume import flatten
 
 ORDERINGS = ["original", "bn_after_add", "relu_before_add", "relu_only_preact", "preact"]
 
@@ -78,14 +78,14 @@ def test_every_job_of_a_preset_composes_and_builds(experiment: str, scale: str) 
     for c in configs:
         unit, _ = resolve_unit(c.depth, c.model.unit.value)  # a depth that fits its unit
         if scale == "short":
-            assert c.trainer.max_steps == 250 and c.data.test_limit == 2000
+            assert c.trainer.max_steps == 200 and c.data.test_limit == 2000
             with torch.device("meta"):
                 build_model(c.model.block.value, c.depth, 10, unit, shortcut=c.model.shortcut)
         else:
             assert c.trainer.max_steps is None and c.trainer.epochs == 164
             assert c.data.train_limit is None and c.data.test_limit is None
         # Every job is a row of the paper: the report can put its number beside it.
-        flat = _flatten(OmegaConf.to_container(OmegaConf.structured(c), enum_to_str=True))
+        flat = flatten(OmegaConf.to_container(OmegaConf.structured(c), enum_to_str=True))
         if not (experiment == "table3" and c.data.name == "cifar100" and unit != "bottleneck"):
             assert paper_error(flat) is not None, c
 

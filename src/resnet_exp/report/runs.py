@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from resnet_exp.errors import UserError
 from resnet_exp.train.records import METRICS, SUMMARY, read_metrics
+from resnet_exp.train.resume import flatten
 
 CONFIG = Path(".hydra") / "config.yaml"
 # Keys that do not change what a run computes: runs that differ only in these
@@ -104,7 +105,8 @@ def load_run(path: Path, curves: bool = True) -> Run:
         config = OmegaConf.to_container(raw, resolve=False)
     summary_path = path / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    run = Run(path, _flatten(config), summary, read_metrics(path / METRICS))  # type: ignore[arg-type]
+    flat = {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(config).items()}  # type: ignore[arg-type]
+    run = Run(path, flat, summary, read_metrics(path / METRICS))
     if curves:
         run.train_loss = _train_loss_curve(run)
     return run
@@ -112,16 +114,6 @@ def load_run(path: Path, curves: bool = True) -> Run:
 
 def load_runs(dirs: list[Path], curves: bool = True) -> list[Run]:
     return [load_run(p, curves) for p in find_runs(dirs)]
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
 
 
 def _train_loss_curve(run: Run) -> list[tuple[int, float]]:

@@ -61,14 +61,15 @@ def _matches(key: str, names: tuple[str, ...]) -> bool:
 def flat_config(cfg: Config) -> dict[str, Any]:
     """``{"model.block": "preact", ...}``: the resolved config as dotted keys."""
     tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    return _flatten(tree)
+    return flatten(tree)
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as dotted keys."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -88,7 +89,7 @@ def check_resumable(state: dict[str, Any], flat: dict[str, Any], path: Path) -> 
 
     Returns the allowed changes as ``key: old -> new`` lines, for the log.
     """
-    saved = _flatten(state.get("config") or {})
+    saved = flatten(state.get("config") or {})
     fp = fingerprint(flat)
     if not saved:  # only the hash to go by
         if state.get("fingerprint_hash") != fingerprint_hash(fp):
