@@ -16,6 +16,21 @@ CIFAR10 = Path(
 )
 
 
+# A tiny synthetic job: depth 8 on 16x16 images, 16 steps an epoch, a second a run.
+TINY = [
+    "dataset=synthetic",
+    "data.synthetic_train=256",
+    "data.synthetic_test=64",
+    "data.image_size=16",
+    "depth=8",
+    "data.batch_size=16",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+]
+# Subprocesses on one thread: fast on a busy 2-core machine, bit-exact across processes.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def cifar10_root() -> Path | None:
     return CIFAR10 if (CIFAR10 / "train").is_dir() and (CIFAR10 / "test").is_dir() else None
 

@@ -18,20 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import ONE_THREAD, TINY, run_cli
 
-# A tiny synthetic job; most cases only build it (dry_run) inside an existing run's directory.
-TINY = [
-    "dataset=synthetic",
-    "data.synthetic_train=256",
-    "data.synthetic_test=64",
-    "data.image_size=16",
-    "depth=8",
-    "data.batch_size=16",
-    "trainer.progress=false",
-    "trainer.device=cpu",
-]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # fast on a busy machine
+# Most cases only build the tiny job (dry_run) inside an existing run's directory.
 
 # (name, overrides, the message's distinctive part); {run} is an existing run directory.
 CASES = [

@@ -30,35 +30,22 @@ from resnet_exp.train.records import read_metrics
 from resnet_exp.train.resume import check_resumable, flat_config, with_inherited_overrides
 from resnet_exp.train.stop import Abort, Interrupted, StopRequest
 
-from conftest import console_script, run_cli
+from conftest import ONE_THREAD, TINY, console_script, run_cli
 
-# 16 steps per epoch of a tiny net on small synthetic images: a second per run.
-TINY = [
-    "dataset=synthetic",
-    "data.synthetic_train=256",
-    "data.synthetic_test=64",
-    "data.image_size=16",
-    "depth=8",
-    "data.batch_size=16",
-    "trainer.log_every=5",
-    "trainer.progress=false",
-    "trainer.deterministic=true",
-    "trainer.device=cpu",
-]
+# conftest's tiny job: 16 steps an epoch, deterministic, a logging step every 5.
+JOB = [*TINY, "trainer.log_every=5", "trainer.deterministic=true"]
 STEPS_PER_EPOCH = 16
 # The paper schedule over 8 epochs: lr / 10 at steps 64 and 96, after any stop below.
-PAPER = [*TINY, "trainer.epochs=8"]
+PAPER = [*JOB, "trainer.epochs=8"]
 # Constant lr after an 8-step warm-up: a run cut short by max_steps has the same
 # schedule as a longer one (paper milestones are fractions of the run's length).
 FLAT = [
-    *TINY,
+    *JOB,
     "trainer.epochs=3",
     "schedule.gamma=1.0",
     "schedule.warmup=true",
     "schedule.warmup_steps=8",
 ]
-# One thread: bit-exact across processes, and fast on a busy machine (no spinning workers).
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -396,7 +383,7 @@ def test_sweep_goes_on_after_failures_and_names_them(tmp_path: Path) -> None:
     args = [
         "-m",
         "optimizer.lr=0.1,0.2,-1,1e30",
-        *TINY,
+        *JOB,
         "trainer.max_steps=4",
         f"hydra.sweep.dir={sweep}",
     ]
