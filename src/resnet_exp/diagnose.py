@@ -35,7 +35,8 @@ from resnet_exp.config import Config
 from resnet_exp.data import Normalize, TrainLoader, load_dataset
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlow, GradFlowProbe
-from resnet_exp.models import build_model, count_params, resolve_unit
+from resnet_exp.models import count_params, resolve_unit
+from resnet_exp.train.loop import model_from_config
 from resnet_exp.train.records import SUMMARY, RunRecords
 from resnet_exp.train.runtime import pick_device, seed_everything
 
@@ -65,15 +66,7 @@ def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
         raise UserError(
             f"diagnose.batch_size={batch} is larger than the {len(data.train)} training images"
         )
-    model = build_model(
-        block,
-        cfg.depth,
-        data.num_classes,
-        unit,
-        cfg.model.downsample.value,
-        cfg.model.width,
-        cfg.model.checkpointing,
-    )
+    model = model_from_config(cfg, data.num_classes)
     fmt = torch.channels_last if cfg.trainer.channels_last else torch.preserve_format
     model = model.to(device, memory_format=fmt).train()
     info: dict[str, Any] = {

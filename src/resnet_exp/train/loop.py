@@ -21,7 +21,7 @@ from resnet_exp.config import Config
 from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_dataset
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlowMonitor
-from resnet_exp.models import ORDERINGS, build_model, count_params, resolve_unit
+from resnet_exp.models import ORDERINGS, CifarResNet, build_model, count_params, resolve_unit
 from resnet_exp.train import distributed
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint, resolve_resume, save_checkpoint
 from resnet_exp.train.checks import check_settings
@@ -102,16 +102,7 @@ def build_setup(cfg: Config) -> Setup:
         raise UserError(
             f"data.batch_size={cfg.data.batch_size} is larger than the {len(data.train)} training images"
         )
-    model = build_model(
-        block,
-        cfg.depth,
-        data.num_classes,
-        unit,
-        cfg.model.downsample.value,
-        cfg.model.width,
-        cfg.model.checkpointing,
-        shortcut=cfg.model.shortcut,
-    )
+    model = model_from_config(cfg, data.num_classes)
     info = {
         "block": block,
         "depth": cfg.depth,
@@ -199,6 +190,21 @@ def evaluate(s: Setup, split: Split) -> tuple[float, float]:
     distributed.sum_(totals)
     loss, wrong_n = totals.tolist()
     return loss / len(split), 100.0 * wrong_n / len(split)
+
+
+def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
+    """The net ``cfg.model`` and ``cfg.depth`` describe, for the trainer and diagnostics."""
+    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)
+    return build_model(
+        cfg.model.block.value,
+        cfg.depth,
+        num_classes,
+        unit,
+        cfg.model.downsample.value,
+        cfg.model.width,
+        cfg.model.checkpointing,
+        shortcut=cfg.model.shortcut,
+    )
 
 
 def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[str, Any]:
