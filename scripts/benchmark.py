@@ -79,6 +79,21 @@ def peak_memory_mb(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def measure(step, device: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Time ``step`` (warm-up excluded) and read the peak memory it reached."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return {
+        "windows_s": time_windows(step, sync, args.warmup, args.steps, args.repeats),
+        "peak_memory_mb": peak_memory_mb(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+    }
+
+
 def time_windows(step, sync, warmup: int, steps: int, repeats: int) -> list[float]:
     for _ in range(warmup):
         step()
@@ -146,11 +161,6 @@ def project_worker(args: argparse.Namespace) -> dict[str, Any]:
         scheduler.step()
         acc += loss.float()  # as the trainer does: metrics stay on the device
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    windows = time_windows(step, sync, args.warmup, args.steps, args.repeats)
     return {
         "kind": "resnet-exp",
         "precision": precision,
@@ -158,9 +168,7 @@ def project_worker(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_graphs": type(train_step).__name__ == "CudaGraphStep",
         "compile": lv["compile"],
         "checkpointing": int(lv["ckpt"]),
-        "windows_s": windows,
-        "peak_memory_mb": peak_memory_mb(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        **measure(step, device, args),
     }
 
 
@@ -238,11 +246,6 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
         optimizer.step()
         scheduler.step()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    windows = time_windows(step, sync, args.warmup, args.steps, args.repeats)
     return {
         "kind": "reference",
         "precision": "fp32",
@@ -251,9 +254,7 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
         "compile": "off",
         "checkpointing": 0,
         "workers": workers,
-        "windows_s": windows,
-        "peak_memory_mb": peak_memory_mb(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        **measure(step, device, args),
     }
 
 
