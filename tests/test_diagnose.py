@@ -12,7 +12,8 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resnet_exp.diagnose import FIELDS, SweepOverlay
+from resnet_exp.callbacks import SweepOverlay
+from resnet_exp.diagnose import FIELDS
 
 from conftest import run_cli
 

@@ -14,10 +14,9 @@ from omegaconf import OmegaConf
 
 from resnet_exp import build_model
 from resnet_exp.cli import config_dir
-from resnet_exp.config import Config
+from resnet_exp.config import Config, flatten
 from resnet_exp.models import resolve_unit
 from resnet_exp.report.paper import paper_error
-from resnet_exp.train.resume import flatten
 
 ORDERINGS = ["original", "bn_after_add", "relu_before_add", "relu_only_preact", "preact"]
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from resnet_exp import ShortcutSpec, build_model, count_params
 from resnet_exp.errors import UserError
-from resnet_exp.models import ORDERINGS, ResidualUnit
+from resnet_exp.models import BLOCKS, ResidualUnit
 from resnet_exp.models.shortcuts import Add, PadShortcut, Projection
 from resnet_exp.models.variants import DropShortcut, Gate, Scale
 
@@ -130,7 +130,7 @@ def test_dropout_only_on_the_shortcut_and_only_in_training() -> None:
     torch.testing.assert_close(merge(s, branch, x), s + branch, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("block", list(ORDERINGS))
+@pytest.mark.parametrize("block", list(BLOCKS))
 @pytest.mark.parametrize("shortcut", VARIANTS)
 def test_every_variant_with_every_ordering_trains(block: str, shortcut: str) -> None:
     torch.manual_seed(0)

@@ -1,10 +1,13 @@
-"""Hydra callbacks (registered in configs/config.yaml under ``hydra.callbacks``).
+"""The Hydra callbacks, all here (registered in configs/config.yaml under ``hydra.callbacks``;
+``~hydra.callbacks.NAME`` turns one off).
 
-``Reporter`` refuses an output directory that cannot be written before Hydra
-tries to create it, and ends a sweep with one line naming the jobs that failed
-and a non-zero exit. The jobs themselves never raise (cli.py records a failure
-in the job's directory and returns it): with Hydra's basic sweeper, a raising
-job stops the sweep after its batch and skips ``on_multirun_end``.
+- ``Reporter`` refuses an output directory that cannot be written before Hydra
+  tries to create it, and ends a sweep with one line naming the jobs that failed
+  and a non-zero exit. The jobs themselves never raise (cli.py records a failure
+  in the job's directory and returns it): with Hydra's basic sweeper, a raising
+  job stops the sweep after its batch and skips ``on_multirun_end``.
+- ``SweepOverlay``: after a sweep of ``mode=diagnose`` runs, one figure overlaying them.
+- ``WriteReport``: report.md, report.csv and figures in the sweep directory.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from resnet_exp.train.records import SUMMARY
+from resnet_exp.errors import UserError
+from resnet_exp.train.records import SUMMARY, Status, SummaryKey
 
 log = logging.getLogger("resnet_exp")
 
@@ -60,14 +64,16 @@ class Reporter(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        job = {"dir": Path(config.hydra.runtime.output_dir), "status": "completed", "error": None}
+        job = {"dir": Path(config.hydra.runtime.output_dir), "status": Status.completed}
+        job["error"] = None
         if job_return.status == JobStatus.FAILED:
             e = job_return._return_value  # the property would re-raise it
-            job.update(status="failed", error=f"{type(e).__name__}: {e}")
+            job.update(status=Status.failed, error=f"{type(e).__name__}: {e}")
         elif isinstance(job_return.return_value, dict):
+            result = job_return.return_value
             job.update(
-                status=job_return.return_value.get("status", "completed"),
-                error=job_return.return_value.get("error"),
+                status=Status(result.get(SummaryKey.status, Status.completed)),
+                error=result.get(SummaryKey.error),
             )
         self.jobs.append(job)
 
@@ -75,11 +81,11 @@ class Reporter(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         # Launchers that run jobs in other processes call on_job_end there: read the directories.
         jobs = self.jobs or _jobs_on_disk(sweep_dir)
-        failed = [j for j in jobs if j["status"] != "completed"]
+        failed = [j for j in jobs if j["status"] is not Status.completed]
         if not failed:
             log.info("all %d jobs completed (%s)", len(jobs), sweep_dir)
             return
-        names = ", ".join(f"{j['dir'].name} ({j['status']})" for j in failed)
+        names = ", ".join(f"{j['dir'].name} ({_status_text(j)})" for j in failed)
         line = (
             f"resnet-exp: {len(failed)} of {len(jobs)} jobs failed: {names}; "
             f"details in their {SUMMARY} and resnet-exp.log under {sweep_dir}"
@@ -88,12 +94,44 @@ class Reporter(Callback):
         raise SystemExit(1)
 
 
+def _status_text(job: dict[str, Any]) -> str:
+    if job["status"] is Status.unfinished:
+        return f"no {SUMMARY} (killed?)"
+    return job["status"].value
+
+
 def _jobs_on_disk(sweep_dir: Path) -> list[dict[str, Any]]:
     jobs = []
     for d in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
-        status, error = "no summary.json (killed?)", None
-        if (d / SUMMARY).exists():
-            summary = json.loads((d / SUMMARY).read_text())
-            status, error = summary.get("status", status), summary.get("error")
-        jobs.append({"dir": d, "status": status, "error": error})
+        summary = json.loads((d / SUMMARY).read_text()) if (d / SUMMARY).exists() else {}
+        jobs.append({"dir": d, "status": Status.of(summary), "error": summary.get("error")})
     return jobs
+
+
+class SweepOverlay(Callback):
+    """After a sweep, overlay the ``mode=diagnose`` runs it holds (others: nothing)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from resnet_exp.diagnose import overlay
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if sweep_dir.is_dir():
+            overlay(sweep_dir)
+
+
+class WriteReport(Callback):
+    """The sweep's report when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):
+            return  # nothing was trained
+        sweep_dir = Path(config.hydra.sweep.dir)
+        from resnet_exp.report import write_report
+
+        try:
+            written = write_report([sweep_dir], sweep_dir)
+        except UserError as e:  # e.g. no job got as far as writing its directory
+            print(f"resnet-exp: no report: {e}", file=sys.stderr)
+            return
+        # print, not log: after the jobs, logging still points at the last job's log file
+        print(f"resnet-exp: report in {written[0]}")

@@ -21,11 +21,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resnet_exp.config import Config, register_configs
+from resnet_exp.config import Config, Mode, register_configs
 from resnet_exp.errors import UserError
 from resnet_exp.train import distributed, gpus
-from resnet_exp.train.records import SUMMARY, write_json
-from resnet_exp.train.resume import NO_RESUME, with_inherited_overrides
+from resnet_exp.train.records import SUMMARY, Status, SummaryKey, write_json
+from resnet_exp.train.resume import NO_RESUME, run_dir_of, with_inherited_overrides
 from resnet_exp.train.stop import Interrupted, exit_code, requeue, signal_name
 
 log = logging.getLogger("resnet_exp")
@@ -45,18 +45,6 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "configs")
 
 
-def _resume_dir(resume: str | None, default: str) -> str:
-    """A run resumed from a checkpoint continues in that checkpoint's directory."""
-    if resume in NO_RESUME:
-        return default
-    path = Path(str(resume))
-    if path.is_dir():
-        return str(path)
-    if path.is_file():
-        return str(path.parent)
-    return default  # a missing path is reported by the trainer, with its name
-
-
 def _rank() -> int:
     """This process's rank in a data-parallel run, known before Hydra starts the job."""
     for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
@@ -72,11 +60,11 @@ def _config_subdir(output_dir: str, resume: str | None) -> str | None:
         return None
     if not (Path(output_dir) / ".hydra" / "config.yaml").exists():
         return ".hydra"
-    kind = "again" if resume in NO_RESUME else "resumed"
+    kind = "again" if resume in NO_RESUME or resume == "auto" else "resumed"
     return f".hydra/{kind}-{distributed.launch_time('%Y-%m-%d_%H-%M-%S')}"
 
 
-OmegaConf.register_new_resolver("run_dir", _resume_dir, replace=True)
+OmegaConf.register_new_resolver("run_dir", run_dir_of, replace=True)
 OmegaConf.register_new_resolver("config_subdir", _config_subdir, replace=True)
 OmegaConf.register_new_resolver(
     "launch_time", distributed.launch_time, use_cache=True, replace=True
@@ -90,24 +78,25 @@ register_configs()
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    if cfg.mode.value == "train":
+    if cfg.mode is Mode.train:
         from resnet_exp.train.loop import train
 
         return train(cfg, run_dir)
-    if cfg.mode.value == "diagnose":
+    if cfg.mode is Mode.diagnose:
         from resnet_exp.diagnose import diagnose
 
         return diagnose(cfg, run_dir)
-    raise UserError(f"mode={cfg.mode.value!r} is not one of train, diagnose")
+    raise UserError(f"mode={cfg.mode.value!r} is not one of {', '.join(m.value for m in Mode)}")
 
 
-def _failed(run_dir: Path, status: str, message: str) -> dict[str, Any]:
+def _failed(run_dir: Path, status: Status, message: str) -> dict[str, Any]:
     """A sweep job's failure, kept in its directory unless a summary is there already
     (this run's own, e.g. diverged, or an earlier run's, which stays as it was)."""
+    result = {SummaryKey.status: status.value, SummaryKey.error: message}
     summary = run_dir / SUMMARY
     if not summary.exists():
-        write_json(summary, {"status": status, "error": message})
-    return {"status": status, "error": message}
+        write_json(summary, result)
+    return result
 
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
@@ -127,7 +116,7 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
         log.debug("user error", exc_info=True)
         diverged = isinstance(e, Diverged)
         if multirun:  # the sweep goes on; Reporter names the failed jobs at its end
-            return _failed(run_dir, "diverged" if diverged else "failed", str(e))
+            return _failed(run_dir, Status.diverged if diverged else Status.failed, str(e))
         sys.exit(EXIT_DIVERGED if diverged else EXIT_USER_ERROR)
     except Interrupted as e:
         print(
@@ -148,7 +137,7 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
         message = f"{type(e).__name__}: {e}"
         log.error("job failed with an internal error", exc_info=True)
         print(f"resnet-exp: error in {run_dir.name}: {message}", file=sys.stderr)
-        return _failed(run_dir, "failed", message)
+        return _failed(run_dir, Status.failed, message)
     finally:
         gpus.release()  # a parallel sweep's next job in this process may take the GPU
 

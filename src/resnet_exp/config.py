@@ -1,8 +1,10 @@
 """The config schema: dataclasses registered with Hydra's ConfigStore.
 
-The YAML files under ``configs/`` fill these in; OmegaConf checks every value
-against the types here (an enum field rejects a value it does not list), so a
-typo in an override fails before anything is built.
+Every default is written here, once, with its type and a short comment. The
+YAML group files under ``configs/`` set only what their choice changes
+(``optimizer/adamw.yaml``: the name and AdamW's lr and weight decay). OmegaConf
+checks every value against the types here (an enum field rejects a value it
+does not list), so a typo in an override fails before anything is built.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
-from resnet_exp.models.units import OrderingName
+from resnet_exp.models.units import Block
 from resnet_exp.models.variants import ShortcutSpec
 
 
@@ -42,6 +46,34 @@ class Mode(str, Enum):
     diagnose = "diagnose"
 
 
+class OptimizerName(str, Enum):
+    sgd = "sgd"  # the paper's
+    adamw = "adamw"
+
+
+class ScheduleName(str, Enum):
+    paper = "paper"  # step decay at fractions of the run
+    cosine = "cosine"
+
+
+class Switch(str, Enum):
+    """auto | true | false. The fields that take it are typed ``str``: Hydra parses
+    ``=true`` into a bool, which an enum field would refuse; ``Switch.of`` reads them."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+    @classmethod
+    def of(cls, value: Any, key: str) -> Switch:
+        from resnet_exp.errors import UserError
+
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise UserError(f"{key}={value!r} is not one of auto, true, false") from None
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "resnet-exp")
@@ -49,7 +81,7 @@ def default_cache_dir() -> str:
 
 @dataclass
 class ModelConfig:
-    block: OrderingName = OrderingName.preact  # set by the `block` group
+    block: Block = Block.preact  # set by the `block` group
     unit: Unit = Unit.auto  # auto: basic for 6n+2 depths, bottleneck for 164/1001 and 9n+2
     downsample: Downsample = Downsample.auto  # auto: A for basic, B for bottleneck units
     width: int = 16  # stem width; stages use width, 2*width, 4*width
@@ -59,8 +91,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "cifar10"
-    root: str = "data"  # configs/config.yaml: ${oc.env:RESNET_EXP_DATA,data}
+    name: str = (
+        "cifar10"  # set by the `dataset` group: cifar10 | cifar100 | imagefolder | synthetic
+    )
+    root: str = "${oc.env:RESNET_EXP_DATA,data}"  # the data set's directory
     download: bool = True
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -78,20 +112,21 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.1
+    name: OptimizerName = OptimizerName.sgd  # set by the `optimizer` group
+    lr: float = 0.1  # at batch 128
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "paper"  # paper (step decay) | cosine | constant
+    name: ScheduleName = ScheduleName.paper  # set by the `schedule` group
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
-    gamma: float = 0.1
-    warmup: str = "auto"  # auto | true | false; auto follows the paper (see train/schedule.py)
+    gamma: float = 0.1  # lr factor at each milestone
+    # Switch: auto follows the paper (ResNet-110 and deep post-activation nets; train/optim.py)
+    warmup: str = Switch.auto.value
     warmup_steps: int = 400
     warmup_factor: float = 0.1  # warm-up lr = factor * lr (0.01 for lr 0.1)
     min_lr: float = 0.0  # cosine floor
@@ -101,17 +136,19 @@ class ScheduleConfig:
 class TrainerConfig:
     epochs: int = 164  # 164 x 390 steps ~ the paper's 64k iterations at batch 128
     max_steps: int | None = None  # overrides epochs
+    # auto: bf16 autocast on GPUs (fp16 + grad scaler before bf16), fp32 on CPUs
     precision: Precision = Precision.auto
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (a free GPU, else the CPU) | cpu | cuda | cuda:N
     channels_last: bool = True
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
-    cuda_graphs: str = "auto"  # auto | true | false: replay the whole step as one CUDA graph
+    # Switch: replay the whole step as one CUDA graph (auto: on GPUs where it works)
+    cuda_graphs: str = Switch.auto.value
     deterministic: bool = False
     sync_bn: bool = False  # data-parallel runs: batch norm statistics over all ranks (CUDA)
     eval_every: int = 1  # epochs between evaluations (the last epoch is always evaluated)
-    log_every: int = 50  # steps between train-loss points in TensorBoard and the progress bar
-    progress: bool = True
+    log_every: int = 50  # steps between train-loss points (TensorBoard, progress line)
+    progress: bool = True  # a bar on a terminal, one line per log_every steps otherwise
     log_gradflow_every: int = 0  # steps between per-unit gradient norms in TensorBoard (0: off)
 
 
@@ -128,7 +165,7 @@ class ScaleConfig:
     the nets themselves at `full`, small stand-ins at `short`.
     """
 
-    name: str = "full"
+    name: str = "full"  # full | short: set by the `scale` group
     resnet110: int = 110
     resnet164: int = 164
     resnet1001: int = 1001
@@ -145,13 +182,29 @@ class Config:
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     depth: int = 110
     seed: int = 0
-    resume: str | None = (
-        None  # a checkpoint, a run directory, or `auto` (this run's last.pt if any)
-    )
-    dry_run: bool = False
-    mode: Mode = Mode.train
+    # a last.pt, its run directory, or `auto` (this run directory's last.pt if any)
+    resume: str | None = None
+    dry_run: bool = False  # build model and data, print what would run, exit
+    mode: Mode = Mode.train  # train | diagnose (gradient flow at initialisation)
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """``{"model.block": "preact", ...}``: the resolved config as dotted keys."""
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    return flatten(tree)  # type: ignore[arg-type]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config sections as dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

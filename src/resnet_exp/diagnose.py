@@ -11,9 +11,9 @@ and writes, in its run directory:
 - TensorBoard: ``diagnose/*`` curves whose step is the signal index, and the figure;
 - ``summary.json`` with ``grad_ratio_first_last`` and ``forward_growth_last_first``.
 
-A sweep (``-m``) ends with ``SweepOverlay``, a Hydra callback registered in
-``configs/config.yaml``, drawing every job's CSV into one figure in the
-sweep directory.
+A sweep (``-m``) ends with an overlay (``resnet_exp.callbacks.SweepOverlay``,
+registered in ``configs/config.yaml``) drawing every job's CSV into one figure
+in the sweep directory.
 """
 
 from __future__ import annotations
@@ -26,19 +26,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.nn.functional as F
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
-from resnet_exp.config import Config
-from resnet_exp.data import Normalize, TrainLoader, load_dataset
-from resnet_exp.errors import UserError
+from resnet_exp.config import Config, Mode
 from resnet_exp.gradflow import GradFlow, GradFlowProbe
-from resnet_exp.models import count_params, resolve_unit
-from resnet_exp.train.loop import model_from_config
-from resnet_exp.train.records import SUMMARY, RunRecords
-from resnet_exp.train.runtime import pick_device, seed_everything
+from resnet_exp.train.records import SUMMARY, RunRecords, Status, SummaryKey
+from resnet_exp.train.setup import build_setup
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -54,51 +47,21 @@ FIELDS = ["index", "signal", "stage", "std", "grad_norm", "identity_coef", "nume
 
 def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
     t_start = time.perf_counter()
-    batch = cfg.diagnose.batch_size
-    if batch < 2:  # batch norm needs two values per channel to normalise
-        raise UserError(f"diagnose.batch_size={batch} must be at least 2")
-    device = pick_device(cfg.trainer.device)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    block = cfg.model.block.value
-    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)  # a bad depth fails before data loading
-    data = load_dataset(cfg.data)
-    if batch > len(data.train):
-        raise UserError(
-            f"diagnose.batch_size={batch} is larger than the {len(data.train)} training images"
-        )
-    model = model_from_config(cfg, data.num_classes)
-    fmt = torch.channels_last if cfg.trainer.channels_last else torch.preserve_format
-    model = model.to(device, memory_format=fmt).train()
+    # The model and the first batch training would see (same seed, order, augmentation).
+    s = build_setup(cfg, diagnose=True)
+    model, block = s.model.train(), cfg.model.block.value
+    keys = ("block", "depth", "unit", "params", "dataset", "data_source", "batch_size", "device")
     info: dict[str, Any] = {
-        "mode": "diagnose",
-        "block": block,
-        "depth": cfg.depth,
-        "unit": unit,
-        "params": count_params(model),
-        "dataset": cfg.data.name,
-        "data_source": data.source,
-        "batch_size": batch,
-        "device": str(device),
-        "precision": "fp32",
+        "mode": Mode.diagnose.value,
+        **{k: s.info[k] for k in keys},
+        "precision": s.precision,
         "seed": cfg.seed,
     }
     if cfg.dry_run:
         print(json.dumps(info, indent=2))
         return info
 
-    # The first batch training would see (same order, same augmentation).
-    loader = TrainLoader(
-        data.train,
-        batch,
-        Normalize(data.mean, data.std, device),
-        device,
-        cfg.seed,
-        augment=cfg.data.augment,
-        pad=cfg.data.pad,
-        channels_last=cfg.trainer.channels_last,
-    )
-    x, y = loader.next()
-    # fp32 throughout: tiny gradients at the far end of a deep net must not round away.
+    x, y = s.loader.next()
     probe = GradFlowProbe(model)
     with probe.capture():
         loss = F.cross_entropy(model(x), y)
@@ -109,26 +72,25 @@ def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
         **info,
         "loss": loss.item(),
         **flow.summary(),
-        "status": "completed",
+        SummaryKey.status: Status.completed,
         "wall_time_s": round(time.perf_counter() - t_start, 2),
     }
     write_csv(run_dir / CSV_NAME, flow)
     fig = plot([(f"{block} ResNet-{cfg.depth}", flow)], title=_title(summary))
     fig.savefig(run_dir / PNG_NAME, dpi=120)
-    records = RunRecords(run_dir)
-    for i, row in enumerate(flow.rows()):
-        records.scalars(
-            i,
-            {
-                "diagnose/std_vs_signal": row["std"],
-                "diagnose/grad_norm_vs_signal": row["grad_norm"],
-                "diagnose/identity_coef_vs_signal": row["identity_coef"],
-            },
-        )
-    if records.writer is not None:
-        records.writer.add_figure("diagnose/figure", fig, 0)  # closes the figure
-    records.summary(summary)
-    records.close()
+    with RunRecords(run_dir) as records:
+        for i, row in enumerate(flow.rows()):
+            records.scalars(
+                i,
+                {
+                    "diagnose/std_vs_signal": row["std"],
+                    "diagnose/grad_norm_vs_signal": row["grad_norm"],
+                    "diagnose/identity_coef_vs_signal": row["identity_coef"],
+                },
+            )
+        if records.writer is not None:
+            records.writer.add_figure("diagnose/figure", fig, 0)  # closes the figure
+        records.summary(summary)
     log.info(summary_line(summary))
     return summary
 
@@ -206,7 +168,7 @@ def overlay(sweep_dir: Path) -> Path | None:
     for path in sorted(sweep_dir.glob(f"*/{CSV_NAME}"), key=_job_order):
         summary_path = path.parent / SUMMARY
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        if summary.get("status") == "completed":
+        if Status.of(summary) is Status.completed:
             jobs.append((path.parent.name, summary, read_csv(path)))
     if not jobs:
         return None
@@ -237,12 +199,3 @@ def overlay(sweep_dir: Path) -> Path | None:
 def _job_order(path: Path) -> tuple[int, str]:
     num = path.parent.name.split("_", 1)[0]
     return (int(num) if num.isdigit() else 1 << 30, path.parent.name)
-
-
-class SweepOverlay(Callback):
-    """Hydra callback: after a sweep, overlay the diagnose runs it holds (others: nothing)."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        if sweep_dir.is_dir():
-            overlay(sweep_dir)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from resnet_exp.errors import UserError
-from resnet_exp.models.units import ORDERINGS, Ordering, ResidualUnit, conv, ops
+from resnet_exp.models.units import BLOCKS, BlockSpec, ResidualUnit, conv, ops
 from resnet_exp.models.variants import ShortcutSpec, unit_shortcut
 
 
@@ -88,7 +88,7 @@ class CifarResNet(nn.Module):
 
     def __init__(
         self,
-        ordering: Ordering,
+        block: BlockSpec,
         unit: str,
         n: int,
         num_classes: int = 10,
@@ -102,9 +102,7 @@ class CifarResNet(nn.Module):
         utype = UNIT_TYPES[unit]
         if downsample == "auto":  # as each unit type was published
             downsample = "B" if unit == "bottleneck" else "A"
-        self.stem = nn.Sequential(
-            conv(3, width, 3), *([] if ordering.is_preact else ops("br", width))
-        )
+        self.stem = nn.Sequential(conv(3, width, 3), *([] if block.is_preact else ops("br", width)))
         units: list[nn.Module] = []
         cin = width
         for stage in range(3):
@@ -119,24 +117,24 @@ class CifarResNet(nn.Module):
                     cin,
                     widths[-1],
                     stride,
-                    bn=ordering.last.endswith(("cb", "cbr")),
+                    bn=block.last.endswith(("cb", "cbr")),
                 )
                 first = stage == 0 and i == 0
                 units.append(
                     ResidualUnit(
-                        ordering,
+                        block,
                         cin,
                         utype.kernels,
                         widths,
                         stride,
                         path,
                         merge,
-                        share_preact=first and ordering.is_preact,
+                        share_preact=first and block.is_preact,
                     )
                 )
                 cin = widths[-1]
         self.units = nn.Sequential(*units)
-        self.head = ops(ordering.pre, cin) if ordering.is_preact else nn.Identity()
+        self.head = ops(block.pre, cin) if block.is_preact else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
         self.checkpoint_segments = checkpoint_segments
@@ -218,15 +216,15 @@ def build_model(
     ``ShortcutSpec`` with its parameters, e.g.
     ``ShortcutSpec("exclusive_gating", gate_bias=-7)``.
     """
-    if block not in ORDERINGS:
-        raise UserError(f"block={block!r} is not one of {', '.join(ORDERINGS)}")
+    if block not in BLOCKS:
+        raise UserError(f"block={block!r} is not one of {', '.join(BLOCKS)}")
     if downsample not in ("auto", "A", "B"):
         raise UserError(f"model.downsample={downsample!r} is not one of auto, A, B")
     spec = ShortcutSpec(shortcut) if isinstance(shortcut, str) else shortcut
     spec.check()
     unit, n = resolve_unit(depth, unit)
     return CifarResNet(
-        ORDERINGS[block], unit, n, num_classes, downsample, width, checkpoint_segments, spec
+        BLOCKS[block], unit, n, num_classes, downsample, width, checkpoint_segments, spec
     )
 
 

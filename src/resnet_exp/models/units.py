@@ -1,7 +1,7 @@
 """Residual units: the five orderings of the paper's Fig. 4, written as data.
 
-An ordering is the row of operations the figure draws around one addition:
-``c`` convolution, ``b`` batch norm, ``r`` ReLU. Each ordering gives the ops
+A block (the paper: a unit ordering) is the row of operations the figure draws around one addition:
+``c`` convolution, ``b`` batch norm, ``r`` ReLU. Each block gives the ops
 around every convolution of the branch but the last, around the last one,
 and after the addition. A basic unit (two 3x3 convs), a bottleneck unit
 (1x1, 3x3, 1x1) and a one-conv unit all follow from the same three strings:
@@ -27,7 +27,7 @@ from resnet_exp.models.shortcuts import Add, Merge
 
 
 @dataclass(frozen=True)
-class Ordering:
+class BlockSpec:
     each: str  # ops around every conv of the branch except the last
     last: str  # ops around the last conv of the branch
     after_add: str  # ops applied to the sum
@@ -45,7 +45,7 @@ class Ordering:
         return bool(self.pre)
 
 
-class OrderingName(str, Enum):
+class Block(str, Enum):
     original = "original"
     bn_after_add = "bn_after_add"
     relu_before_add = "relu_before_add"
@@ -53,13 +53,13 @@ class OrderingName(str, Enum):
     preact = "preact"
 
 
-ORDERINGS: dict[str, Ordering] = {
+BLOCKS: dict[str, BlockSpec] = {
     #                       each conv,  last conv,  after the addition
-    "original": Ordering("cbr", "cb", "r"),  # (a) conv-BN-ReLU-conv-BN, add, ReLU
-    "bn_after_add": Ordering("cbr", "c", "br"),  # (b) ... conv, add, BN-ReLU
-    "relu_before_add": Ordering("cbr", "cbr", ""),  # (c) ... conv-BN-ReLU, add
-    "relu_only_preact": Ordering("rcb", "rcb", ""),  # (d) ReLU-conv-BN ..., add
-    "preact": Ordering("brc", "brc", ""),  # (e) BN-ReLU-conv ..., add
+    "original": BlockSpec("cbr", "cb", "r"),  # (a) conv-BN-ReLU-conv-BN, add, ReLU
+    "bn_after_add": BlockSpec("cbr", "c", "br"),  # (b) ... conv, add, BN-ReLU
+    "relu_before_add": BlockSpec("cbr", "cbr", ""),  # (c) ... conv-BN-ReLU, add
+    "relu_only_preact": BlockSpec("rcb", "rcb", ""),  # (d) ReLU-conv-BN ..., add
+    "preact": BlockSpec("brc", "brc", ""),  # (e) BN-ReLU-conv ..., add
 }
 
 
@@ -93,7 +93,7 @@ class ResidualUnit(nn.Module):
 
     def __init__(
         self,
-        ordering: Ordering,
+        block: BlockSpec,
         cin: int,
         kernels: tuple[int, ...],
         widths: tuple[int, ...],
@@ -103,14 +103,14 @@ class ResidualUnit(nn.Module):
         share_preact: bool = False,
     ) -> None:
         super().__init__()
-        pre = ordering.pre
+        pre = block.pre
         # The unit's input is only overwritten in place where no identity
         # path reads it afterwards.
         self.pre = ops(pre, cin, inplace=False)
         layers: list[nn.Module] = []
         channels = cin
         stride_at = next(i for i, k in enumerate(kernels) if k == 3)
-        for i, (spec, k, width) in enumerate(zip(ordering.branch(len(kernels)), kernels, widths)):
+        for i, (spec, k, width) in enumerate(zip(block.branch(len(kernels)), kernels, widths)):
             if i == 0:
                 spec = spec[len(pre) :]  # the pre-activation already ran
             before, after = spec.split("c")
@@ -121,7 +121,7 @@ class ResidualUnit(nn.Module):
         self.branch = nn.Sequential(*layers)
         self.shortcut = shortcut
         self.merge = merge if merge is not None else Add()
-        self.post = ops(ordering.after_add, channels)
+        self.post = ops(block.after_add, channels)
         # Projections read the pre-activated input (computed once); so does
         # every shortcut of the first unit of a pre-act net, whose BN-ReLU
         # follows the stem convolution directly.

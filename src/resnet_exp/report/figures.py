@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
 from resnet_exp.report.tables import Row
+from resnet_exp.train.records import Status
 
 PANEL_FACETS = ("dataset", "net")
 
@@ -48,7 +49,7 @@ def curves(rows: list[Row], path: Path) -> Path:
                 if run.train_loss:
                     steps, loss = zip(*run.train_loss)
                     ax_loss.plot(steps, loss, color=color, lw=1, alpha=0.85, label=name)
-                    if run.status == "diverged":
+                    if run.status is Status.diverged:
                         ax_loss.plot(steps[-1], loss[-1], "x", color=color, ms=8)
                 if run.error_curve:
                     steps, err = zip(*run.error_curve)
@@ -81,7 +82,7 @@ def final_errors(rows: list[Row], path: Path) -> Path:
     ys = list(range(len(rows)))[::-1]
     for y, row in zip(ys, rows):
         if row.median is None:
-            ax.text(0.5, y, " / ".join(sorted({r.status for r in row.runs})), va="center")
+            ax.text(0.5, y, " / ".join(sorted({r.status.value for r in row.runs})), va="center")
             continue
         errs = row.errors
         whisker = [[row.median - min(errs)], [max(errs) - row.median]] if len(errs) > 1 else None

@@ -11,9 +11,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from resnet_exp.config import flatten
 from resnet_exp.errors import UserError
-from resnet_exp.train.records import METRICS, SUMMARY, read_metrics
-from resnet_exp.train.resume import flatten
+from resnet_exp.train.records import METRICS, SUMMARY, Status, SummaryKey, read_metrics
 
 CONFIG = Path(".hydra") / "config.yaml"
 # Keys that do not change what a run computes: runs that differ only in these
@@ -39,9 +39,9 @@ class Run:
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
 
     @property
-    def status(self) -> str:
-        """completed | diverged | failed | unfinished (no summary: killed or still running)."""
-        return str(self.summary.get("status", "unfinished"))
+    def status(self) -> Status:
+        """unfinished: no summary (killed, or still running)."""
+        return Status.of(self.summary)
 
     @property
     def seed(self) -> Any:
@@ -56,11 +56,11 @@ class Run:
     def test_error(self) -> float | None:
         """Final test error (%); with a validation split, the test set evaluated at the end."""
         s = self.summary
-        return s.get("test_error", s.get(f"final_{self.eval_name}_error"))
+        return s.get(SummaryKey.test_error, s.get(SummaryKey.final(self.eval_name, "error")))
 
     @property
     def best_error(self) -> float | None:
-        return self.summary.get(f"best_{self.eval_name}_error")
+        return self.summary.get(SummaryKey.best(self.eval_name))
 
     @property
     def error_curve(self) -> list[tuple[int, float]]:

@@ -10,6 +10,7 @@ from typing import Any
 
 from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
 from resnet_exp.report.runs import Run
+from resnet_exp.train.records import Status
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 
@@ -80,7 +81,7 @@ class Row:
 
 
 def _done(run: Run) -> bool:
-    return run.status == "completed" and run.test_error is not None
+    return run.status is Status.completed and run.test_error is not None
 
 
 def facets(config: dict[str, Any]) -> dict[str, str]:
@@ -141,7 +142,7 @@ def _duration(seconds: float | None) -> str:
 def _error_cell(row: Row) -> str:
     if row.median is not None:
         return _num(row.median)
-    statuses = sorted({r.status for r in row.runs})
+    statuses = sorted({r.status.value for r in row.runs})
     return "/".join(statuses)
 
 
@@ -187,7 +188,9 @@ def write_csv(rows: list[Row], path: Path) -> None:
                 "paper_net": paper_net(c),
                 "runs": len(row.runs),
                 "completed": len(row.completed),
-                "not_completed": "; ".join(f"{r.path.name}: {r.status}" for r in row.not_completed),
+                "not_completed": "; ".join(
+                    f"{r.path.name}: {r.status.value}" for r in row.not_completed
+                ),
                 "seeds": " ".join(str(r.seed) for r in row.runs),
                 "median_error": row.median,
                 "mean_error": row.mean,
@@ -251,7 +254,7 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
                 if "diverged_at_step" in r.summary
                 else f"{len(r.metrics)} evaluations written"
             )
-            lines.append(f"| `{r.path.name}` | {row.label} | {r.status} | {detail} |")
+            lines.append(f"| `{r.path.name}` | {row.label} | {r.status.value} | {detail} |")
     if figures:
         lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ import torch
 from resnet_exp.errors import UserError
 
 CHECKPOINT = "last.pt"
-# What a checkpoint needs for an exact continuation (see train/loop.py).
+# What a checkpoint needs for an exact continuation (see train/loop.py, train/resume.py).
 REQUIRED = ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step")
 
 
@@ -60,25 +60,3 @@ def load_checkpoint(
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
         raise UserError(f"checkpoint {path} is not a resnet-exp training checkpoint")
     return state
-
-
-def checkpoint_path(resume: str) -> Path:
-    """The checkpoint a ``resume=PATH`` names: the file, or a run directory's last.pt."""
-    path = Path(resume)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise UserError(
-            f"resume={resume!r}: {path} does not exist (pass a last.pt, its run directory, or auto)"
-        )
-    return path
-
-
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``auto``: this run directory's last.pt if there is one; a directory: its last.pt."""
-    if resume in (None, "", "none", "null"):
-        return None
-    if resume == "auto":
-        path = run_dir / CHECKPOINT
-        return path if path.exists() else None
-    return checkpoint_path(resume)

@@ -1,4 +1,10 @@
-"""The training loop, top to bottom: set up, train, evaluate, checkpoint, summarise."""
+"""The training loop: one step at a time, end-of-epoch work where a step closes an epoch.
+
+``Trainer`` holds one run: its set-up (train/setup.py), the owners of its state
+(model, optimizer, schedule, scaler, loader, RNG, running metrics), its records
+and its stop flag. Nothing lives in module globals, so several runs can share a
+process. ``train(cfg, run_dir)`` is the entry point the CLI calls.
+"""
 
 from __future__ import annotations
 
@@ -6,559 +12,385 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from resnet_exp.config import Config
-from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_dataset
+from resnet_exp.config import Config, flat_config
+from resnet_exp.data import Split, eval_batches
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlowMonitor
-from resnet_exp.models import ORDERINGS, CifarResNet, build_model, count_params, resolve_unit
 from resnet_exp.train import distributed
-from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint, resolve_resume, save_checkpoint
-from resnet_exp.train.checks import check_settings
-from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
-from resnet_exp.train.records import SUMMARY, RunRecords
+from resnet_exp.train.checkpoint import CHECKPOINT, save_checkpoint
+from resnet_exp.train.metrics import Mean, RunningMetrics
+from resnet_exp.train.progress import Progress
+from resnet_exp.train.records import SUMMARY, RunRecords, Status, SummaryKey
 from resnet_exp.train.resume import (
-    check_resumable,
+    Resume,
+    Stateful,
     fingerprint,
     fingerprint_hash,
-    flat_config,
     resumable_overrides,
 )
-from resnet_exp.train.runtime import (
-    autocast,
-    pick_device,
-    pick_precision,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
-from resnet_exp.train.step import make_train_step
+from resnet_exp.train.runtime import GlobalRNG, autocast
+from resnet_exp.train.setup import Setup, build_setup
 from resnet_exp.train.stop import Interrupted, StopRequest, signal_name
 
 log = logging.getLogger("resnet_exp")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 class Diverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-@dataclass
-class Setup:
-    """Everything built before the first step."""
+class Outcome(Enum):
+    """How a step ends: decided in one place, ``Trainer.finish_step``."""
 
-    cfg: Config
-    device: torch.device
-    precision: str
-    model: nn.Module  # the network itself (checkpoints, evaluation)
-    train_model: nn.Module  # what the step calls: the network, or DDP around it
-    data: Any
-    loader: TrainLoader
-    normalize: Normalize
-    total_steps: int
-    warmup: bool
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def build_setup(cfg: Config) -> Setup:
-    dist = distributed.current()
-    device = pick_device(cfg.trainer.device, dist.local_rank if dist.enabled else None)
-    precision = pick_precision(str(cfg.trainer.precision.value), device)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    block, unit = cfg.model.block.value, cfg.model.unit.value
-    unit, _ = resolve_unit(cfg.depth, unit)  # a bad depth fails before data loading
-    check_settings(cfg)
-    if cfg.data.batch_size < 1:
-        raise UserError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
-    if cfg.data.eval_batch_size < 1:
-        raise UserError(f"data.eval_batch_size={cfg.data.eval_batch_size} must be at least 1")
-    # data.batch_size is the global batch (the paper's 128), split over the ranks:
-    # the recipe, lr included, is the same on any number of GPUs.
-    if cfg.data.batch_size % dist.world:
-        raise UserError(
-            f"data.batch_size={cfg.data.batch_size} does not split evenly over {dist.world} "
-            f"processes; use a multiple of {dist.world}"
-        )
-    if cfg.trainer.sync_bn and device.type != "cuda":
-        raise UserError(
-            "trainer.sync_bn=true needs CUDA GPUs (SyncBatchNorm); on CPUs leave it off"
-        )
-
-    data = load_dataset(cfg.data)
-    if cfg.data.batch_size > len(data.train):
-        raise UserError(
-            f"data.batch_size={cfg.data.batch_size} is larger than the {len(data.train)} training images"
-        )
-    model = model_from_config(cfg, data.num_classes)
-    info = {
-        "block": block,
-        "depth": cfg.depth,
-        "unit": unit,
-        "shortcut": cfg.model.shortcut.describe(),
-        "params": count_params(model),
-        "dataset": cfg.data.name,
-        "data_source": data.source,
-        "train_images": len(data.train),
-        f"{data.eval_name}_images": len(data.eval_split),
-        "optimizer": cfg.optimizer.name,
-        "schedule": cfg.schedule.name,
-        "device": str(device),
-        "precision": precision,
-        "seed": cfg.seed,
-        "processes": dist.world,
-    }
-    model = model.to(
-        device,
-        memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format,
-    )
-    train_model: nn.Module = model
-    if dist.enabled:
-        if cfg.trainer.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # Every rank starts from rank 0's weights (DDP broadcasts them) and
-        # keeps BN running statistics in step with rank 0's (broadcast_buffers).
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    normalize = Normalize(data.mean, data.std, device)
-    loader = TrainLoader(
-        data.train,
-        cfg.data.batch_size // dist.world,
-        normalize,
-        device,
-        cfg.seed,
-        augment=cfg.data.augment,
-        pad=cfg.data.pad,
-        channels_last=cfg.trainer.channels_last,
-        rank=dist.rank,
-        world=dist.world,
-    )
-    steps = (
-        cfg.trainer.max_steps
-        if cfg.trainer.max_steps is not None
-        else cfg.trainer.epochs * loader.steps_per_epoch
-    )
-    if steps < 1:
-        raise UserError(
-            f"the run has {steps} steps: trainer.epochs and trainer.max_steps must be positive"
-        )
-    warmup = warmup_on(cfg.schedule, cfg.depth, ORDERINGS[block].is_preact)
-    info.update(
-        steps=steps,
-        steps_per_epoch=loader.steps_per_epoch,
-        batch_size=cfg.data.batch_size,
-        warmup=warmup,
-    )
-    return Setup(
-        cfg, device, precision, model, train_model, data, loader, normalize, steps, warmup, info
-    )
-
-
-@torch.inference_mode()
-def evaluate(s: Setup, split: Split) -> tuple[float, float]:
-    """Mean loss and error (%) on a split; one host sync at the end.
-
-    In a data-parallel run each rank evaluates every world-th image and the sums are added.
-    """
-    s.model.eval()
-    loss_sum = torch.zeros((), device=s.device)
-    wrong = torch.zeros((), device=s.device, dtype=torch.int64)
-    dist = distributed.current()
-    shard = split.subset(torch.arange(dist.rank, len(split), dist.world)) if dist.enabled else split
-    for x, y in eval_batches(
-        shard, s.cfg.data.eval_batch_size, s.normalize, s.device, s.cfg.trainer.channels_last
-    ):
-        with autocast(s.device, s.precision):
-            logits = s.model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        wrong += (logits.argmax(1) != y).sum()
-    s.model.train()
-    totals = torch.stack([loss_sum, wrong.double()])
-    distributed.sum_(totals)
-    loss, wrong_n = totals.tolist()
-    return loss / len(split), 100.0 * wrong_n / len(split)
-
-
-def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
-    """The net ``cfg.model`` and ``cfg.depth`` describe, for the trainer and diagnostics."""
-    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)
-    return build_model(
-        cfg.model.block.value,
-        cfg.depth,
-        num_classes,
-        unit,
-        cfg.model.downsample.value,
-        cfg.model.width,
-        cfg.model.checkpointing,
-        shortcut=cfg.model.shortcut,
-    )
+    go = "go"
+    completed = "completed"
+    stop = "stop"  # requested (a signal, a preemption notice)
+    diverged = "diverged"
 
 
 def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[str, Any]:
     """Train (or continue) one run in ``run_dir``; SIGINT/SIGTERM stop it cleanly (train/stop.py)."""
-    t_start = time.perf_counter()
-    stop = stop or StopRequest()
-    flat = flat_config(cfg)
-    fp = fingerprint(flat)
-    # A resume is checked against the checkpoint before any data is loaded.
-    state, changes = None, []
-    ckpt_path = resolve_resume(cfg.resume, run_dir)
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        changes = check_resumable(state, flat, ckpt_path)
-    elif not cfg.dry_run and (run_dir / CHECKPOINT).exists():
-        raise UserError(
-            f"{run_dir} already holds a run ({CHECKPOINT}); continue it with resume={run_dir} "
-            f"(or resume=auto), or pass another hydra.run.dir"
+    return Trainer(cfg, run_dir, stop).run()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> None:
+        self.t_start = time.perf_counter()
+        self.cfg, self.run_dir, self.stop = cfg, run_dir, stop or StopRequest()
+        self.flat = flat_config(cfg)
+        self.dist = distributed.current()
+        # A resume is loaded and checked once, before any data is loaded.
+        self.resume = Resume.find(
+            cfg.resume, run_dir, self.flat, self.dist.world, fresh_ok=cfg.dry_run
         )
-    s = build_setup(cfg)
-    info = s.info
-    log.info(
-        "%s ResNet-%d (%s units), %s params | %s: %d train images | %d steps on %s, %s",
-        info["block"],
-        info["depth"],
-        info["unit"],
-        f"{info['params']:,}",
-        info["data_source"],
-        info["train_images"],
-        s.total_steps,
-        s.device,
-        s.precision,
-    )
-    if cfg.dry_run:
-        print(json.dumps(info, indent=2))
-        return info
+        self.s: Setup = build_setup(cfg)
+        self.metrics = RunningMetrics(self.s.device, self.dist.world)
+        self.gradflow = GradFlowMonitor(self.s.model, cfg.trainer.log_gradflow_every)
+        self.steps_per_epoch = self.s.loader.steps_per_epoch
+        self.step = 0
+        self.ckpt_step: int | None = None  # the last checkpoint written (or resumed from)
+        self.diverged_at: int | None = None
+        self.t_mark, self.images = time.perf_counter(), 0  # the throughput window
 
-    model, loader, device = s.model, s.loader, s.device
-    optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, cfg.schedule, s.total_steps, s.warmup)
-    scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
-    t = cfg.trainer
-    train_step = make_train_step(
-        s.train_model,
-        optimizer,
-        scaler,
-        device,
-        s.precision,
-        t.compile,
-        t.compile_mode,
-        t.cuda_graphs,
-        hooks=t.log_gradflow_every > 0,
-    )
-    gradflow = GradFlowMonitor(model, t.log_gradflow_every)
-    dist = distributed.current()
+    # --- the run, top to bottom ---------------------------------------------------
 
-    # Running sums stay on the device; they are read (one sync) every log_every steps.
-    zero = torch.zeros((), device=device)
-    loss_sum, wrong_sum, seen = zero.clone(), zero.clone(), 0  # this logging interval
-    ep_loss, ep_wrong, ep_seen = zero.clone(), zero.clone(), 0  # this epoch
-    step, best, history = 0, math.inf, []
-    last_eval: dict[str, float] = {}
-    train_loss = train_err = math.nan
+    def run(self) -> dict[str, Any]:
+        s, info = self.s, self.s.info
+        log.info(
+            "%s ResNet-%d (%s units), %s params | %s: %d train images | %d steps on %s, %s",
+            *(info[k] for k in ("block", "depth", "unit")),
+            f"{info['params']:,}",
+            info["data_source"],
+            info["train_images"],
+            s.total_steps,
+            s.device,
+            s.precision,
+        )
+        if self.cfg.dry_run:
+            print(json.dumps(info, indent=2))
+            return info
+        if self.resume is not None:
+            done = self.apply_resume()
+            if done is not None:
+                return done
 
-    # Resume: weights, optimizer, schedule, scaler, data position, RNG states and the
-    # partial sums of the current epoch and logging interval, so that the continuation
-    # computes exactly what an uninterrupted run would have.
-    if state is not None:
-        if state.get("world", 1) != dist.world:
-            raise UserError(
-                f"{ckpt_path} was written by a run of {state.get('world', 1)} processes; resume it "
-                f"with the same number (this run has {dist.world}): the data order is split by rank"
-            )
-        if dist.enabled:  # this rank's own data position, RNG and partial sums
-            state = {**state, **state["ranks"][dist.rank]}
-        if state["step"] > s.total_steps:
-            raise UserError(
-                f"{ckpt_path} is at step {state['step']}, past this run's {s.total_steps} steps; "
-                f"pass a larger trainer.max_steps or trainer.epochs"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        step, best = state["step"], state["best_error"]
-        history = state.get("throughput", [])
-        if "progress" in state:
-            p = state["progress"]
-            loss_sum, wrong_sum, seen = (
-                p["loss_sum"].to(device),
-                p["wrong_sum"].to(device),
-                p["seen"],
-            )
-            ep_loss, ep_wrong, ep_seen = (
-                p["ep_loss"].to(device),
-                p["ep_wrong"].to(device),
-                p["ep_seen"],
-            )
-            train_loss, train_err, last_eval = p["train_loss"], p["train_error"], p["last_eval"]
-        for change in changes:
-            log.info("resuming with a changed setting: %s", change)
-        if any(c.startswith(("trainer.epochs", "trainer.max_steps")) for c in changes):
-            log.info(
-                "the learning-rate schedule continues as saved (milestones of the original length)"
-            )
-        if step == s.total_steps:
-            log.info("%s is already at the run's last step %d; nothing to do", ckpt_path, step)
-            summary_path = run_dir / SUMMARY
-            return json.loads(summary_path.read_text()) if summary_path.exists() else info
+        outcome, summary = Outcome.go, dict(info)
+        progress = Progress(
+            self.step,
+            s.total_steps,
+            self.steps_per_epoch,
+            enabled=self.cfg.trainer.progress and self.dist.is_main,
+        )
+        with (
+            RunRecords(self.run_dir, self.step, enabled=self.dist.is_main) as self.records,
+            self.stop.installed(),
+        ):
+            s.model.train()
+            try:
+                for step in range(self.step + 1, s.total_steps + 1):
+                    self.train_step()
+                    self.gradflow.log(self.records, step)
+                    progress.step(step)
+                    outcome = self.finish_step(step, progress)
+                    if outcome is not Outcome.go:
+                        break
+                if outcome is Outcome.completed:
+                    summary.update(self.final_summary())
+            except Exception as e:  # an internal error: the summary says so
+                summary.update(
+                    {SummaryKey.status: Status.failed, "error": f"{type(e).__name__}: {e}"}
+                )
+                raise
+            finally:
+                progress.close()
+                self.write_summary(outcome, summary)
+        return self.leave(outcome, summary)
+
+    def train_step(self) -> None:
+        """One optimisation step and its metrics (device ops only, no host sync)."""
+        s = self.s
+        x, y = s.loader.next()
+        with self.gradflow.watch(self.step + 1, s.scaler) as measured:
+            loss, logits = s.train_step(x, y, plain=measured)
+        s.scheduler.step()
+        self.step += 1
+        self.metrics.update(loss, logits, y)
+        self.images += len(y) * self.dist.world
+
+    def finish_step(self, step: int, progress: Progress) -> Outcome:
+        """Logging, end-of-epoch work, stop and divergence: where every step's outcome is decided."""
+        total, m = self.s.total_steps, self.metrics
+        if step % self.cfg.trainer.log_every == 0 or step == total:
+            bad, interval = m.reduce(m.interval)
+            if bad is not None:
+                return self.diverge(bad)
+            self.log_interval(step, interval, progress)  # type: ignore[arg-type]
+        if step % self.steps_per_epoch == 0 or step == total:
+            bad, epoch = m.reduce(m.epoch)
+            if bad is not None:  # never evaluate or checkpoint a diverged model
+                return self.diverge(bad)
+            self.end_of_epoch(step, epoch)  # type: ignore[arg-type]
+        if step == total:
+            return Outcome.completed
+        if self.stop_agreed():
+            if self.ckpt_step != step:
+                bad, _ = m.reduce()
+                if bad is not None:
+                    return self.diverge(bad)
+                self.checkpoint(step)
+            return Outcome.stop
+        return Outcome.go
+
+    # --- the pieces ---------------------------------------------------------------
+
+    def apply_resume(self) -> dict[str, Any] | None:
+        """Continue from the checkpoint; a run already at its end returns its summary."""
+        r, s = self.resume, self.s
+        assert r is not None
+        r.check_length(s.total_steps)
+        r.apply(
+            {**self.shared_state(), **self.rank_state()},
+            rank=self.dist.rank if self.dist.enabled else None,
+        )
+        self.step = self.ckpt_step = r.step
+        if self.step == s.total_steps:
+            log.info("%s is already at the run's last step %d; nothing to do", r.path, self.step)
+            path = self.run_dir / SUMMARY
+            return json.loads(path.read_text()) if path.exists() else s.info
         log.info(
             "resumed from %s at step %d (epoch %d)",
-            ckpt_path,
+            r.path,
+            self.step,
+            self.step // self.steps_per_epoch + 1,
+        )
+        return None
+
+    def log_interval(self, step: int, interval: Mean, progress: Progress) -> None:
+        m, now = self.metrics, time.perf_counter()
+        ips = self.images / (now - self.t_mark)
+        m.throughput.append((self.images, now - self.t_mark))
+        m.train = interval
+        self.records.scalars(
             step,
-            loader.epoch + 1 + (loader.pos == loader.steps_per_epoch),
-        )
-    records = RunRecords(run_dir, start_step=step, enabled=dist.is_main)
-    ckpt_step = step if ckpt_path is not None else None
-
-    def checkpoint() -> None:
-        nonlocal ckpt_step
-        ckpt_step = step
-        # What differs between ranks: each one's data position, RNG and partial sums.
-        own = {
-            "loader": loader.state_dict(),
-            "rng": rng_state(),
-            "progress": {
-                "loss_sum": loss_sum.cpu(),
-                "wrong_sum": wrong_sum.cpu(),
-                "seen": seen,
-                "ep_loss": ep_loss.cpu(),
-                "ep_wrong": ep_wrong.cpu(),
-                "ep_seen": ep_seen,
-                "train_loss": train_loss,
-                "train_error": train_err,
-                "last_eval": last_eval,
-            },
-        }
-        ranks = distributed.gather_to_main(own)
-        if not dist.is_main:
-            return
-        save_checkpoint(
-            run_dir / CHECKPOINT,
             {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                **own,
-                "step": step,
-                "best_error": best,
-                "world": dist.world,
-                **({"ranks": ranks} if dist.enabled else {}),
-                "throughput": history,
-                "fingerprint": fp,
-                "fingerprint_hash": fingerprint_hash(fp),
-                "config": OmegaConf.to_container(
-                    OmegaConf.structured(cfg), resolve=True, enum_to_str=True
-                ),
-                "overrides": _run_overrides(),
+                "train/loss": interval.loss,
+                "train/error": interval.error,
+                "lr": self.s.optimizer.param_groups[0]["lr"],
+                "throughput/images_per_s": ips,
             },
         )
+        progress.logged(step, interval.loss, interval.error, ips)
+        # A run's last interval may be partial: its sums go on in a resumed run,
+        # which then logs the same points as an uninterrupted one.
+        if step % self.cfg.trainer.log_every == 0:
+            m.interval.reset()
+        self.t_mark, self.images = time.perf_counter(), 0
 
-    def stop_agreed() -> bool:
-        """The stop flag: a Python attribute, no device sync. In a data-parallel run the
-        ranks agree on it (a host-side all-reduce), so all of them stop after the same step."""
-        agreed = distributed.any_rank(stop.requested)  # one read per poll
-        if agreed:
-            stop.request()  # no-op on the rank that asked; the others take the same stop
-        return agreed
-
-    def interrupted(completed: bool) -> Interrupted:
-        assert stop.signum is not None
-        if not completed:
-            records.summary(
+    def end_of_epoch(self, step: int, epoch_mean: Mean) -> None:
+        """Evaluate (on schedule, and at the run's end), record, checkpoint."""
+        t_eval, m, s = time.perf_counter(), self.metrics, self.s
+        epoch = (step - 1) // self.steps_per_epoch  # 0-based: the epoch this step closes
+        closes_epoch = step % self.steps_per_epoch == 0
+        # Scheduled evaluations count towards the best error; the one at the end of a
+        # run that stops mid-epoch (max_steps) only towards this run's summary.
+        scheduled = closes_epoch and (epoch + 1) % self.cfg.trainer.eval_every == 0
+        if scheduled or step == s.total_steps:
+            name = s.data.eval_name
+            loss, err = self.evaluate(s.data.eval_split)
+            if scheduled:
+                m.best = min(m.best, err)
+            m.last_eval = {f"{name}_loss": loss, f"{name}_error": err}
+            self.records.scalars(step, {f"{name}/loss": loss, f"{name}/error": err})
+            self.records.evaluation(
                 {
-                    **info,
-                    "status": "interrupted",
-                    "signal": signal_name(stop.signum),
-                    "steps_done": step,
-                    "checkpoint": str(run_dir / CHECKPOINT),
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "train_loss": epoch_mean.loss,
+                    "train_error": epoch_mean.error,
+                    **m.last_eval,
+                    "lr": s.optimizer.param_groups[0]["lr"],
+                    "time_s": round(time.perf_counter() - self.t_start, 2),
                 }
             )
-        records.close()
-        return Interrupted(stop.signum, step, run_dir / CHECKPOINT)
-
-    bad_step = torch.full((), -1, device=device, dtype=torch.int64)
-    step_t = torch.full((), step, device=device, dtype=torch.int64)
-    epochs_total = math.ceil(s.total_steps / loader.steps_per_epoch)
-    eval_name, eval_split = s.data.eval_name, s.data.eval_split
-    t_mark, images_mark = time.perf_counter(), 0
-
-    model.train()
-    try:
-        with stop.installed():
-            while step < s.total_steps:
-                epoch = loader.epoch + (loader.pos == loader.steps_per_epoch)
-                todo = min(
-                    loader.steps_per_epoch - loader.pos % loader.steps_per_epoch,
-                    s.total_steps - step,
-                )
-                bar = tqdm(
-                    total=todo,
-                    desc=f"epoch {epoch + 1}/{epochs_total}",
-                    disable=not (cfg.trainer.progress and dist.is_main),
-                    leave=False,
-                    dynamic_ncols=True,
-                )
-                for _ in range(todo):
-                    x, y = loader.next()
-                    with gradflow.watch(step + 1, scaler) as measured:
-                        loss, logits = train_step(x, y, plain=measured)
-                    gradflow.log(records, step + 1)
-                    scheduler.step()
-
-                    step += 1
-                    step_t += 1
-                    loss = loss.float()
-                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step_t, bad_step)
-                    wrong = (logits.argmax(1) != y).sum()
-                    loss_sum += loss * len(y)
-                    wrong_sum += wrong
-                    ep_loss += loss * len(y)
-                    ep_wrong += wrong
-                    seen += len(y)
-                    ep_seen += len(y)
-                    images_mark += len(y) * dist.world
-                    bar.update()
-
-                    if step % cfg.trainer.log_every == 0 or step == s.total_steps:
-                        bad, (lsum, wsum) = _reduced(bad_step, loss_sum, wrong_sum)
-                        if bad >= 0:
-                            bar.close()
-                            raise NonFiniteLoss(int(bad))
-                        now = time.perf_counter()
-                        ips = images_mark / (now - t_mark)
-                        history.append((images_mark, now - t_mark))
-                        n = seen * dist.world
-                        train_loss, train_err = lsum / n, 100.0 * wsum / n
-                        lr = optimizer.param_groups[0]["lr"]
-                        records.scalars(
-                            step,
-                            {
-                                "train/loss": train_loss,
-                                "train/error": train_err,
-                                "lr": lr,
-                                "throughput/images_per_s": ips,
-                            },
-                        )
-                        bar.set_postfix(
-                            loss=f"{train_loss:.3f}", err=f"{train_err:.1f}%", img_s=f"{ips:.0f}"
-                        )
-                        # A run's last interval may be partial: its sums go on in a resumed
-                        # run, which then logs the same points as an uninterrupted one.
-                        if step % cfg.trainer.log_every == 0:
-                            loss_sum.zero_(), wrong_sum.zero_()
-                            seen = 0
-                        t_mark, images_mark = time.perf_counter(), 0
-                    if stop_agreed():
-                        break
-                bar.close()
-
-                epoch_done = loader.pos == loader.steps_per_epoch
-                done = step == s.total_steps
-                if not (epoch_done or done):  # stopped mid-epoch on request
-                    bad, _ = _reduced(bad_step)
-                    if bad >= 0:  # never checkpoint a diverged model
-                        raise NonFiniteLoss(int(bad))
-                    checkpoint()
-                    raise interrupted(completed=False)
-
-                # End of an epoch (or of the run): evaluate, record, checkpoint.
-                t_eval = time.perf_counter()
-                bad, (ep_l, ep_w) = _reduced(bad_step, ep_loss, ep_wrong)
-                ep_n = ep_seen * dist.world
-                if bad >= 0:  # never checkpoint a diverged model
-                    raise NonFiniteLoss(int(bad))
-                # Scheduled evaluations count towards the best error; the one at the end of
-                # a run that stops mid-epoch (max_steps) only towards this run's summary.
-                scheduled = epoch_done and (epoch + 1) % cfg.trainer.eval_every == 0
-                if scheduled or done:
-                    e_loss, e_err = evaluate(s, eval_split)
-                    if scheduled:
-                        best = min(best, e_err)
-                    last_eval = {f"{eval_name}_loss": e_loss, f"{eval_name}_error": e_err}
-                    records.scalars(
-                        step, {f"{eval_name}/loss": e_loss, f"{eval_name}/error": e_err}
-                    )
-                    records.evaluation(
-                        {
-                            "step": step,
-                            "epoch": epoch + 1,
-                            "train_loss": ep_l / max(ep_n, 1),
-                            "train_error": 100.0 * ep_w / max(ep_n, 1),
-                            **last_eval,
-                            "lr": optimizer.param_groups[0]["lr"],
-                            "time_s": round(time.perf_counter() - t_start, 2),
-                        }
-                    )
-                    log.info(
-                        "epoch %d/%d step %d | train loss %.4f err %.2f%% | %s loss %.4f err %.2f%%",
-                        epoch + 1,
-                        epochs_total,
-                        step,
-                        ep_l / max(ep_n, 1),
-                        100.0 * ep_w / max(ep_n, 1),
-                        eval_name,
-                        e_loss,
-                        e_err,
-                    )
-                if epoch_done:
-                    ep_loss.zero_(), ep_wrong.zero_()
-                    ep_seen = 0
-                checkpoint()
-                # evaluation and saving are not training throughput
-                t_mark += time.perf_counter() - t_eval
-                if stop_agreed() and not done:
-                    raise interrupted(completed=False)
-
-            summary = dict(info)
-            if s.data.val is not None:
-                test_loss, test_err = evaluate(s, s.data.test)
-                summary.update(test_loss=test_loss, test_error=test_err)
-            summary.update(
-                status="completed",
-                steps_done=step,
-                final_train_loss=train_loss,
-                final_train_error=train_err,
-                **{f"final_{k}": v for k, v in last_eval.items()},
-                **{f"best_{eval_name}_error": min(best, last_eval.get(f"{eval_name}_error", best))},
-                train_images_per_s=steady_throughput(history),
-                wall_time_s=round(time.perf_counter() - t_start, 2),
+            log.info(
+                "epoch %d/%d step %d | train loss %.4f err %.2f%% | %s loss %.4f err %.2f%%",
+                epoch + 1,
+                math.ceil(s.total_steps / self.steps_per_epoch),
+                step,
+                epoch_mean.loss,
+                epoch_mean.error,
+                name,
+                loss,
+                err,
             )
-            records.summary(summary, flat)
-            if stop.requested:  # it came during the last evaluation: done, but stop a sweep
-                raise interrupted(completed=True)
-            records.close()
-            return summary
+        if closes_epoch:
+            m.epoch.reset()
+        self.checkpoint(step)
+        self.t_mark += time.perf_counter() - t_eval  # evaluating and saving are not training
 
-    except NonFiniteLoss as e:
-        records.summary(
-            {**info, "status": "diverged", "diverged_at_step": e.args[0], "steps_done": step},
-            flat,
+    @torch.inference_mode()
+    def evaluate(self, split: Split) -> tuple[float, float]:
+        """Mean loss and error (%) on a split; one host sync at the end.
+
+        In a data-parallel run each rank evaluates every world-th image and the sums are added.
+        """
+        s, dist = self.s, self.dist
+        s.model.eval()
+        loss_sum = torch.zeros((), device=s.device)
+        wrong = torch.zeros((), device=s.device, dtype=torch.int64)
+        shard = (
+            split.subset(torch.arange(dist.rank, len(split), dist.world)) if dist.enabled else split
         )
-        records.close()
-        kept = (
-            f"last good checkpoint: {run_dir / CHECKPOINT} (step {ckpt_step})"
-            if ckpt_step is not None
-            else "no checkpoint was written before it"
-        )
-        raise Diverged(
-            f"loss became non-finite at step {e.args[0]}; training stopped, {kept}"
-        ) from None
+        for x, y in eval_batches(
+            shard,
+            self.cfg.data.eval_batch_size,
+            s.normalize,
+            s.device,
+            self.cfg.trainer.channels_last,
+        ):
+            with autocast(s.device, s.precision):
+                logits = s.model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            wrong += (logits.argmax(1) != y).sum()
+        s.model.train()
+        totals = torch.stack([loss_sum, wrong.double()])
+        distributed.sum_(totals)
+        loss, wrong_n = totals.tolist()
+        return loss / len(split), 100.0 * wrong_n / len(split)
+
+    def stop_agreed(self) -> bool:
+        """The stop flag: a Python attribute, no device sync. In a data-parallel run the
+        ranks agree on it (a host-side all-reduce), so all of them stop after the same step."""
+        agreed = distributed.any_rank(self.stop.requested)  # one read per poll
+        if agreed:
+            self.stop.request()  # no-op on the rank that asked; the others take the same stop
+        return agreed
+
+    def diverge(self, step: int) -> Outcome:
+        self.diverged_at = step
+        return Outcome.diverged
+
+    # --- state and its checkpoint -------------------------------------------------
+
+    def shared_state(self) -> dict[str, Stateful]:
+        """Owners whose state is the same on every rank."""
+        s = self.s
+        return {
+            "model": s.model,
+            "optimizer": s.optimizer,
+            "scheduler": s.scheduler,
+            "scaler": s.scaler,
+        }
+
+    def rank_state(self) -> dict[str, Stateful]:
+        """Owners whose state differs between ranks: data position, RNG, running sums."""
+        return {"loader": self.s.loader, "rng": GlobalRNG(), "metrics": self.metrics}
+
+    def checkpoint(self, step: int) -> None:
+        """The owners' state dicts side by side, with what a resume checks them against."""
+        self.ckpt_step = step
+        own = {name: owner.state_dict() for name, owner in self.rank_state().items()}
+        ranks = distributed.gather_to_main(own)
+        if not self.dist.is_main:
+            return
+        fp = fingerprint(self.flat)
+        state = {
+            **{name: owner.state_dict() for name, owner in self.shared_state().items()},
+            **own,
+            "step": step,
+            "world": self.dist.world,
+            **({"ranks": ranks} if self.dist.enabled else {}),
+            "fingerprint": fp,
+            "fingerprint_hash": fingerprint_hash(fp),
+            "config": OmegaConf.to_container(
+                OmegaConf.structured(self.cfg), resolve=True, enum_to_str=True
+            ),
+            "overrides": _run_overrides(),
+        }
+        save_checkpoint(self.run_dir / CHECKPOINT, state)
+
+    # --- the end ------------------------------------------------------------------
+
+    def final_summary(self) -> dict[str, Any]:
+        m, data = self.metrics, self.s.data
+        out: dict[str, Any] = {}
+        if data.val is not None:  # the test set, once, at the end
+            out[SummaryKey.test_loss], out[SummaryKey.test_error] = self.evaluate(data.test)
+        name = data.eval_name
+        out.update({SummaryKey.final(name, k.split("_", 1)[1]): v for k, v in m.last_eval.items()})
+        out[SummaryKey.best(name)] = min(m.best, m.last_eval.get(f"{name}_error", m.best))
+        out[SummaryKey.final_train_loss] = m.train.loss
+        out[SummaryKey.final_train_error] = m.train.error
+        out[SummaryKey.train_images_per_s] = m.steady_throughput()
+        return out
+
+    def write_summary(self, outcome: Outcome, summary: dict[str, Any]) -> None:
+        """summary.json, once, however the run ended (an abort writes nothing more)."""
+        k = SummaryKey
+        if outcome is Outcome.completed:
+            status = Status.completed
+        elif outcome is Outcome.stop:
+            status = Status.interrupted
+            assert self.stop.signum is not None
+            summary[k.signal] = signal_name(self.stop.signum)
+            summary[k.checkpoint] = str(self.run_dir / CHECKPOINT)
+        elif outcome is Outcome.diverged:
+            status = Status.diverged
+            summary[k.diverged_at_step] = self.diverged_at
+        elif summary.get(k.status) == Status.failed:
+            status = Status.failed
+        else:
+            return  # a second signal (Abort): stop at once
+        summary[k.status] = status
+        summary[k.steps_done] = self.step
+        if status is not Status.interrupted:
+            summary[k.wall_time_s] = round(time.perf_counter() - self.t_start, 2)
+        # HPARAMS for a run that ended; an interrupted one writes them when it does.
+        self.records.summary(summary, None if status is Status.interrupted else self.flat)
+
+    def leave(self, outcome: Outcome, summary: dict[str, Any]) -> dict[str, Any]:
+        """Return the summary, or raise what the CLI turns into an exit status."""
+        if outcome is Outcome.diverged:
+            kept = (
+                f"last good checkpoint: {self.run_dir / CHECKPOINT} (step {self.ckpt_step})"
+                if self.ckpt_step is not None
+                else "no checkpoint was written before it"
+            )
+            raise Diverged(
+                f"loss became non-finite at step {self.diverged_at}; training stopped, {kept}"
+            )
+        if outcome is Outcome.stop or self.stop.requested:  # a stop during the last evaluation
+            assert self.stop.signum is not None  # ends a sweep too, the run being complete
+            raise Interrupted(self.stop.signum, self.step, self.run_dir / CHECKPOINT)
+        return summary
 
 
 def _run_overrides() -> list[str]:
@@ -568,22 +400,3 @@ def _run_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return resumable_overrides(list(HydraConfig.get().overrides.task))
-
-
-def _reduced(bad_step: torch.Tensor, *sums: torch.Tensor) -> tuple[int, list[float]]:
-    """One host sync: the first non-finite step (-1: none; the earliest over the
-    ranks) and the device sums, added over the ranks."""
-    values = torch.stack([*(t.double() for t in sums), bad_step.double()])
-    values[-1] = torch.where(values[-1] < 0, math.inf, values[-1])
-    if distributed.current().enabled:
-        distributed.sum_(values[:-1])
-        distributed.min_(values[-1:])
-    *totals, bad = values.tolist()
-    return (-1 if math.isinf(bad) else int(bad)), totals
-
-
-def steady_throughput(history: list[tuple[int, float]]) -> float:
-    """Images/s over all logging intervals but the first (start-up, autotuning, compilation)."""
-    rest = history[1:] or history
-    images, seconds = sum(h[0] for h in rest), sum(h[1] for h in rest)
-    return images / seconds if seconds > 0 else math.nan

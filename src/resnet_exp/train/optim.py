@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from enum import Enum
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -14,11 +17,10 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
-from resnet_exp.config import OptimizerConfig, ScheduleConfig
+from resnet_exp.config import OptimizerConfig, OptimizerName, ScheduleConfig, ScheduleName, Switch
 from resnet_exp.errors import UserError
 
-SCHEDULES = ("paper", "cosine")
-OPTIMIZERS = ("sgd", "adamw")
+E = TypeVar("E", bound=Enum)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False) -> Optimizer:
@@ -30,7 +32,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False)
     # One fused kernel per step on a GPU, else one multi-tensor (foreach) kernel per op.
     kernel = {"fused": True} if fused else {"foreach": True}
     params = model.parameters()
-    if cfg.name == "sgd":
+    name = _choice(OptimizerName, cfg.name, "optimizer.name")
+    if name == OptimizerName.sgd:
         if cfg.nesterov and cfg.momentum <= 0:
             raise UserError(
                 f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {cfg.momentum})"
@@ -43,22 +46,27 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False)
             nesterov=cfg.nesterov,
             **kernel,
         )
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel
-        )
-    raise UserError(f"optimizer.name={cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel
+    )
+
+
+def _choice(enum: type[E], value: object, key: str) -> E:
+    """An enum field's value; a config built in code (not through OmegaConf) may hold a str."""
+    try:
+        return enum(getattr(value, "value", value))
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum)
+        raise UserError(f"{key}={value!r} is not one of {allowed}") from None
 
 
 def warmup_on(cfg: ScheduleConfig, depth: int, preact: bool) -> bool:
     """The paper warms up at lr 0.01 for ResNet-110 (kept for every ordering, so
     Table 2 compares like with like) and for the deep post-activation nets,
     which otherwise fail to start; pre-activation nets do not need it."""
-    value = str(cfg.warmup).lower()
-    if value in ("true", "false"):
-        return value == "true"
-    if value != "auto":
-        raise UserError(f"schedule.warmup={cfg.warmup!r} is not one of auto, true, false")
+    choice = Switch.of(cfg.warmup, "schedule.warmup")
+    if choice != Switch.auto:
+        return choice == Switch.true
     return depth == 110 or (depth > 164 and not preact)
 
 
@@ -66,7 +74,8 @@ def build_scheduler(
     opt: Optimizer, cfg: ScheduleConfig, total_steps: int, warmup: bool
 ) -> LRScheduler:
     warm = min(cfg.warmup_steps, total_steps) if warmup else 0
-    if cfg.name == "paper":
+    name = _choice(ScheduleName, cfg.name, "schedule.name")
+    if name == ScheduleName.paper:
         if any(not 0 < m < 1 for m in cfg.milestones):
             raise UserError(
                 f"schedule.milestones={list(cfg.milestones)} must be fractions of the run in (0, 1)"
@@ -77,15 +86,13 @@ def build_scheduler(
             return main
         # Multiplicative factors compose: x0.1 until `warm`, then the step decay.
         return ChainedScheduler([ConstantLR(opt, factor=cfg.warmup_factor, total_iters=warm), main])
-    if cfg.name == "cosine":
-        if not warm:
-            return CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.min_lr)
-        return SequentialLR(
-            opt,
-            [
-                ConstantLR(opt, factor=cfg.warmup_factor, total_iters=warm),
-                CosineAnnealingLR(opt, T_max=max(1, total_steps - warm), eta_min=cfg.min_lr),
-            ],
-            milestones=[warm],
-        )
-    raise UserError(f"schedule.name={cfg.name!r} is not one of {', '.join(SCHEDULES)}")
+    if not warm:
+        return CosineAnnealingLR(opt, T_max=total_steps, eta_min=cfg.min_lr)
+    return SequentialLR(
+        opt,
+        [
+            ConstantLR(opt, factor=cfg.warmup_factor, total_iters=warm),
+            CosineAnnealingLR(opt, T_max=max(1, total_steps - warm), eta_min=cfg.min_lr),
+        ],
+        milestones=[warm],
+    )

@@ -1,11 +1,17 @@
-"""What a run leaves in its directory: TensorBoard events, metrics.jsonl, summary.json."""
+"""What a run leaves in its directory: TensorBoard events, metrics.jsonl, summary.json.
+
+summary.json's keys are named here once (``Status``, ``SummaryKey``); the trainer,
+the CLI, the Hydra callbacks and the report all use these names.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from enum import Enum
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
@@ -13,6 +19,50 @@ from torch.utils.tensorboard.summary import hparams
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+
+
+class Status(str, Enum):
+    """How a run ended: summary.json's ``status``."""
+
+    completed = "completed"
+    interrupted = "interrupted"  # stopped on request after a checkpoint; resumable
+    diverged = "diverged"  # the loss became NaN/inf; the last good checkpoint is kept
+    failed = "failed"  # a bad input or an internal error (a sweep job's summary)
+    unfinished = "unfinished"  # no summary: killed, or still running
+
+    @classmethod
+    def of(cls, summary: dict[str, Any]) -> Status:
+        return cls(summary.get(SummaryKey.status, cls.unfinished))
+
+
+class SummaryKey:
+    """summary.json's keys beyond the run's description (block, depth, params, ...).
+
+    The split evaluated during training is ``test``, or ``val`` with data.val_size > 0.
+    """
+
+    status = "status"
+    error = "error"  # a failed job's one-line message
+    signal = "signal"  # interrupted: the signal's name
+    checkpoint = "checkpoint"  # interrupted: the last.pt to resume from
+    diverged_at_step = "diverged_at_step"
+    steps_done = "steps_done"
+    test_loss, test_error = "test_loss", "test_error"  # with a val split: the test set at the end
+    final_train_loss, final_train_error = "final_train_loss", "final_train_error"
+    train_images_per_s = "train_images_per_s"
+    wall_time_s = "wall_time_s"
+
+    @staticmethod
+    def final(split: str, what: str) -> str:
+        """The last evaluation on ``split`` (``loss`` or ``error``)."""
+        return f"final_{split}_{what}"
+
+    @staticmethod
+    def best(split: str) -> str:
+        """The lowest scheduled-evaluation error on ``split``."""
+        return f"best_{split}_error"
+
+
 # Config keys shown as hyperparameters in TensorBoard's HPARAMS tab (dotted; a
 # trailing dot takes the whole section).
 HPARAM_KEYS = (
@@ -33,18 +83,22 @@ HPARAM_KEYS = (
 )
 # Summary values logged as the HPARAMS tab's metrics.
 HPARAM_METRICS = (
-    "final_test_error",
-    "best_test_error",
-    "final_val_error",
-    "best_val_error",
-    "test_error",
-    "final_train_loss",
-    "final_train_error",
+    SummaryKey.final("test", "error"),
+    SummaryKey.best("test"),
+    SummaryKey.final("val", "error"),
+    SummaryKey.best("val"),
+    SummaryKey.test_error,
+    SummaryKey.final_train_loss,
+    SummaryKey.final_train_error,
 )
 
 
 class RunRecords:
-    """One writer per run; only rank 0 writes (``enabled=False`` elsewhere)."""
+    """One writer per run; only rank 0 writes (``enabled=False`` elsewhere).
+
+    A context manager: ``with RunRecords(run_dir) as records:`` closes the writer
+    however the run ends.
+    """
 
     def __init__(self, run_dir: Path, start_step: int = 0, enabled: bool = True) -> None:
         self.run_dir, self.enabled = run_dir, enabled
@@ -82,13 +136,13 @@ class RunRecords:
         # SummaryWriter.add_hparams would write into a new sub-run per call;
         # this run's own file writer keeps the entry next to its scalars.
         params = {k: _hparam_value(v) for k, v in config.items() if _shown(k)}
-        params["status"] = str(summary.get("status"))
+        params[SummaryKey.status] = Status.of(summary).value
         metrics = {
             f"hparams/{k}": float(summary[k])
             for k in HPARAM_METRICS
             if isinstance(summary.get(k), (int, float)) and math.isfinite(summary[k])
         }
-        step = int(summary.get("steps_done") or 0)
+        step = int(summary.get(SummaryKey.steps_done) or 0)
         for proto in hparams(params, metrics):
             self.writer.file_writer.add_summary(proto, step)
         for tag, value in metrics.items():
@@ -98,6 +152,17 @@ class RunRecords:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+    def __enter__(self) -> RunRecords:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        e: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -131,6 +196,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, Enum):
+        return value.value
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

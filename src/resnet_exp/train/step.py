@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resnet_exp.config import Switch
 from resnet_exp.errors import UserError
 from resnet_exp.train import distributed
 from resnet_exp.train.runtime import autocast
@@ -158,12 +159,10 @@ def make_train_step(
     blockers = graph_blockers(model, optimizer, device, precision)
     if hooks:
         blockers.append("trainer.log_gradflow_every=0 (hooked steps run eagerly)")
-    choice = str(cuda_graphs).lower()
-    if choice not in ("auto", "true", "false"):
-        raise UserError(f"trainer.cuda_graphs={cuda_graphs!r} is not one of auto, true, false")
-    if choice == "true" and blockers:
+    choice = Switch.of(cuda_graphs, "trainer.cuda_graphs")
+    if choice == Switch.true and blockers:
         raise UserError(f"trainer.cuda_graphs=true needs {'; '.join(blockers)}")
-    if choice == "false" or blockers:
+    if choice == Switch.false or blockers:
         return EagerStep(forward, model, optimizer, scaler, device, precision)
     return CudaGraphStep(forward, model, optimizer, precision)
 

@@ -1,0 +1,186 @@
+"""One builder from the config: device, precision, seed, data, model, loader, optimizer,
+schedule and step. The trainer, ``mode=diagnose``, ``scripts/benchmark.py`` and the
+GPU tests all start from it, so what they measure is what a run trains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from resnet_exp.config import Config
+from resnet_exp.data import Dataset, Normalize, TrainLoader, load_dataset
+from resnet_exp.errors import UserError
+from resnet_exp.models import BLOCKS, CifarResNet, build_model, count_params, resolve_unit
+from resnet_exp.train import distributed
+from resnet_exp.train.checks import check_settings
+from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
+from resnet_exp.train.runtime import pick_device, pick_precision, seed_everything
+from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
+
+
+@dataclass(kw_only=True)
+class Setup:
+    """Everything built before the first step."""
+
+    cfg: Config
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    data: Dataset
+    model: nn.Module  # the network itself (checkpoints, evaluation)
+    train_model: nn.Module  # what the step calls: the network, or DDP around it
+    normalize: Normalize
+    loader: TrainLoader
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    train_step: EagerStep | CudaGraphStep
+    total_steps: int
+    warmup: bool
+    info: dict[str, Any] = field(default_factory=dict)  # what a dry run prints
+
+
+def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
+    """The net ``cfg.model`` and ``cfg.depth`` describe."""
+    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)
+    return build_model(
+        cfg.model.block.value,
+        cfg.depth,
+        num_classes,
+        unit,
+        cfg.model.downsample.value,
+        cfg.model.width,
+        cfg.model.checkpointing,
+        shortcut=cfg.model.shortcut,
+    )
+
+
+def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
+    """Check the settings (before any data is loaded), then build the run.
+
+    ``diagnose=True``: the batch is ``diagnose.batch_size`` and everything runs in
+    fp32 (tiny gradients at the far end of a deep net must not round away).
+    """
+    dist = distributed.current()
+    device = pick_device(cfg.trainer.device, dist.local_rank if dist.enabled else None)
+    precision = "fp32" if diagnose else pick_precision(cfg.trainer.precision.value, device)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)  # a bad depth fails first
+    check_settings(cfg)
+    key, batch = ("diagnose.batch_size", cfg.diagnose.batch_size)
+    if not diagnose:
+        key, batch = "data.batch_size", cfg.data.batch_size
+    _check_batches(cfg, key, batch, 2 if diagnose else 1, dist.world, device)
+
+    data = load_dataset(cfg.data)
+    if batch > len(data.train):
+        raise UserError(f"{key}={batch} is larger than the {len(data.train)} training images")
+    model = model_from_config(cfg, data.num_classes)
+    params = count_params(model)
+    fmt = torch.channels_last if cfg.trainer.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=fmt)
+    train_model: nn.Module = model
+    if dist.enabled:
+        if cfg.trainer.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Every rank starts from rank 0's weights (DDP broadcasts them) and
+        # keeps BN running statistics in step with rank 0's (broadcast_buffers).
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    normalize = Normalize(data.mean, data.std, device)
+    loader = TrainLoader(
+        data.train,
+        batch // dist.world,
+        normalize,
+        device,
+        cfg.seed,
+        augment=cfg.data.augment,
+        pad=cfg.data.pad,
+        channels_last=cfg.trainer.channels_last,
+        rank=dist.rank,
+        world=dist.world,
+    )
+    t = cfg.trainer
+    total = t.max_steps if t.max_steps is not None else t.epochs * loader.steps_per_epoch
+    if total < 1:
+        raise UserError(
+            f"the run has {total} steps: trainer.epochs and trainer.max_steps must be positive"
+        )
+    warmup = warmup_on(cfg.schedule, cfg.depth, BLOCKS[cfg.model.block.value].is_preact)
+    optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
+    scheduler = build_scheduler(optimizer, cfg.schedule, total, warmup)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    train_step = make_train_step(
+        train_model,
+        optimizer,
+        scaler,
+        device,
+        precision,
+        t.compile,
+        t.compile_mode,
+        t.cuda_graphs,
+        hooks=t.log_gradflow_every > 0,
+    )
+    info = {
+        "block": cfg.model.block.value,
+        "depth": cfg.depth,
+        "unit": unit,
+        "shortcut": cfg.model.shortcut.describe(),
+        "params": params,
+        "dataset": cfg.data.name,
+        "data_source": data.source,
+        "train_images": len(data.train),
+        f"{data.eval_name}_images": len(data.eval_split),
+        "optimizer": cfg.optimizer.name.value,
+        "schedule": cfg.schedule.name.value,
+        "device": str(device),
+        "precision": precision,
+        "seed": cfg.seed,
+        "processes": dist.world,
+        "steps": total,
+        "steps_per_epoch": loader.steps_per_epoch,
+        "batch_size": batch,
+        "warmup": warmup,
+    }
+    return Setup(
+        cfg=cfg,
+        device=device,
+        precision=precision,
+        data=data,
+        model=model,
+        train_model=train_model,
+        normalize=normalize,
+        loader=loader,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        train_step=train_step,
+        total_steps=total,
+        warmup=warmup,
+        info=info,
+    )
+
+
+def _check_batches(
+    cfg: Config, key: str, batch: int, least: int, world: int, device: torch.device
+) -> None:
+    if batch < least:
+        raise UserError(f"{key}={batch} must be at least {least}")
+    if cfg.data.eval_batch_size < 1:
+        raise UserError(f"data.eval_batch_size={cfg.data.eval_batch_size} must be at least 1")
+    # data.batch_size is the global batch (the paper's 128), split over the ranks:
+    # the recipe, lr included, is the same on any number of GPUs.
+    if batch % world:
+        raise UserError(
+            f"{key}={batch} does not split evenly over {world} processes; use a multiple of {world}"
+        )
+    if cfg.trainer.sync_bn and device.type != "cuda":
+        raise UserError(
+            "trainer.sync_bn=true needs CUDA GPUs (SyncBatchNorm); on CPUs leave it off"
+        )
