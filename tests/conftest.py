@@ -1,20 +1,28 @@
-"""Shared fixtures: the real CIFAR-10 copy when present, else synthetic data."""
+"""Shared test helpers: the tiny job, composing configs, running the command (in this
+process or as the console script), reading TensorBoard scalars, one CPU thread."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+from resnet_exp.models.units import Block
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10 = Path(
     os.environ.get("RESNET_EXP_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpeg")
 )
-
+# The five units of the paper's Fig. 4, in its order (a)-(e).
+BLOCKS = [b.value for b in Block]
 
 # A tiny synthetic job: depth 8 on 16x16 images, 16 steps an epoch, a second a run.
 TINY = [
@@ -31,6 +39,16 @@ TINY = [
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """This process on one thread too: the suite shares two cores with other jobs, and two
+    OpenMP threads then wait on each other (a ResNet-20 step measured 50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def cifar10_root() -> Path | None:
     return CIFAR10 if (CIFAR10 / "train").is_dir() and (CIFAR10 / "test").is_dir() else None
 
@@ -41,6 +59,29 @@ def console_script() -> str:
     return str(path) if path.exists() else shutil.which("resnet-exp") or "resnet-exp"
 
 
+def compose_config(overrides: list[str]):
+    """The Config the command would build from these overrides (no run directory)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from resnet_exp.cli import config_dir
+
+    if GlobalHydra.instance().is_initialized():  # inside a module's own initialize
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def tb_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every TensorBoard scalar of a run: tag -> {step: value} (a resume rewrites steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One decode cache for the whole session (decoding 60k JPEGs once, not per run)."""
@@ -49,30 +90,30 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def data_args(cache_dir: Path) -> list[str]:
-    """Overrides for a small but real data set: CIFAR-10 subsets when the copy exists."""
-    root = cifar10_root()
-    common = [f"data.cache_dir={cache_dir}"]
-    if root is None:
-        return [
-            "dataset=synthetic",
-            "data.synthetic_train=1024",
-            "data.synthetic_test=256",
-            *common,
-        ]
+    """Overrides for a small data set (synthetic: decoding the real CIFAR-10 copy takes
+    a minute; the slow tests train on it)."""
     return [
-        "dataset=cifar10",
-        f"data.root={root}",
-        "data.train_limit=1024",
-        "data.test_limit=256",
-        *common,
+        "dataset=synthetic",
+        "data.synthetic_train=1024",
+        "data.synthetic_test=256",
+        f"data.cache_dir={cache_dir}",
     ]
+
+
+@dataclass
+class Result:
+    """What a command run left: as subprocess.CompletedProcess names it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 def run_cli(
     args: list[str], cwd: Path, check: bool = True, timeout: int = 600, env: dict | None = None
 ):
-    """Run the console script from ``cwd``; returns the CompletedProcess."""
-    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    """Run the console script from ``cwd`` (one thread); returns the CompletedProcess."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD, **(env or {})}
     proc = subprocess.run(
         [console_script(), *args],
         cwd=cwd,
@@ -86,6 +127,48 @@ def run_cli(
             f"resnet-exp {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
         )
     return proc
+
+
+def run_main(args: list[str], cwd: Path, check: bool = True) -> Result:
+    """The command's entry function (``resnet_exp.cli.main``) in this process: what the
+    console script runs, without the seconds it takes to start Python and import torch."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from resnet_exp import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv[:], os.getcwd(), os.environ.get("HYDRA_FULL_ERROR"))
+    root_handlers, root_level = logging.getLogger().handlers[:], logging.getLogger().level
+    code = 0
+    try:
+        os.environ["HYDRA_FULL_ERROR"] = "0"
+        os.chdir(cwd)
+        sys.argv = ["resnet-exp", *args]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv, cwd_before, full_error = saved
+        os.chdir(cwd_before)
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
+        GlobalHydra.instance().clear()
+        root = logging.getLogger()  # Hydra's job logging replaced the handlers: pytest's back
+        for h in root.handlers[:]:
+            if h not in root_handlers:
+                h.close()
+        root.handlers[:] = root_handlers
+        root.setLevel(root_level)
+    result = Result(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"resnet-exp {' '.join(args)} failed ({code}):\n{result.stderr}")
+    return result
 
 
 @pytest.fixture(scope="session")

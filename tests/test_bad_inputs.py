@@ -1,7 +1,9 @@
-"""A catalogue of bad inputs through the `resnet-exp` command.
+"""A catalogue of bad inputs through the `resnet-exp` command's entry function.
 
 Each must give one line on stderr naming the bad value, a non-zero exit, no
-traceback, and leave an existing run's files exactly as they were.
+traceback, and leave an existing run's files exactly as they were. The cases run
+in this process (``cli.main``, what the console script calls); a few of them
+also through the installed console script.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ONE_THREAD, TINY, run_cli
+from conftest import TINY, Result, compose_config, run_cli, run_main
 
 # Most cases only build the tiny job (dry_run) inside an existing run's directory.
 
@@ -79,6 +80,11 @@ CASES = [
         "train/ and test/ in {tmp}/mismatch have different classes (2 vs 2; in only one: b, c)",
     ),
     (
+        "unknown optimizer",
+        ["optimizer.name=lion"],
+        "Invalid value 'lion', expected one of [sgd, adamw]",
+    ),
+    (
         "unknown override key",
         ["nope.key=1"],
         "Could not override 'nope.key': Key 'nope' not in 'Config'",
@@ -109,6 +115,8 @@ CASES = [
         "{run} already holds a run (last.pt); continue it with resume={run}",
     ),
 ]
+# Also through the console script: a Hydra error, a callback's refusal, the trainer's.
+CONSOLE = {"unknown block", "output directory not writable", "new run over an existing one"}
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -128,7 +136,7 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An existing run and the broken inputs the cases point at."""
     tmp = tmp_path_factory.mktemp("bad")
     run = tmp / "run"
-    run_cli([*TINY, "trainer.max_steps=16", f"hydra.run.dir={run}"], cwd=tmp, env=ONE_THREAD)
+    run_main([*TINY, "trainer.max_steps=16", f"hydra.run.dir={run}"], cwd=tmp)
     for split, classes in (("train", "ab"), ("test", "ac")):
         (tmp / "empty" / split / "a").mkdir(parents=True)
         for c in classes:
@@ -143,35 +151,30 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"tmp": tmp, "run": run}
 
 
+Outcome = tuple[Result | subprocess.CompletedProcess, str]
+
+
 @pytest.fixture(scope="module")
-def outcomes(place: dict[str, Path]) -> dict[str, tuple[subprocess.CompletedProcess, str]]:
-    """Every case's result and message. Two at a time: each command mostly imports
-    torch on one core, so this halves the wall time on two."""
+def outcomes(place: dict[str, Path]) -> dict[str, Outcome]:
+    """Every case's result and message (``console: NAME``: through the console script)."""
     tmp, run = place["tmp"], place["run"]
     before, broken = snapshot(run), snapshot(tmp / "broken")
     fill = {"tmp": tmp, "run": run}
-
-    def one(case: tuple[str, list[str], str]) -> tuple[subprocess.CompletedProcess, str]:
-        _, args, message = case
-        overrides = [
-            *TINY,
-            "dry_run=true",
-            f"hydra.run.dir={run}",
-            *(a.format(**fill) for a in args),
-        ]
-        return run_cli(overrides, cwd=tmp, check=False, env=ONE_THREAD), message.format(**fill)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip([c[0] for c in CASES], pool.map(one, CASES)))
+    results: dict[str, Outcome] = {}
+    for name, args, message in CASES:
+        overrides = [*TINY, "dry_run=true", f"hydra.run.dir={run}"]
+        overrides += [a.format(**fill) for a in args]
+        results[name] = run_main(overrides, cwd=tmp, check=False), message.format(**fill)
+        if name in CONSOLE:
+            proc = run_cli(overrides, cwd=tmp, check=False)
+            results[f"console: {name}"] = proc, message.format(**fill)
     # Nothing any case did changed the existing run or the broken checkpoint.
     assert snapshot(run) == before and snapshot(tmp / "broken") == broken
     return results
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_bad_input_is_one_line_and_changes_nothing(
-    outcomes: dict[str, tuple[subprocess.CompletedProcess, str]], name: str
-) -> None:
+@pytest.mark.parametrize("name", [c[0] for c in CASES] + [f"console: {n}" for n in CONSOLE])
+def test_bad_input_is_one_line_and_changes_nothing(outcomes: dict[str, Outcome], name: str) -> None:
     proc, message = outcomes[name]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
@@ -193,7 +196,7 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_
         "schedule.warmup_factor=1e-31",
         f"hydra.run.dir={run}",
     ]
-    proc = run_cli(args, cwd=tmp_path, check=False, env=ONE_THREAD)
+    proc = run_main(args, cwd=tmp_path, check=False)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 3, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
@@ -220,19 +223,14 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_
         ("schedule.gamma=0", "schedule.gamma=0.0 must be positive"),
         ("schedule.milestones=[0.5,1.5]", "schedule.milestones=[0.5, 1.5] must be fractions"),
         ("optimizer.momentum=-1", "Invalid momentum value: -1.0"),
-        ("optimizer.name=lion", "optimizer.name='lion' is not one of sgd, adamw"),
+        ("schedule.warmup=maybe", "schedule.warmup='maybe' is not one of auto, true, false"),
     ],
 )
 def test_late_settings_are_checked_before_any_data_is_loaded(override: str, message: str) -> None:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from resnet_exp.cli import config_dir
     from resnet_exp.errors import UserError
     from resnet_exp.train.checks import check_settings
 
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=[override]))
+    cfg = compose_config([override])
     with pytest.raises(UserError) as info:
         check_settings(cfg)  # type: ignore[arg-type]
     assert message in str(info.value)

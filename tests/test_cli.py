@@ -1,4 +1,5 @@
-"""End to end through the installed `resnet-exp` console script, in subprocesses."""
+"""End to end through the installed `resnet-exp` console script, in subprocesses
+(the dry run through its entry function, in this process)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO, cifar10_root, run_cli
+from conftest import REPO, cifar10_root, run_cli, run_main, tb_scalars
 
 SMALL = ["depth=20", "trainer.progress=false", "data.batch_size=64", "trainer.log_every=4"]
 
@@ -22,9 +22,7 @@ def run_dirs(root: Path) -> list[Path]:
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: sorted(points.items()) for tag, points in tb_scalars(run_dir).items()}
 
 
 def test_train_writes_run_directory_and_resumes(tmp_path: Path, data_args: list[str]) -> None:
@@ -79,7 +77,7 @@ def test_multirun_two_blocks_two_directories(tmp_path: Path, data_args: list[str
 
 
 def test_dry_run_prints_summary_from_any_directory(tmp_path: Path) -> None:
-    proc = run_cli(
+    proc = run_main(
         ["dataset=synthetic", "depth=1001", "dry_run=true", "trainer.device=cpu"], cwd=tmp_path
     )
     info = json.loads(proc.stdout[proc.stdout.index("{") :])
@@ -87,6 +85,7 @@ def test_dry_run_prints_summary_from_any_directory(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("last.pt"))
 
 
+@pytest.mark.slow
 def test_wheel_install_finds_its_configs(tmp_path: Path) -> None:
     """A regular (non-editable) install carries the configs inside the package."""
     wheels = tmp_path / "wheels"
@@ -134,6 +133,7 @@ def test_wheel_install_finds_its_configs(tmp_path: Path) -> None:
     assert '"params": 464154' in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cifar10_root() is None, reason="no CIFAR-10 copy on this machine")
 def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> None:
     """250 steps of ResNet-20 (batch 128, fp32 CPU) reach well above 10% chance accuracy.

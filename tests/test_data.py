@@ -162,6 +162,7 @@ def test_cifar_download_offline_is_one_clear_line(tmp_path: Path) -> None:
     assert "offline?" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cifar10_root() is None, reason="no CIFAR-10 copy on this machine")
 def test_real_cifar10_copy(cache_dir: Path) -> None:
     ds = load_dataset(

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from resnet_exp.callbacks import SweepOverlay
 from resnet_exp.diagnose import FIELDS
 
-from conftest import run_cli
+from conftest import run_main
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -33,7 +33,7 @@ def test_diagnose_sweep_writes_each_run_and_an_overlay(
     tmp_path: Path, data_args: list[str]
 ) -> None:
     sweep = tmp_path / "sweep"
-    proc = run_cli(
+    proc = run_main(
         [
             "-m",
             "mode=diagnose",
@@ -44,7 +44,6 @@ def test_diagnose_sweep_writes_each_run_and_an_overlay(
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp_path,
-        env={"OMP_NUM_THREADS": "1"},  # see one_thread in test_gradflow.py
         check=False,
     )
     assert proc.returncode == 1  # the sweep ran every job, then reports the failed ones
@@ -106,7 +105,7 @@ def test_overlay_skips_sweeps_without_diagnose_runs(tmp_path: Path) -> None:
 
 def test_diagnose_dry_run(tmp_path: Path) -> None:
     args = ["mode=diagnose", "dataset=synthetic", "depth=164", "dry_run=true"]
-    proc = run_cli(args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    proc = run_main(args, cwd=tmp_path)
     info = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert info["mode"] == "diagnose" and info["params"] == 1_703_258 and info["batch_size"] == 32
     assert not list(tmp_path.rglob("gradflow.csv"))

@@ -8,26 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_exp import build_model
-from resnet_exp.cli import config_dir
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlow, GradFlowMonitor, GradFlowProbe
 
-ORDERINGS = ["original", "bn_after_add", "relu_before_add", "relu_only_preact", "preact"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Other jobs share the test machine's 2 cores; two OpenMP threads then wait on each
-    other (a ResNet-20 step measured 50x slower than with one thread), one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from conftest import BLOCKS, compose_config, tb_scalars
 
 
 def measure(block: str, depth: int, batch: int, seed: int = 0, **kw) -> GradFlow:
@@ -63,7 +49,7 @@ def signals(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list
 
 
 @pytest.mark.parametrize(
-    ("block", "checkpointing"), [*((b, 0) for b in ORDERINGS), ("preact", 2), ("original", 3)]
+    ("block", "checkpointing"), [*((b, 0) for b in BLOCKS), ("preact", 2), ("original", 3)]
 )
 def test_probe_matches_autograd(block: str, checkpointing: int) -> None:
     """std, ||dE/dx_l|| and the identity coefficient equal what autograd gives directly.
@@ -122,6 +108,7 @@ def identity_path_checks(flow: GradFlow) -> None:
     assert flow.forward_growth > 1.0
 
 
+@pytest.mark.slow
 def test_identity_term_keeps_preact_gradient_from_vanishing_at_depth_1001() -> None:
     """Pre-activation ResNet-1001 (333 bottleneck units), batch 4, at initialisation."""
     flow = measure("preact", 1001, batch=4)
@@ -198,23 +185,17 @@ def test_training_logs_gradflow_to_tensorboard(tmp_path: Path, data_args: list[s
         "trainer.log_gradflow_every=3",
         "trainer.progress=false",
     ]
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
-    train(cfg, tmp_path)  # type: ignore[arg-type]
+    train(compose_config(overrides), tmp_path)
 
-    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = acc.Tags()["scalars"]
+    tags = tb_scalars(tmp_path)
     per_unit = sorted(t for t in tags if t.startswith("gradflow/grad_norm/"))
     assert per_unit == [f"gradflow/grad_norm/x_{i}" for i in range(10)]
     for tag in per_unit:
-        events = acc.Scalars(tag)
-        assert [e.step for e in events] == [3, 6]
-        assert all(math.isfinite(e.value) and e.value > 0 for e in events)
-    first, last = acc.Scalars("gradflow/grad_norm/x_0"), acc.Scalars("gradflow/grad_norm/x_9")
-    ratios = acc.Scalars("gradflow/grad_ratio_first_last")
-    for f, la, r in zip(first, last, ratios):
-        assert r.value == pytest.approx(f.value / la.value, rel=1e-5)
+        assert list(tags[tag]) == [3, 6]
+        assert all(math.isfinite(v) and v > 0 for v in tags[tag].values())
+    first, last = tags["gradflow/grad_norm/x_0"], tags["gradflow/grad_norm/x_9"]
+    for step, ratio in tags["gradflow/grad_ratio_first_last"].items():
+        assert ratio == pytest.approx(first[step] / last[step], rel=1e-5)
 
 
 def late_coefs(flow: GradFlow) -> list[float]:
@@ -239,7 +220,7 @@ def test_every_ordering_at_depth_1001(seed: int) -> None:
     ... -0.05 (bn_after_add) within the second half of a stage, and with BN
     after the addition some ||dE/dx_l|| drop to 0.30 of ||dE/dx_L||.
     """
-    flows = {block: measure(block, 1001, batch=4, seed=seed) for block in ORDERINGS}
+    flows = {block: measure(block, 1001, batch=4, seed=seed) for block in BLOCKS}
     for block in ("relu_before_add", "relu_only_preact", "preact"):
         identity_path_checks(flows[block])
     assert min(late_coefs(flows["original"])) < 0.7

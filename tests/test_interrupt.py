@@ -8,20 +8,14 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resnet_exp.cli import config_dir
 from resnet_exp.config import Config, flat_config
 from resnet_exp.errors import UserError
 from resnet_exp.train.checkpoint import load_checkpoint, save_checkpoint
@@ -30,7 +24,7 @@ from resnet_exp.train.records import read_metrics
 from resnet_exp.train.resume import check_resumable, with_inherited_overrides
 from resnet_exp.train.stop import Abort, Interrupted, StopRequest
 
-from conftest import ONE_THREAD, TINY, console_script, run_cli
+from conftest import ONE_THREAD, TINY, compose_config, console_script, run_cli, run_main, tb_scalars
 
 # conftest's tiny job: 16 steps an epoch, deterministic, a logging step every 5.
 JOB = [*TINY, "trainer.log_every=5", "trainer.deterministic=true"]
@@ -48,17 +42,8 @@ FLAT = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(overrides: list[str]) -> Config:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))  # type: ignore[return-value]
+    return compose_config(overrides)
 
 
 def train_in(run_dir: Path, overrides: list[str], stop: StopRequest | None = None) -> dict:
@@ -92,13 +77,7 @@ class StopAt(StopRequest):
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return {
-        tag: {e.step: e.value for e in acc.Scalars(tag)}
-        for tag in acc.Tags()["scalars"]
-        if not tag.startswith("throughput")  # wall-clock
-    }
+    return {k: v for k, v in tb_scalars(run_dir).items() if not k.startswith("throughput")}
 
 
 def outcome(run_dir: Path) -> dict[str, Any]:
@@ -216,7 +195,7 @@ def test_sigterm_through_the_command_then_resume_is_bit_identical(
     assert torch.load(run / "last.pt", weights_only=False)["step"] == step
 
     # The checkpoint remembers the run's overrides: resume=DIR alone continues it.
-    resumed = run_cli([f"resume={run}"], cwd=tmp_path, env=ONE_THREAD)
+    resumed = run_cli([f"resume={run}"], cwd=tmp_path)
     assert f"resumed from {run / 'last.pt'} at step {step}" in resumed.stdout
     assert_identical(run, references["paper"])
 
@@ -360,20 +339,21 @@ def test_resume_path_inherits_the_runs_overrides(tmp_path: Path) -> None:
     assert with_inherited_overrides(["resume=auto"]) == ["resume=auto"]
 
 
-def test_sweep_goes_on_after_failures_and_names_them(tmp_path: Path) -> None:
+def test_sweep_goes_on_after_failures_and_names_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Four jobs: completes, internal error (an injected fault), bad input, divergence."""
+    from resnet_exp import cli
+
     sweep = tmp_path / "sweep"
-    code = (
-        "import sys\n"
-        "from resnet_exp import cli\n"
-        "real = cli.run\n"
-        "def run(cfg, run_dir):\n"
-        "    if cfg.optimizer.lr == 0.2:\n"
-        "        raise RuntimeError('injected fault')\n"
-        "    return real(cfg, run_dir)\n"
-        "cli.run = run\n"
-        "cli.main()\n"
-    )
+    real = cli.run
+
+    def run(cfg: Config, run_dir: Path) -> dict:
+        if cfg.optimizer.lr == 0.2:
+            raise RuntimeError("injected fault")
+        return real(cfg, run_dir)
+
+    monkeypatch.setattr(cli, "run", run)
     args = [
         "-m",
         "optimizer.lr=0.1,0.2,-1,1e30",
@@ -381,14 +361,7 @@ def test_sweep_goes_on_after_failures_and_names_them(tmp_path: Path) -> None:
         "trainer.max_steps=4",
         f"hydra.sweep.dir={sweep}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **ONE_THREAD, "HYDRA_FULL_ERROR": "0"},
-    )
+    proc = run_main(args, cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(

@@ -18,7 +18,7 @@ from resnet_exp.config import Config, flatten
 from resnet_exp.models import resolve_unit
 from resnet_exp.report.paper import paper_error
 
-ORDERINGS = ["original", "bn_after_add", "relu_before_add", "relu_only_preact", "preact"]
+from conftest import BLOCKS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -92,7 +92,7 @@ def test_every_job_of_a_preset_composes_and_builds(experiment: str, scale: str) 
 def test_table2_is_five_orderings_at_two_depths() -> None:
     configs = seed_one("table2", "short")
     rows = {(c.model.block.value, c.depth, c.model.unit.value) for c in configs}
-    expect = {(b, d, u) for b in ORDERINGS for d, u in ((20, "basic"), (29, "bottleneck"))}
+    expect = {(b, d, u) for b in BLOCKS for d, u in ((20, "basic"), (29, "bottleneck"))}
     assert rows == expect and all(c.data.name == "cifar10" for c in configs)
 
 

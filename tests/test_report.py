@@ -15,9 +15,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from resnet_exp.report import cli as report_cli
 from resnet_exp.report.paper import paper_error
 
-from conftest import run_cli
+from conftest import run_main
 
-TINY = [
+# A ResNet-8 sweep on the shared small data set (conftest's data_args).
+SWEEP_JOB = [
     "depth=8",
     "block=original",
     "data.batch_size=64",
@@ -33,13 +34,13 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, data_args: list[str]) -> Pat
     """identity and exclusive gating train; the dropout jobs fail (p=1.5 is refused)."""
     tmp = tmp_path_factory.mktemp("sweep")
     sweep = tmp / "multirun"
-    proc = run_cli(
+    proc = run_main(
         [
             "-m",
             "shortcut=identity,exclusive_gating,dropout",
             "seed=1,2",
             "model.shortcut.dropout=1.5",
-            *TINY,
+            *SWEEP_JOB,
             *data_args,
             # 384 training images at batch 64: 6 steps per epoch, so 10 steps give two
             # evaluations (steps 6 and 10).

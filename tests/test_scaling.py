@@ -1,4 +1,7 @@
-"""Beyond one process: torchrun DDP (gloo on the CPU), submitit jobs, requeue on a signal."""
+"""Beyond one process: torchrun DDP (gloo on the CPU), submitit jobs, requeue on a signal.
+
+Slow (``make test-slow``): each test starts several Python processes.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import console_script, run_cli
+from conftest import ONE_THREAD, console_script, run_cli
 
-TINY = [
+pytestmark = pytest.mark.slow
+
+# Deterministic, unaugmented, constant lr: runs over 1 and 2 ranks compare exactly.
+DDP_JOB = [
     "dataset=synthetic",
     "data.synthetic_train=512",
     "data.synthetic_test=128",
@@ -26,7 +32,7 @@ TINY = [
     "trainer.log_every=5",
     "trainer.progress=false",
 ]
-ENV = {"OMP_NUM_THREADS": "1"}  # two processes on two cores
+ENV = ONE_THREAD  # two processes on two cores
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -51,7 +57,7 @@ def summary(run: Path) -> dict:
 
 def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     # Two processes, default (timestamped) run directory: one directory for both ranks.
-    torchrun([*TINY, "trainer.max_steps=10"], cwd=tmp_path)
+    torchrun([*DDP_JOB, "trainer.max_steps=10"], cwd=tmp_path)
     runs = [p.parent.parent for p in (tmp_path / "outputs").rglob(".hydra/config.yaml")]
     assert len(runs) == 1, runs
     ddp = runs[0]
@@ -63,14 +69,14 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     # One process, same global batch of 64: the same loss up to BatchNorm statistics,
     # which each rank computes over its own 32 images (0.3% apart after 10 steps, measured).
     single = tmp_path / "single"
-    run_cli([*TINY, "trainer.max_steps=10", f"hydra.run.dir={single}"], cwd=tmp_path, env=ENV)
+    run_cli([*DDP_JOB, "trainer.max_steps=10", f"hydra.run.dir={single}"], cwd=tmp_path, env=ENV)
     s1 = summary(single)
     assert s1["processes"] == 1
     assert abs(s2["final_train_loss"] - s1["final_train_loss"]) / s1["final_train_loss"] < 0.02
 
     # Stopped at step 6 and resumed under torchrun: the same result as the run above.
     part = tmp_path / "part"
-    torchrun([*TINY, "trainer.max_steps=6", f"hydra.run.dir={part}"], cwd=tmp_path)
+    torchrun([*DDP_JOB, "trainer.max_steps=6", f"hydra.run.dir={part}"], cwd=tmp_path)
     torchrun(["trainer.max_steps=10", f"resume={part}"], cwd=tmp_path)
     s3 = summary(part)
     assert s3["steps_done"] == 10
@@ -85,7 +91,7 @@ def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path) -> None:
             "-m",
             "hydra/launcher=local",
             "block=original,preact",
-            *TINY,
+            *DDP_JOB,
             "trainer.max_steps=4",
             f"hydra.sweep.dir={sweep}",
         ],
@@ -119,7 +125,7 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
         console_script(),
         "-m",
         "hydra/launcher=local",
-        *TINY,
+        *DDP_JOB,
         "data.synthetic_train=256",
         "data.batch_size=32",
         "trainer.max_steps=320",
