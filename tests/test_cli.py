@@ -12,7 +12,13 @@ import pytest
 
 from conftest import REPO, cifar10_root, run_cli, run_main, tb_scalars
 
-SMALL = ["depth=20", "trainer.progress=false", "data.batch_size=64", "trainer.log_every=4"]
+SMALL = [
+    "depth=20",
+    "data.image_size=16",  # a quarter of the compute; the same net, steps and files
+    "trainer.progress=false",
+    "data.batch_size=64",
+    "trainer.log_every=4",
+]
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -59,7 +65,7 @@ def test_train_writes_run_directory_and_resumes(tmp_path: Path, data_args: list[
 
 def test_multirun_two_blocks_two_directories(tmp_path: Path, data_args: list[str]) -> None:
     sweep = tmp_path / "sweep"
-    run_cli(
+    run_main(
         [
             "-m",
             "block=original,preact",
