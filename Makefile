@@ -17,10 +17,10 @@ install: $(STAMP)  ## create .venv and install resnet-exp (editable) with its de
 run: install  ## the default job (pre-act ResNet-110, CIFAR-10); extra overrides in ARGS="..."
 	$(BIN)/resnet-exp $(ARGS)
 
-test: install  ## the test suite (CPU, a few minutes)
+test: install  ## the quick test suite (CPU, under 5 minutes)
 	$(BIN)/pytest -q
 
-test-slow: install  ## the longer checks marked slow
+test-slow: install  ## the long checks marked slow: wheel build, torchrun, submitit, depth 1001, real CIFAR-10
 	$(BIN)/pytest -q -m slow
 
 lint: install
