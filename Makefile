@@ -34,8 +34,8 @@ format: install
 tensorboard: install  ## curves of every run under outputs/
 	$(BIN)/tensorboard --logdir outputs
 
-bench: install  ## speed and memory vs a textbook PyTorch loop (CPU preset; BENCH_ARGS="--preset gpu" on a GPU)
-	$(BIN)/python scripts/benchmark.py $(or $(BENCH_ARGS),--preset cpu) --data $(or $(RESNET_EXP_DATA),synthetic)
+bench: install  ## speed and memory vs a textbook PyTorch loop (CPU preset; BENCH_ARGS="--preset gpu" on a GPU; Hydra overrides in BENCH_ARGS too)
+	$(BIN)/python scripts/benchmark.py $(or $(BENCH_ARGS),--preset cpu) $(if $(RESNET_EXP_DATA),dataset=cifar10 data.download=false)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist build

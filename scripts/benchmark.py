@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Training speed and memory: resnet-exp's step against a textbook PyTorch loop.
+"""Training speed and memory: the trainer's own step against a textbook PyTorch loop.
+
+The run is described with the same Hydra overrides as ``resnet-exp`` (composed
+with Hydra's compose API), and the trainer is built as for a run: the timed step
+is ``Trainer.train_step`` (loader, step, schedule, device-side metrics).
 
 Each measurement runs in a fresh subprocess (so peak memory is its own):
 warm-up steps are excluded, then ``--repeats`` timed windows of ``--steps``
@@ -10,13 +14,14 @@ ImageFolder/CIFAR10 + DataLoader workers doing RandomCrop(32, 4),
 RandomHorizontalFlip, ToTensor, Normalize; fp32, contiguous tensors, the same
 model, batch size and SGD settings.
 
-    python scripts/benchmark.py --preset cpu --data ../shared/data/cifar10-jpeg
-    python scripts/benchmark.py --preset gpu --data DIR
-    python scripts/benchmark.py --model preact:1001 --variant bf16 --variant bf16,graphs=off
+    python scripts/benchmark.py --preset cpu                        # synthetic images
+    python scripts/benchmark.py --preset gpu dataset=cifar10 data.root=DIR data.download=false
+    python scripts/benchmark.py depth=1001 block=preact --variant "trainer.precision=bf16" \\
+        --variant "trainer.precision=bf16 trainer.cuda_graphs=false" --no-reference
 
-A variant is a comma list of levers: fp32|bf16|fp16, cl=on|off (channels_last),
-graphs=auto|on|off (CUDA graphs), compile=on|off|MODE, ckpt=N (activation
-checkpoint segments). Results go to --out (benchmark.md, benchmark.json).
+Positional arguments are overrides for every measurement (with ``--preset``, added
+to each of its nets); ``--variant`` is a space-separated set of overrides measured
+against the others (``default``: none). Results go to --out (benchmark.md, benchmark.json).
 """
 
 from __future__ import annotations
@@ -25,47 +30,67 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 EPOCH_IMAGES = 50_000
+# Synthetic images unless the overrides name a data set; a few test images (no evaluation).
+BASE = [
+    "dataset=synthetic",
+    "data.synthetic_train=10000",
+    "data.synthetic_test=10",
+    "data.test_limit=10",
+    "trainer.progress=false",
+]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # What the README's Performance section reports for each kind of machine.
     "cpu": {
-        "models": ["original:20", "original:110", "preact:164"],
+        "models": ["block=original depth=20", "block=original depth=110", "block=preact depth=164"],
         # bf16 on a CPU without native bf16 runs ~10x slower than fp32 (see README):
-        # measure it with --model original:20 --variant bf16, not at every depth.
-        "variants": ["default", "fp32,cl=off"],
+        # measure it with depth=20 --variant trainer.precision=bf16, not at every depth.
+        "variants": ["default", "trainer.precision=fp32 trainer.channels_last=false"],
         "steps": 5,
         "warmup": 3,
     },
     "gpu": {
-        "models": ["original:20", "original:56", "original:110", "preact:1001"],
-        "variants": ["default", "graphs=off", "fp32,cl=off,graphs=off"],
+        "models": [
+            "block=original depth=20",
+            "block=original depth=56",
+            "block=original depth=110",
+            "block=preact depth=1001",
+        ],
+        "variants": [
+            "default",
+            "trainer.cuda_graphs=false",
+            "trainer.precision=fp32 trainer.channels_last=false trainer.cuda_graphs=false",
+        ],
         "steps": 20,
         "warmup": 10,
     },
 }
 
 
-def parse_variant(text: str) -> dict[str, str]:
-    levers = {"precision": "auto", "cl": "on", "graphs": "auto", "compile": "off", "ckpt": "0"}
-    for part in filter(None, text.split(",")):
-        if part == "default":
-            continue
-        if part in ("fp32", "bf16", "fp16", "auto"):
-            levers["precision"] = part
-            continue
-        key, _, value = part.partition("=")
-        if key not in levers or not value:
-            raise SystemExit(f"benchmark: unknown lever {part!r} in variant {text!r}")
-        levers[key] = value
-    return levers
+def variant_overrides(variant: str) -> list[str]:
+    return [] if variant in ("", "default") else shlex.split(variant)
+
+
+def compose(overrides: list[str]):
+    """The Config ``resnet-exp`` would build from these overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from resnet_exp.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("config", overrides=overrides))
 
 
 # --- workers (run in a subprocess each) ----------------------------------------
@@ -108,68 +133,30 @@ def time_windows(step, sync, warmup: int, steps: int, repeats: int) -> list[floa
     return windows
 
 
-def data_config(args: argparse.Namespace):
-    from resnet_exp.config import DataConfig
-
-    if args.data == "synthetic":
-        return DataConfig(
-            name="synthetic", synthetic_train=args.synthetic_images, synthetic_test=10
-        )
-    return DataConfig(name="cifar10", root=args.data, download=False, test_limit=10)
-
-
 def project_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """resnet-exp's own path: device-resident data, the trainer's step function."""
+    """resnet-exp's own path: the trainer built as for a run, timing its own step."""
     import torch
 
-    from resnet_exp.config import OptimizerConfig, ScheduleConfig
-    from resnet_exp.data import Normalize, TrainLoader, load_dataset
-    from resnet_exp.models import build_model
-    from resnet_exp.train.optim import build_optimizer, build_scheduler
-    from resnet_exp.train.runtime import pick_device, pick_precision, seed_everything
-    from resnet_exp.train.step import make_train_step
+    from resnet_exp.train.loop import Trainer
+    from resnet_exp.train.step import CudaGraphStep
 
-    lv = parse_variant(args.variant)
-    device = pick_device(args.device)
-    precision = pick_precision(lv["precision"], device)
-    seed_everything(0, deterministic=False)
-    data = load_dataset(data_config(args))
-    block, depth = args.model.split(":")
-    cl = lv["cl"] == "on"
-    model = build_model(block, int(depth), data.num_classes, checkpoint_segments=int(lv["ckpt"]))
-    model = model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format)
-    loader = TrainLoader(
-        data.train, args.batch, Normalize(data.mean, data.std, device), device, 0, channels_last=cl
-    )
-    optimizer = build_optimizer(model, OptimizerConfig(), fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, ScheduleConfig(), 64_000, warmup=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    compile_on = lv["compile"] != "off"
-    mode = lv["compile"] if lv["compile"] not in ("on", "off") else "default"
-    graphs = {"on": "true", "off": "false"}.get(lv["graphs"], lv["graphs"])
-    train_step = make_train_step(
-        model, optimizer, scaler, device, precision, compile_on, mode, graphs
-    )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    acc = torch.zeros((), device=device)
-
-    def step() -> None:
-        nonlocal acc
-        x, y = loader.next()
-        loss, _ = train_step(x, y)
-        scheduler.step()
-        acc += loss.float()  # as the trainer does: metrics stay on the device
-
-    return {
-        "kind": "resnet-exp",
-        "precision": precision,
-        "channels_last": cl,
-        "cuda_graphs": type(train_step).__name__ == "CudaGraphStep",
-        "compile": lv["compile"],
-        "checkpointing": int(lv["ckpt"]),
-        **measure(step, device, args),
-    }
+    cfg = compose(args.overrides)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, Path(run_dir))
+        s = trainer.s
+        if s.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(s.device)
+        t = cfg.trainer
+        return {
+            "kind": "resnet-exp",
+            "batch": cfg.data.batch_size,
+            "precision": s.precision,
+            "channels_last": t.channels_last,
+            "cuda_graphs": isinstance(s.train_step, CudaGraphStep),
+            "compile": t.compile_mode if t.compile else "off",
+            "checkpointing": cfg.model.checkpointing,
+            **measure(trainer.train_step, s.device, args),
+        }
 
 
 def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -182,23 +169,24 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from resnet_exp.data import load_dataset
-    from resnet_exp.models import build_model
     from resnet_exp.train.runtime import pick_device
+    from resnet_exp.train.setup import model_from_config
 
-    device = pick_device(args.device)
+    cfg = compose(args.overrides)
+    device = pick_device(cfg.trainer.device)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    stats = load_dataset(data_config(args))  # per-channel mean/std, as the project uses
+    stats = load_dataset(cfg.data)  # per-channel mean/std, as the project uses
     transform = T.Compose(
         [
-            T.RandomCrop(32, padding=4),
+            T.RandomCrop(cfg.data.image_size, padding=cfg.data.pad),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(stats.mean, stats.std),
         ]
     )
-    root = Path(args.data)
-    if args.data == "synthetic":
+    root = Path(cfg.data.root)
+    if cfg.data.name == "synthetic":
         images = stats.train.images.permute(0, 2, 3, 1).numpy()
         labels = stats.train.labels.tolist()
 
@@ -217,16 +205,18 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
     workers = min(args.workers, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_size=args.batch,
+        batch_size=cfg.data.batch_size,
         shuffle=True,
         num_workers=workers,
         drop_last=True,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
     )
-    block, depth = args.model.split(":")
-    model = build_model(block, int(depth), stats.num_classes).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    model = model_from_config(cfg, stats.num_classes).to(device)
+    o = cfg.optimizer
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [32_000, 48_000], 0.1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -248,6 +238,7 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "kind": "reference",
+        "batch": cfg.data.batch_size,
         "precision": "fp32",
         "channels_last": False,
         "cuda_graphs": False,
@@ -271,32 +262,23 @@ def cpu_name() -> str:
 # --- driver ----------------------------------------------------------------------
 
 
-def run_worker(args: argparse.Namespace, model: str, variant: str | None) -> dict[str, Any]:
+def run_worker(
+    args: argparse.Namespace, model: str, variant: str | None, overrides: list[str]
+) -> dict[str, Any]:
     cmd = [
         sys.executable,
         __file__,
         "--worker",
         "reference" if variant is None else "project",
-        "--model",
-        model,
-        "--variant",
-        variant or "",
-        "--batch",
-        str(args.batch),
         "--steps",
         str(args.steps),
         "--warmup",
         str(args.warmup),
         "--repeats",
         str(args.repeats),
-        "--device",
-        args.device,
-        "--data",
-        args.data,
         "--workers",
         str(args.workers),
-        "--synthetic-images",
-        str(args.synthetic_images),
+        *overrides,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -304,13 +286,13 @@ def run_worker(args: argparse.Namespace, model: str, variant: str | None) -> dic
         return {"model": model, "variant": variant or "reference", "error": tail[0]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     step_s = statistics.median(result["windows_s"]) / args.steps
+    batch = result["batch"]
     result.update(
         model=model,
         variant=variant or "reference",
-        batch=args.batch,
-        images_per_s=args.batch / step_s,
+        images_per_s=batch / step_s,
         ms_per_step=1000 * step_s,
-        epoch_s=EPOCH_IMAGES / (args.batch / step_s),
+        epoch_s=EPOCH_IMAGES / (batch / step_s),
     )
     return result
 
@@ -339,26 +321,18 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. depth=110 block=original")
     p.add_argument("--preset", choices=sorted(PRESETS))
-    p.add_argument("--model", action="append", help="block:depth, e.g. preact:1001 (repeatable)")
     p.add_argument(
-        "--variant", action="append", help="levers, e.g. bf16,cl=on,graphs=off (repeatable)"
+        "--variant", action="append", help="overrides measured against the others (repeatable)"
     )
-    p.add_argument(
-        "--data",
-        default=os.environ.get("RESNET_EXP_DATA", "synthetic"),
-        help="CIFAR-10 root (train/+test/ folders or cifar-10-batches-py), or 'synthetic'",
-    )
-    p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="auto")
     p.add_argument(
         "--workers", type=int, default=4, help="DataLoader workers of the reference loop"
     )
     p.add_argument("--no-reference", action="store_true")
-    p.add_argument("--synthetic-images", type=int, default=10_000)
     p.add_argument("--out", default=f"outputs/bench/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     p.add_argument("--worker", choices=["project", "reference"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -367,21 +341,23 @@ def main() -> None:
     args.steps = args.steps or preset.get("steps", 10)
     args.warmup = args.warmup if args.warmup is not None else preset.get("warmup", 5)
     if args.worker:
-        args.model, args.variant = args.model[0], (args.variant or [""])[0]
         worker = project_worker if args.worker == "project" else reference_worker
         print(json.dumps(worker(args)))
         return
 
-    models = args.model or preset.get("models") or ["original:20"]
+    models = preset.get("models") or [""]
     variants = args.variant or preset.get("variants") or ["default"]
-    for v in variants:
-        parse_variant(v)  # fail on a typo before measuring anything
+    for m in models:  # fail on a typo before measuring anything
+        for v in variants:
+            compose([*BASE, *shlex.split(m), *args.overrides, *variant_overrides(v)])
     rows: list[dict[str, Any]] = []
     for model in models:
-        ref = None if args.no_reference else run_worker(args, model, None)
+        common = [*BASE, *shlex.split(model), *args.overrides]
+        label = " ".join([*shlex.split(model), *args.overrides]) or "default"
+        ref = None if args.no_reference else run_worker(args, label, None, common)
         group = [ref] if ref else []
         for variant in variants:
-            group.append(run_worker(args, model, variant))
+            group.append(run_worker(args, label, variant, [*common, *variant_overrides(variant)]))
         for r in group:
             if ref and "error" not in ref and "error" not in r and r is not ref:
                 r["ratio"] = r["images_per_s"] / ref["images_per_s"]
@@ -390,16 +366,15 @@ def main() -> None:
     device = next((r["device_name"] for r in rows if "device_name" in r), "?")
     table = markdown(rows)
     text = (
-        f"Device: {device}; batch {args.batch}; data {args.data}; median of {args.repeats} windows "
-        f"of {args.steps} steps after {args.warmup} warm-up steps.\n\n{table}\n"
+        f"Device: {device}; overrides: {' '.join(args.overrides) or 'none'}; median of "
+        f"{args.repeats} windows of {args.steps} steps after {args.warmup} warm-up steps.\n\n"
+        f"{table}\n"
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.md").write_text(text)
     (out / "benchmark.json").write_text(
-        json.dumps(
-            {"device": device, "batch": args.batch, "data": args.data, "rows": rows}, indent=2
-        )
+        json.dumps({"device": device, "overrides": args.overrides, "rows": rows}, indent=2)
     )
     print()
     print(text)

@@ -7,42 +7,47 @@ import copy
 import pytest
 import torch
 
-from resnet_exp.config import DataConfig, OptimizerConfig, ScheduleConfig
-from resnet_exp.data import Normalize, TrainLoader, load_dataset
-from resnet_exp.models import build_model
-from resnet_exp.train.optim import build_optimizer, build_scheduler
-from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
+from resnet_exp.train.setup import build_setup
+from resnet_exp.train.step import CudaGraphStep, EagerStep
+
+from conftest import compose_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def run_steps(graphs: bool, precision: str, steps: int = 12, resume_state=None):
-    torch.manual_seed(0)
-    device = torch.device("cuda")
-    data = load_dataset(
-        DataConfig(name="synthetic", synthetic_train=1024, synthetic_test=10, cache_dir="")
+    """ResNet-20 on synthetic images, set up as the trainer sets up a run."""
+    cfg = compose_config(
+        [
+            "dataset=synthetic",
+            "data.synthetic_train=1024",
+            "data.synthetic_test=10",
+            "data.cache_dir=",
+            "block=original",
+            "depth=20",
+            "data.batch_size=64",
+            "trainer.device=cuda",
+            f"trainer.precision={precision}",
+            f"trainer.cuda_graphs={str(graphs).lower()}",
+            f"trainer.max_steps={steps}",
+            # A warm-up and a decay inside the window: the graph must follow the scheduler's lr.
+            "schedule.warmup=true",
+            "schedule.warmup_steps=4",
+            "schedule.milestones=[0.5]",
+        ]
     )
-    model = build_model("original", 20).to(device, memory_format=torch.channels_last)
-    loader = TrainLoader(data.train, 64, Normalize(data.mean, data.std, device), device, seed=0)
-    opt = build_optimizer(model, OptimizerConfig(), fused=True)
-    # A warm-up and a decay inside the window: the graph must follow the scheduler's lr.
-    sched = build_scheduler(
-        opt, ScheduleConfig(warmup_steps=4, milestones=[0.5]), steps, warmup=True
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    step = make_train_step(
-        model, opt, scaler, device, precision, cuda_graphs="true" if graphs else "false"
-    )
-    assert isinstance(step, CudaGraphStep if graphs else EagerStep)
+    s = build_setup(cfg)
+    torch.backends.cudnn.benchmark = False  # the same kernels in both runs
+    assert isinstance(s.train_step, CudaGraphStep if graphs else EagerStep)
     if resume_state is not None:  # copies: the optimizer updates loaded buffers in place
-        model.load_state_dict(copy.deepcopy(resume_state["model"]))
-        opt.load_state_dict(copy.deepcopy(resume_state["opt"]))
+        s.model.load_state_dict(copy.deepcopy(resume_state["model"]))
+        s.optimizer.load_state_dict(copy.deepcopy(resume_state["opt"]))
     losses = []
     for _ in range(steps):
-        loss, _ = step(*loader.next())
-        sched.step()
+        loss, _ = s.train_step(*s.loader.next())
+        s.scheduler.step()
         losses.append(loss.item())
-    return model, opt, losses
+    return s.model, s.optimizer, losses
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

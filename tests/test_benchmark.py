@@ -1,0 +1,58 @@
+"""scripts/benchmark.py: Hydra overrides in, the trainer's own step timed, a table and JSON out."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resnet_exp.train.loop import Trainer
+
+from conftest import ONE_THREAD, REPO
+
+TINY_BENCH = ["depth=8", "data.image_size=16", "data.batch_size=16", "trainer.device=cpu"]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_project_worker_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load_benchmark()
+    calls = []
+    real = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self: calls.append(1) or real(self))
+    args = argparse.Namespace(
+        overrides=[*bench.BASE, *TINY_BENCH, "trainer.channels_last=false"],
+        steps=2,
+        warmup=1,
+        repeats=2,
+    )
+    result = bench.project_worker(args)
+    assert len(calls) == 1 + 2 * 2  # warm-up, then the timed windows
+    assert len(result["windows_s"]) == 2 and all(w > 0 for w in result["windows_s"])
+    assert result["batch"] == 16 and result["channels_last"] is False
+    assert result["precision"] == "fp32" and result["cuda_graphs"] is False
+
+
+@pytest.mark.slow
+def test_benchmark_command_writes_table_and_json(tmp_path: Path) -> None:
+    """Both loops in their subprocesses, as `make bench` runs them."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), *TINY_BENCH]
+    cmd += ["--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "0"]
+    cmd += ["--variant", "default", "--variant", "trainer.channels_last=false", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **ONE_THREAD})
+    rows = json.loads((out / "benchmark.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["reference", "default", "trainer.channels_last=false"]
+    assert all("error" not in r and r["images_per_s"] > 0 for r in rows)
+    assert "| reference |" in (out / "benchmark.md").read_text()
