@@ -79,6 +79,7 @@ class Trainer:
         self.ckpt_step: int | None = None  # the last checkpoint written (or resumed from)
         self.diverged_at: int | None = None
         self.t_mark, self.images = time.perf_counter(), 0  # the throughput window
+        self.records = RunRecords(run_dir, enabled=False)  # opened by run()
 
     # --- the run, top to bottom ---------------------------------------------------
 
@@ -114,6 +115,7 @@ class Trainer:
             self.stop.installed(),
         ):
             s.model.train()
+            self.t_mark, self.images = time.perf_counter(), 0
             try:
                 for step in range(self.step + 1, s.total_steps + 1):
                     self.train_step()
