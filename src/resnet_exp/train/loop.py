@@ -150,26 +150,26 @@ class Trainer:
     def finish_step(self, step: int, progress: Progress) -> Outcome:
         """Logging, end-of-epoch work, stop and divergence: where every step's outcome is decided."""
         total, m = self.s.total_steps, self.metrics
-        if step % self.cfg.trainer.log_every == 0 or step == total:
-            bad, interval = m.reduce(m.interval)
-            if bad is not None:
-                return self.diverge(bad)
-            self.log_interval(step, interval, progress)  # type: ignore[arg-type]
-        if step % self.steps_per_epoch == 0 or step == total:
-            bad, epoch = m.reduce(m.epoch)
+        logs = step % self.cfg.trainer.log_every == 0 or step == total
+        closes_epoch = step % self.steps_per_epoch == 0 or step == total
+        if logs or closes_epoch:
+            bad, interval, epoch = m.reduce()  # one host sync
             if bad is not None:  # never evaluate or checkpoint a diverged model
                 return self.diverge(bad)
-            self.end_of_epoch(step, epoch)  # type: ignore[arg-type]
+            if logs:
+                self.log_interval(step, interval, progress)
+            if closes_epoch:
+                self.end_of_epoch(step, epoch)  # evaluate, record, checkpoint
         if step == total:
             return Outcome.completed
-        if self.stop_agreed():
-            if self.ckpt_step != step:
-                bad, _ = m.reduce()
-                if bad is not None:
-                    return self.diverge(bad)
-                self.checkpoint(step)
-            return Outcome.stop
-        return Outcome.go
+        if not self.stop_agreed():
+            return Outcome.go
+        if self.ckpt_step != step:  # stopped mid-epoch: checkpoint here, if finite
+            bad, _, _ = m.reduce()
+            if bad is not None:
+                return self.diverge(bad)
+            self.checkpoint(step)
+        return Outcome.stop
 
     # --- the pieces ---------------------------------------------------------------
 

@@ -74,21 +74,22 @@ class RunningMetrics:
         self.interval.add(loss, wrong, len(y))
         self.epoch.add(loss, wrong, len(y))
 
-    def reduce(self, window: Window | None = None) -> tuple[int | None, Mean | None]:
-        """One host sync: the first non-finite step (None: none; the earliest over
-        the ranks) and the window's mean over all ranks."""
-        sums = [window.loss.double(), window.wrong.double()] if window is not None else []
+    def reduce(self) -> tuple[int | None, Mean, Mean]:
+        """One host sync: the first non-finite step (None: none; the earliest over the
+        ranks) and the interval's and the epoch's means over all ranks."""
+        windows = (self.interval, self.epoch)
+        sums = [t.double() for w in windows for t in (w.loss, w.wrong)]
         values = torch.stack([*sums, self.bad_step.double()])
         values[-1] = torch.where(values[-1] < 0, math.inf, values[-1])
         if distributed.current().enabled:
             distributed.sum_(values[:-1])
             distributed.min_(values[-1:])
         *totals, bad = values.tolist()
-        first_bad = None if math.isinf(bad) else int(bad)
-        if window is None:
-            return first_bad, None
-        n = max(window.seen * self.world, 1)
-        return first_bad, Mean(totals[0] / n, 100.0 * totals[1] / n)
+        means = []
+        for i, w in enumerate(windows):
+            n = max(w.seen * self.world, 1)
+            means.append(Mean(totals[2 * i] / n, 100.0 * totals[2 * i + 1] / n))
+        return (None if math.isinf(bad) else int(bad)), means[0], means[1]
 
     def steady_throughput(self) -> float:
         """Images/s over all logging intervals but the first (start-up, autotuning, compiling)."""
