@@ -159,6 +159,7 @@ def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> Non
             f"hydra.run.dir={run}",
         ],
         cwd=tmp_path,
+        timeout=1800,  # decoding 60k JPEGs, then 250 steps on one thread of a shared CPU
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_test_error"] < 70.0, summary
