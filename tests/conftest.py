@@ -18,8 +18,11 @@ import torch
 from resnet_exp.models.units import Block
 
 REPO = Path(__file__).resolve().parents[1]
+# The real CIFAR-10 images: $RESNET_EXP_CIFAR10, else ../shared/data/cifar10-jpeg beside
+# the checkout (or beside its parent: a worktree in a subdirectory).
+_SHARED = [p / "shared" / "data" / "cifar10-jpeg" for p in (REPO.parent, REPO.parent.parent)]
 CIFAR10 = Path(
-    os.environ.get("RESNET_EXP_CIFAR10", REPO.parent / "shared" / "data" / "cifar10-jpeg")
+    os.environ.get("RESNET_EXP_CIFAR10", next((p for p in _SHARED if p.is_dir()), _SHARED[0]))
 )
 # The five units of the paper's Fig. 4, in its order (a)-(e).
 BLOCKS = [b.value for b in Block]
