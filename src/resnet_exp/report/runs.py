@@ -59,10 +59,6 @@ class Run:
         return s.get("test_error", s.get(f"final_{self.eval_name}_error"))
 
     @property
-    def best_error(self) -> float | None:
-        return self.summary.get(f"best_{self.eval_name}_error")
-
-    @property
     def error_curve(self) -> list[tuple[int, float]]:
         key = f"{self.eval_name}_error"
         return [(r["step"], r[key]) for r in self.metrics if r.get(key) is not None]

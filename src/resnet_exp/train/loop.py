@@ -17,11 +17,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from resnet_exp.config import Config
+from resnet_exp.config import Config, model_options
 from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_dataset
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlowMonitor
-from resnet_exp.models import ORDERINGS, CifarResNet, build_model, count_params, resolve_unit
+from resnet_exp.models import CifarResNet, build_model, count_params, resolve_unit
 from resnet_exp.train import distributed
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint, resolve_resume, save_checkpoint
 from resnet_exp.train.checks import check_settings
@@ -145,6 +145,7 @@ def build_setup(cfg: Config) -> Setup:
         channels_last=cfg.trainer.channels_last,
         rank=dist.rank,
         world=dist.world,
+        pad_value=cfg.data.pad_value.value,
     )
     steps = (
         cfg.trainer.max_steps
@@ -155,7 +156,7 @@ def build_setup(cfg: Config) -> Setup:
         raise UserError(
             f"the run has {steps} steps: trainer.epochs and trainer.max_steps must be positive"
         )
-    warmup = warmup_on(cfg.schedule, cfg.depth, ORDERINGS[block].is_preact)
+    warmup = warmup_on(cfg.schedule, cfg.data.name)
     info.update(
         steps=steps,
         steps_per_epoch=loader.steps_per_epoch,
@@ -204,6 +205,7 @@ def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
         cfg.model.width,
         cfg.model.checkpointing,
         shortcut=cfg.model.shortcut,
+        **model_options(cfg.model),
     )
 
 
@@ -244,7 +246,9 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
 
     model, loader, device = s.model, s.loader, s.device
     optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, cfg.schedule, s.total_steps, s.warmup)
+    scheduler = build_scheduler(
+        optimizer, cfg.schedule, s.total_steps, s.warmup, loader.steps_per_epoch
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
     t = cfg.trainer
     train_step = make_train_step(
