@@ -39,6 +39,7 @@ FIXED = (
     "data.batch_size",
     "data.augment",
     "data.pad",
+    "data.pad_value",
     "optimizer.name",
     "schedule.name",
 )
