@@ -2,6 +2,7 @@
 
     python scripts/fidelity_cost.py                       # ResNet-20, batch 128, CPU
     python scripts/fidelity_cost.py --depth 110 --device cuda
+    python scripts/fidelity_cost.py --parts bf16 --batch 32   # CPUs without fast bf16
 
 Times a full step (forward, loss, backward, SGD update; channels_last) of a
 pre-activation net with and without each option, alternating the variants
@@ -76,23 +77,31 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast pair")
+    p.add_argument(
+        "--parts",
+        default="bn,bf16,pad",
+        help="comma list: bn (ghost batch norm), bf16 (fp32_identity under autocast), pad",
+    )
     a = p.parse_args()
     dev = torch.device(a.device)
     d, b = a.depth, a.batch
-    groups = {
-        "fp32, whole-batch BN": step_timer(dev, d, b, "fp32"),
-        "fp32, model.bn_group=64": step_timer(dev, d, b, "fp32", bn_group=64),
-    }
-    if not a.no_bf16:
+    parts = set(a.parts.split(","))
+    groups = {}
+    if "bn" in parts:
+        groups |= {
+            "fp32, whole-batch BN": step_timer(dev, d, b, "fp32"),
+            f"fp32, model.bn_group={b // 2}": step_timer(dev, d, b, "fp32", bn_group=b // 2),
+        }
+    if "bf16" in parts:
         groups |= {
             "bf16, fp32_identity=true": step_timer(dev, d, b, "bf16"),
             "bf16, fp32_identity=false": step_timer(dev, d, b, "bf16", fp32_identity=False),
         }
-    groups |= {
-        "loader, pad_value=mean": loader_timer(dev, b, "mean"),
-        "loader, pad_value=zero": loader_timer(dev, b, "zero"),
-    }
+    if "pad" in parts:
+        groups |= {
+            "loader, pad_value=mean": loader_timer(dev, b, "mean"),
+            "loader, pad_value=zero": loader_timer(dev, b, "zero"),
+        }
     res = median_seconds(groups, dev, a.steps, a.rounds)
     print(f"preact ResNet-{d}, batch {b}, {dev}, torch {torch.__version__}")
     print("| variant | ms / step | images/s |\n|---|---|---|")
