@@ -14,7 +14,7 @@ from torch import nn
 
 from resnet_exp import build_model
 from resnet_exp.cli import config_dir
-from resnet_exp.config import Config, OptimizerConfig, ScheduleConfig
+from resnet_exp.config import Config, DataConfig, OptimizerConfig, ScheduleConfig
 from resnet_exp.data import Normalize, TrainLoader
 from resnet_exp.data.sources import Split
 from resnet_exp.errors import UserError
@@ -280,6 +280,7 @@ def test_crop_padding_colour(pad_value: str) -> None:
     assert is_border.any() and ((pixels == inside).all(1) | is_border).all()
     if pad_value == "mean":  # fb.resnet.torch: normalise, then zero-pad
         assert torch.equal(border, torch.zeros(3))
+    assert DataConfig().pad_value.value == "mean"  # the default
 
 
 # --- 7. option-A shortcut in pre-activation nets -------------------------------------
