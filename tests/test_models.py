@@ -210,11 +210,14 @@ def test_preact_net_stem_and_final_activation() -> None:
     assert isinstance(orig.head, nn.Identity)
 
 
-def test_stride_on_3x3_of_bottleneck() -> None:
-    unit = build_model("preact", 164).units[18]
+@pytest.mark.parametrize(("stride_at", "strides"), [("first", [2, 1, 1]), ("conv3x3", [1, 2, 1])])
+def test_bottleneck_stride_placement(stride_at: str, strides: list[int]) -> None:
+    # first: resnet-pre-act.lua (and the authors' Caffe models); conv3x3: fb.resnet.torch
+    unit = build_model("preact", 164, stride_at=stride_at).units[18]
     convs = [m for m in unit.branch if isinstance(m, nn.Conv2d)]
     assert [c.kernel_size[0] for c in convs] == [1, 3, 1]
-    assert [c.stride[0] for c in convs] == [1, 2, 1]
+    assert [c.stride[0] for c in convs] == strides
+    assert meta_params("preact", 164, stride_at=stride_at) == EXACT["preact", 164]
 
 
 def test_he_initialisation() -> None:

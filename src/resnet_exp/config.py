@@ -34,6 +34,31 @@ class Downsample(str, Enum):
     B = "B"  # strided 1x1 projection
 
 
+class StrideAt(str, Enum):
+    first = "first"  # a downsampling unit's first conv (the bottleneck's 1x1): the authors' code
+    conv3x3 = "conv3x3"  # its first 3x3 conv: fb.resnet.torch
+
+
+class PreactShortcut(str, Enum):
+    shared = "shared"  # a reshaping shortcut reads the unit's BN-ReLU (the authors' Torch code)
+    raw = "raw"  # it reads the unit's raw input
+
+
+class BnStats(str, Enum):
+    first = "first"  # running statistics of the first group (rank 0's under DDP)
+    mean = "mean"  # the mean of the groups' updates
+
+
+class PadValue(str, Enum):
+    mean = "mean"  # normalise, then zero-pad: the border is the mean colour (fb.resnet.torch)
+    zero = "zero"  # pad the raw image with black
+
+
+class MilestoneUnit(str, Enum):
+    fraction = "fraction"  # of the run's steps
+    epoch = "epoch"  # completed epochs (fb.resnet.torch's 1-based epochs 81, 122 are 80, 121)
+
+
 class Precision(str, Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -86,6 +111,11 @@ class ModelConfig:
     downsample: Downsample = Downsample.auto  # auto: A for basic, B for bottleneck units
     width: int = 16  # stem width; stages use width, 2*width, 4*width
     checkpointing: int = 0  # activation-checkpoint segments (0: off)
+    stride_at: StrideAt = StrideAt.first  # where a downsampling unit's stride sits
+    preact_shortcut: PreactShortcut = PreactShortcut.shared  # input of pre-act reshaping shortcuts
+    bn_group: int | None = None  # BN statistics per group of this many images (null: whole batch)
+    bn_stats: BnStats = BnStats.first  # with bn_group: which group's running statistics are kept
+    fp32_identity: bool = True  # under autocast: identity path, gates, classifier in fp32
     shortcut: ShortcutSpec = field(default_factory=ShortcutSpec)  # set by the `shortcut` group
 
 
@@ -104,6 +134,7 @@ class DataConfig:
     image_size: int = 32  # imagefolder images are resized (shorter side) and center-cropped to this
     augment: bool = True  # pad-4 random crop + horizontal flip
     pad: int = 4
+    pad_value: PadValue = PadValue.mean  # colour of the crop's padding
     num_classes: int | None = None  # synthetic only; real data sets count their classes
     synthetic_train: int = 5000
     synthetic_test: int = 1000
@@ -123,9 +154,10 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     name: ScheduleName = ScheduleName.paper  # set by the `schedule` group
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # in milestone_unit
+    milestone_unit: MilestoneUnit = MilestoneUnit.fraction
     gamma: float = 0.1  # lr factor at each milestone
-    # Switch: auto follows the paper (ResNet-110 and deep post-activation nets; train/optim.py)
+    # Switch: auto warms up every CIFAR run, as the paper's appendix (train/optim.py)
     warmup: str = Switch.auto.value
     warmup_steps: int = 400
     warmup_factor: float = 0.1  # warm-up lr = factor * lr (0.01 for lr 0.1)
@@ -186,6 +218,17 @@ class Config:
     resume: str | None = None
     dry_run: bool = False  # build model and data, print what would run, exit
     mode: Mode = Mode.train  # train | diagnose (gradient flow at initialisation)
+
+
+def model_options(m: ModelConfig) -> dict:
+    """The fidelity options of ``build_model`` (docs/fidelity.md) from the model config."""
+    return {
+        "stride_at": m.stride_at.value,
+        "preact_shortcut": m.preact_shortcut.value,
+        "bn_group": m.bn_group,
+        "bn_stats": m.bn_stats.value,
+        "fp32_identity": m.fp32_identity,
+    }
 
 
 def register_configs() -> None:

@@ -5,6 +5,11 @@ costs a host-side crop/flip/normalise per image and a host-to-device copy per
 step, which on a GPU is slower than the ResNet-20 step itself. Here one
 gather per batch does crop and flip for all images at once, on the device,
 and nothing waits on the host.
+
+The crop's padding is the data set's mean colour by default (``pad_value=
+"mean"``): fb.resnet.torch normalises first and then zero-pads
+(datasets/cifar10.lua:45-49, transforms.lua:66-73), so its border is 0 after
+normalisation. ``"zero"`` pads the raw image with black.
 """
 
 from __future__ import annotations
@@ -33,8 +38,14 @@ class Normalize:
         return torch.addcmul(self.shift, x.float(), self.scale)
 
 
+PAD_VALUES = ("mean", "zero")
+
+
 def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Random ``pad``-pixel-padded crop and horizontal flip of every image, in one gather.
+
+    The padding is zeros of ``x``'s dtype: black for uint8 images, the mean
+    colour for normalised ones.
 
     Returns an NCHW view with channels_last strides (the gather yields NHWC).
     """
@@ -73,11 +84,15 @@ class TrainLoader:
         channels_last: bool = True,
         rank: int = 0,
         world: int = 1,
+        pad_value: str = "mean",
     ) -> None:
+        if pad_value not in PAD_VALUES:
+            raise ValueError(f"pad_value={pad_value!r} is not one of {', '.join(PAD_VALUES)}")
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.normalize, self.device = batch_size, normalize, device
         self.augment, self.pad, self.channels_last = augment, pad, channels_last
+        self.pad_value = pad_value
         self.rank, self.world = rank, world
         # Drop the last partial batch: constant shapes suit cudnn autotuning and compiled graphs.
         self.steps_per_epoch = len(split) // (batch_size * world)
@@ -98,9 +113,12 @@ class TrainLoader:
         idx = self.perm[self.pos * self.batch_size : (self.pos + 1) * self.batch_size]
         self.pos += 1
         x = self.images[idx]
-        if self.augment:
-            x = crop_flip(x, self.pad, self.aug_gen)
-        x = self.normalize(x)
+        if not self.augment:
+            x = self.normalize(x)
+        elif self.pad_value == "mean":  # normalise, then zero-pad: the border is the mean
+            x = crop_flip(self.normalize(x), self.pad, self.aug_gen)
+        else:  # black border, then normalise
+            x = self.normalize(crop_flip(x, self.pad, self.aug_gen))
         x = x.contiguous(
             memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
         )

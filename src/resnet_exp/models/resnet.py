@@ -13,8 +13,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from resnet_exp.errors import UserError
-from resnet_exp.models.units import BLOCKS, BlockSpec, ResidualUnit, conv, ops
+from resnet_exp.models.ghost_bn import BN_STATS, convert_ghost_bn
+from resnet_exp.models.shortcuts import autocast_on, fp32_like
+from resnet_exp.models.units import BLOCKS, STRIDE_AT, BlockSpec, ResidualUnit, conv, ops
 from resnet_exp.models.variants import ShortcutSpec, unit_shortcut
+
+PREACT_SHORTCUTS = ("shared", "raw")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,17 @@ class CifarResNet(nn.Module):
     nets leave the stem conv bare: the first unit's BN-ReLU follows it directly
     and feeds both paths, and one more BN-ReLU after the last unit precedes the
     pooling (without it training can diverge).
+
+    ``preact_shortcut``: in a pre-activation net, a shortcut that changes the
+    shape (zero padding or projection, on the first unit of a stage) reads
+    the unit's shared pre-activation (``shared``: fb.resnet.torch's
+    ``both_preact``, resnet-pre-act.lua's "common BN, ReLU") or its raw
+    input (``raw``). ``stride_at``: see ``ResidualUnit``. ``bn_group``: batch
+    norm statistics per group of that many images of a training batch (see
+    ``ghost_bn.py``; None: the whole batch), ``bn_stats`` which running
+    statistics are kept. ``fp32_identity``: under autocast the identity path
+    (stem output, every sum), the gates and scalings and the classifier run
+    in fp32; the convolutions in the autocast dtype.
     """
 
     def __init__(
@@ -96,6 +111,11 @@ class CifarResNet(nn.Module):
         width: int = 16,
         checkpoint_segments: int = 0,
         shortcut: ShortcutSpec | None = None,
+        stride_at: str = "first",
+        preact_shortcut: str = "shared",
+        bn_group: int | None = None,
+        bn_stats: str = "first",
+        fp32_identity: bool = True,
     ) -> None:
         super().__init__()
         spec = shortcut if shortcut is not None else ShortcutSpec()
@@ -120,6 +140,14 @@ class CifarResNet(nn.Module):
                     bn=block.last.endswith(("cb", "cbr")),
                 )
                 first = stage == 0 and i == 0
+                # The first unit's BN-ReLU follows the stem conv directly, so
+                # its shortcut always reads it; shortcuts that change the
+                # shape (and 1x1-conv shortcuts) follow `preact_shortcut`.
+                reshapes = stride > 1 or cin != widths[-1]
+                reads_pre = reshapes or getattr(path, "is_projection", False)
+                share = block.is_preact and (
+                    first or (preact_shortcut == "shared" and reads_pre)
+                )
                 units.append(
                     ResidualUnit(
                         block,
@@ -129,7 +157,9 @@ class CifarResNet(nn.Module):
                         stride,
                         path,
                         merge,
-                        share_preact=first and block.is_preact,
+                        share_preact=share,
+                        stride_at=stride_at,
+                        fp32_identity=fp32_identity,
                     )
                 )
                 cin = widths[-1]
@@ -138,7 +168,10 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
         self.checkpoint_segments = checkpoint_segments
+        self.fp32_identity = fp32_identity
         self._init_weights()
+        if bn_group is not None:
+            convert_ghost_bn(self, bn_group, bn_stats)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -152,12 +185,15 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
+        if self.fp32_identity and autocast_on():
+            x = x.float()  # the identity path starts fp32; every unit keeps it so
         if self.checkpoint_segments and self.training and torch.is_grad_enabled():
             x = self._checkpointed_units(x)
         else:
             x = self.units(x)
         x = self.pool(self.head(x)).flatten(1)
-        return self.fc(x)
+        with fp32_like(x):  # fp32 logits for the loss and the evaluation
+            return self.fc(x)
 
     def _checkpointed_units(self, x: torch.Tensor) -> torch.Tensor:
         """Keep only the segment boundaries; backward recomputes each segment.
@@ -203,6 +239,11 @@ def build_model(
     checkpoint_segments: int = 0,
     *,
     shortcut: str | ShortcutSpec = "identity",
+    stride_at: str = "first",
+    preact_shortcut: str = "shared",
+    bn_group: int | None = None,
+    bn_stats: str = "first",
+    fp32_identity: bool = True,
 ) -> CifarResNet:
     """Build a CIFAR ResNet of the paper, e.g. ``build_model("preact", 1001)``.
 
@@ -214,17 +255,41 @@ def build_model(
     ``shortcut`` is a variant of Fig. 2 by name (``identity``, ``scaling``,
     ``exclusive_gating``, ``shortcut_gating``, ``conv1x1``, ``dropout``) or a
     ``ShortcutSpec`` with its parameters, e.g.
-    ``ShortcutSpec("exclusive_gating", gate_bias=-7)``.
+    ``ShortcutSpec("exclusive_gating", gate_bias=-7)``. The remaining
+    options (``stride_at``, ``preact_shortcut``, ``bn_group``, ``bn_stats``,
+    ``fp32_identity``) are described in ``CifarResNet``; their defaults
+    follow the authors' code (see docs/fidelity.md).
     """
     if block not in BLOCKS:
         raise UserError(f"block={block!r} is not one of {', '.join(BLOCKS)}")
     if downsample not in ("auto", "A", "B"):
         raise UserError(f"model.downsample={downsample!r} is not one of auto, A, B")
+    for key, value, allowed in (
+        ("stride_at", stride_at, STRIDE_AT),
+        ("preact_shortcut", preact_shortcut, PREACT_SHORTCUTS),
+        ("bn_stats", bn_stats, BN_STATS),
+    ):
+        if value not in allowed:
+            raise UserError(f"model.{key}={value!r} is not one of {', '.join(allowed)}")
+    if bn_group is not None and bn_group < 1:
+        raise UserError(f"model.bn_group={bn_group} must be at least 1 (or null: the whole batch)")
     spec = ShortcutSpec(shortcut) if isinstance(shortcut, str) else shortcut
     spec.check()
     unit, n = resolve_unit(depth, unit)
     return CifarResNet(
-        BLOCKS[block], unit, n, num_classes, downsample, width, checkpoint_segments, spec
+        BLOCKS[block],
+        unit,
+        n,
+        num_classes,
+        downsample,
+        width,
+        checkpoint_segments,
+        spec,
+        stride_at=stride_at,
+        preact_shortcut=preact_shortcut,
+        bn_group=bn_group,
+        bn_stats=bn_stats,
+        fp32_identity=fp32_identity,
     )
 
 

@@ -9,9 +9,24 @@ reference code).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def autocast_on() -> bool:
+    """Whether a forward pass runs under autocast (GPU or CPU)."""
+    return torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
+
+
+def fp32_like(t: torch.Tensor) -> AbstractContextManager:
+    """Autocast off when ``t`` (the identity path) is fp32 under autocast: ops in
+    this context (a gate, the classifier) then run in fp32 like the path."""
+    if t.dtype == torch.float32 and autocast_on():
+        return torch.autocast(t.device.type, enabled=False)
+    return nullcontext()
 
 
 class Merge(nn.Module):

@@ -10,9 +10,10 @@ and after the addition. A basic unit (two 3x3 convs), a bottleneck unit
     preact (e), bottleneck:    b r c  b r c  b r c  (+x)
 
 Ops in front of the first convolution form the unit's *pre-activation*. When
-the shortcut is a projection it reads the pre-activated input, so the
-BN-ReLU is computed once and shared (as in the authors' reference code); an
-identity shortcut always carries the untouched ``x``.
+the shortcut changes the shape (a projection or zero padding) it reads the
+pre-activated input, so the BN-ReLU is computed once and shared (the authors'
+code: resnet-pre-act.lua's "common BN, ReLU", fb.resnet.torch's
+``both_preact``); an identity shortcut always carries the untouched ``x``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from enum import Enum
 import torch
 from torch import nn
 
-from resnet_exp.models.shortcuts import Add, Merge
+from resnet_exp.models.shortcuts import Add, Merge, autocast_on
+
+STRIDE_AT = ("first", "conv3x3")
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,15 @@ class ResidualUnit(nn.Module):
 
     ``kernels`` gives the branch's convolutions (``(3, 3)`` basic,
     ``(1, 3, 1)`` bottleneck, ``(3,)`` one-layer skip); ``widths`` their
-    output channels. The stride sits on the first 3x3 conv (on the 3x3 of a
-    bottleneck, as in the reference code), never on a 1x1.
+    output channels. ``stride_at="first"`` puts a downsampling unit's stride
+    on its first conv: the first 1x1 of a bottleneck, as in the authors' code
+    (resnet-pre-act.lua) and their Caffe models; ``"conv3x3"`` puts it on the
+    first 3x3 conv, as fb.resnet.torch does. Basic and one-conv units start
+    with their 3x3, so both place it there.
+
+    ``fp32_identity``: under autocast the shortcut is cast to fp32 before the
+    merge, so the sum (the identity path) stays fp32 while the convolutions
+    run in bf16/fp16. Outside autocast it does nothing.
     """
 
     def __init__(
@@ -101,33 +111,39 @@ class ResidualUnit(nn.Module):
         shortcut: nn.Module,
         merge: Merge | None = None,
         share_preact: bool = False,
+        stride_at: str = "first",
+        fp32_identity: bool = True,
     ) -> None:
         super().__init__()
+        if stride_at not in STRIDE_AT:
+            raise ValueError(f"stride_at={stride_at!r} is not one of {', '.join(STRIDE_AT)}")
         pre = block.pre
         # The unit's input is only overwritten in place where no identity
         # path reads it afterwards.
         self.pre = ops(pre, cin, inplace=False)
         layers: list[nn.Module] = []
         channels = cin
-        stride_at = next(i for i, k in enumerate(kernels) if k == 3)
+        strided = 0 if stride_at == "first" else next(i for i, k in enumerate(kernels) if k == 3)
         for i, (spec, k, width) in enumerate(zip(block.branch(len(kernels)), kernels, widths)):
             if i == 0:
                 spec = spec[len(pre) :]  # the pre-activation already ran
             before, after = spec.split("c")
             layers += ops(before, channels)
-            layers.append(conv(channels, width, k, stride if i == stride_at else 1))
+            layers.append(conv(channels, width, k, stride if i == strided else 1))
             channels = width
             layers += ops(after, channels)
         self.branch = nn.Sequential(*layers)
         self.shortcut = shortcut
         self.merge = merge if merge is not None else Add()
         self.post = ops(block.after_add, channels)
-        # Projections read the pre-activated input (computed once); so does
-        # every shortcut of the first unit of a pre-act net, whose BN-ReLU
-        # follows the stem convolution directly.
-        self.share_preact = share_preact or getattr(shortcut, "is_projection", False)
+        # Whether the shortcut reads the pre-activated input (computed once);
+        # the network decides (see CifarResNet).
+        self.share_preact = share_preact
+        self.fp32_identity = fp32_identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre(x)
         identity = self.shortcut(pre if self.share_preact else x)
+        if self.fp32_identity and autocast_on():
+            identity = identity.float()  # the merge then adds (and gates) in fp32
         return self.post(self.merge(identity, self.branch(pre), x))

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from resnet_exp.errors import UserError
-from resnet_exp.models.shortcuts import Add, Merge, Projection, downsample_shortcut
+from resnet_exp.models.shortcuts import Add, Merge, Projection, downsample_shortcut, fp32_like
 
 
 class ShortcutName(str, Enum):
@@ -94,6 +94,11 @@ class Gate(Merge):
     ``exclusive``: shortcut x (1 - g), branch x g; otherwise only the shortcut
     is gated and the branch passes unchanged. A very negative b_g starts the
     gate nearly closed (g ~ 0), i.e. close to an identity shortcut.
+
+    The gate runs at the identity path's precision: in fp32 when the unit
+    keeps its shortcut in fp32 under autocast (``fp32_identity``). In bf16,
+    ``1 - sigmoid(-7)`` rounds to exactly 1.0 (fp32: 0.99909), which would
+    erase the gate the paper's Table 1 studies.
     """
 
     def __init__(self, cin: int, cout: int, stride: int, bias: float, exclusive: bool) -> None:
@@ -105,7 +110,8 @@ class Gate(Merge):
     def forward(
         self, shortcut: torch.Tensor, branch: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor:
-        g = torch.sigmoid(self.gate(x))
+        with fp32_like(shortcut):
+            g = torch.sigmoid(self.gate(x.to(shortcut.dtype)))
         return (1 - g) * shortcut + (g * branch if self.exclusive else branch)
 
     def extra_repr(self) -> str:

@@ -59,10 +59,6 @@ class Run:
         return s.get(SummaryKey.test_error, s.get(SummaryKey.final(self.eval_name, "error")))
 
     @property
-    def best_error(self) -> float | None:
-        return self.summary.get(SummaryKey.best(self.eval_name))
-
-    @property
     def error_curve(self) -> list[tuple[int, float]]:
         key = f"{self.eval_name}_error"
         return [(r["step"], r[key]) for r in self.metrics if r.get(key) is not None]

@@ -10,6 +10,7 @@ from torch import nn
 
 from resnet_exp.config import Config
 from resnet_exp.errors import UserError
+from resnet_exp.train import distributed
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
 
 
@@ -25,6 +26,7 @@ def check_settings(cfg: Config) -> None:
         raise UserError(f"trainer.epochs={t.epochs} must be at least 1")
     if cfg.model.width < 1:
         raise UserError(f"model.width={cfg.model.width} must be at least 1")
+    check_bn_group(cfg)
     sch = cfg.schedule
     if not 0 <= sch.warmup_factor <= 1:
         raise UserError(f"schedule.warmup_factor={sch.warmup_factor} must be in [0, 1]")
@@ -34,8 +36,28 @@ def check_settings(cfg: Config) -> None:
     # them on a stand-in parameter now. torch's own messages name the value.
     try:
         opt = build_optimizer(nn.Linear(1, 1), cfg.optimizer)
-        build_scheduler(opt, sch, 100, warmup_on(sch, cfg.depth, preact=True))
+        build_scheduler(opt, sch, 10**6, warmup_on(sch, cfg.data.name), steps_per_epoch=1)
     except ValueError as e:
         if isinstance(e, UserError):
             raise
         raise UserError(f"optimizer/schedule settings rejected by torch: {e}") from e
+
+
+def check_bn_group(cfg: Config) -> None:
+    """Ghost batch norm needs the per-process batch to split into whole groups."""
+    group = cfg.model.bn_group
+    if group is None:
+        return
+    if group < 1:
+        raise UserError(f"model.bn_group={group} must be at least 1 (or null: the whole batch)")
+    if cfg.trainer.sync_bn:
+        raise UserError(
+            f"model.bn_group={group} and trainer.sync_bn=true contradict each other "
+            "(statistics per group vs over all processes); set one"
+        )
+    local = cfg.data.batch_size // distributed.current().world
+    if local > group and local % group:
+        raise UserError(
+            f"model.bn_group={group} does not divide the per-process batch of {local} images; "
+            "use a divisor of it (or null)"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from typing import TypeVar
 
@@ -21,6 +22,9 @@ from resnet_exp.config import OptimizerConfig, OptimizerName, ScheduleConfig, Sc
 from resnet_exp.errors import UserError
 
 E = TypeVar("E", bound=Enum)
+CIFAR = ("cifar10", "cifar100")
+
+log = logging.getLogger("resnet_exp")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False) -> Optimizer:
@@ -60,27 +64,58 @@ def _choice(enum: type[E], value: object, key: str) -> E:
         raise UserError(f"{key}={value!r} is not one of {allowed}") from None
 
 
-def warmup_on(cfg: ScheduleConfig, depth: int, preact: bool) -> bool:
-    """The paper warms up at lr 0.01 for ResNet-110 (kept for every ordering, so
-    Table 2 compares like with like) and for the deep post-activation nets,
-    which otherwise fail to start; pre-activation nets do not need it."""
+def warmup_on(cfg: ScheduleConfig, dataset: str) -> bool:
+    """``auto``: the paper's appendix warms up (lr 0.01 for 400 iterations) in all
+    CIFAR experiments, pre-activation nets included although they do not need
+    it; other data sets start at the full lr. fb.resnet.torch has no warm-up
+    (``false``)."""
     choice = Switch.of(cfg.warmup, "schedule.warmup")
     if choice != Switch.auto:
         return choice == Switch.true
-    return depth == 110 or (depth > 164 and not preact)
+    return dataset in CIFAR
+
+
+def milestone_steps(
+    cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int | None
+) -> list[int]:
+    """The steps after which the lr drops: fractions of the run, or completed epochs."""
+    unit = getattr(cfg.milestone_unit, "value", cfg.milestone_unit)
+    if unit == "epoch":
+        if steps_per_epoch is None:
+            raise ValueError("milestones in epochs need the run's steps_per_epoch")
+        if any(m <= 0 for m in cfg.milestones):
+            raise UserError(
+                f"schedule.milestones={list(cfg.milestones)} must be positive epoch counts"
+            )
+        steps = sorted(round(m * steps_per_epoch) for m in cfg.milestones)
+        if steps and steps[-1] >= total_steps:
+            log.warning(
+                "schedule.milestones=%s (epochs) reach beyond the run's %d steps: "
+                "some lr drops never happen",
+                list(cfg.milestones),
+                total_steps,
+            )
+        return steps
+    if any(not 0 < m < 1 for m in cfg.milestones):
+        raise UserError(
+            f"schedule.milestones={list(cfg.milestones)} must be fractions of the run in (0, 1) "
+            "(or set schedule.milestone_unit=epoch)"
+        )
+    return sorted(round(m * total_steps) for m in cfg.milestones)
 
 
 def build_scheduler(
-    opt: Optimizer, cfg: ScheduleConfig, total_steps: int, warmup: bool
+    opt: Optimizer,
+    cfg: ScheduleConfig,
+    total_steps: int,
+    warmup: bool,
+    steps_per_epoch: int | None = None,
 ) -> LRScheduler:
+    """Per-step schedule; ``steps_per_epoch`` places milestones given in epochs."""
     warm = min(cfg.warmup_steps, total_steps) if warmup else 0
     name = _choice(ScheduleName, cfg.name, "schedule.name")
     if name == ScheduleName.paper:
-        if any(not 0 < m < 1 for m in cfg.milestones):
-            raise UserError(
-                f"schedule.milestones={list(cfg.milestones)} must be fractions of the run in (0, 1)"
-            )
-        milestones = sorted(round(m * total_steps) for m in cfg.milestones)
+        milestones = milestone_steps(cfg, total_steps, steps_per_epoch)
         main = MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
         if not warm:
             return main

@@ -42,6 +42,7 @@ FIXED = (
     "data.batch_size",
     "data.augment",
     "data.pad",
+    "data.pad_value",
     "optimizer.name",
     "schedule.name",
 )

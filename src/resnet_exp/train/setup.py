@@ -13,10 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from resnet_exp.config import Config
+from resnet_exp.config import Config, model_options
 from resnet_exp.data import Dataset, Normalize, TrainLoader, load_dataset
 from resnet_exp.errors import UserError
-from resnet_exp.models import BLOCKS, CifarResNet, build_model, count_params, resolve_unit
+from resnet_exp.models import CifarResNet, build_model, count_params, resolve_unit
 from resnet_exp.train import distributed
 from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
@@ -57,6 +57,7 @@ def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
         cfg.model.width,
         cfg.model.checkpointing,
         shortcut=cfg.model.shortcut,
+        **model_options(cfg.model),
     )
 
 
@@ -102,6 +103,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         cfg.seed,
         augment=cfg.data.augment,
         pad=cfg.data.pad,
+        pad_value=cfg.data.pad_value.value,
         channels_last=cfg.trainer.channels_last,
         rank=dist.rank,
         world=dist.world,
@@ -112,9 +114,9 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         raise UserError(
             f"the run has {total} steps: trainer.epochs and trainer.max_steps must be positive"
         )
-    warmup = warmup_on(cfg.schedule, cfg.depth, BLOCKS[cfg.model.block.value].is_preact)
+    warmup = warmup_on(cfg.schedule, cfg.data.name)
     optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, cfg.schedule, total, warmup)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total, warmup, loader.steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_step = make_train_step(
         train_model,
