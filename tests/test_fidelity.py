@@ -7,13 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 from torch import nn
 
 from resnet_exp import build_model
-from resnet_exp.cli import config_dir
 from resnet_exp.config import Config, DataConfig, OptimizerConfig, ScheduleConfig
 from resnet_exp.data import Normalize, TrainLoader
 from resnet_exp.data.sources import Split
@@ -23,20 +19,14 @@ from resnet_exp.models.shortcuts import PadShortcut
 from resnet_exp.models.units import ResidualUnit
 from resnet_exp.models.variants import Gate
 from resnet_exp.train.checks import check_settings
-from resnet_exp.train.loop import model_from_config
 from resnet_exp.train.optim import build_optimizer, build_scheduler, milestone_steps, warmup_on
+from resnet_exp.train.setup import model_from_config
 
-
-@pytest.fixture(scope="module")
-def hydra_configs():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
+from conftest import compose_config
 
 
 def config(*overrides: str) -> Config:
-    return OmegaConf.to_object(compose("config", overrides=list(overrides)))  # type: ignore[return-value]
+    return compose_config(list(overrides))
 
 
 def lrs(scheduler, optimizer, steps: int) -> list[float]:
@@ -54,7 +44,7 @@ def lrs(scheduler, optimizer, steps: int) -> list[float]:
 @pytest.mark.parametrize(
     "net", [("block=preact", "depth=20"), ("block=original", "depth=164", "dataset=cifar100")]
 )
-def test_auto_warmup_on_every_cifar_run(hydra_configs, net: tuple[str, ...]) -> None:
+def test_auto_warmup_on_every_cifar_run(net: tuple[str, ...]) -> None:
     # The paper's appendix: all CIFAR runs, pre-act and shallow nets included
     # (the old rule left these two out).
     cfg = config(*net)
@@ -149,7 +139,7 @@ def test_ghost_bn_groups_really_differ_from_the_whole_batch() -> None:
     torch.testing.assert_close(bn(x), plain(x))
 
 
-def test_presets_set_the_papers_bn_batch(hydra_configs) -> None:
+def test_presets_set_the_papers_bn_batch() -> None:
     for exp in ("table1", "table2", "table3"):
         cfg = config(f"+experiment={exp}")
         assert cfg.model.bn_group == 64 and cfg.data.batch_size == 128  # 2 GPUs
@@ -166,7 +156,7 @@ def test_presets_set_the_papers_bn_batch(hydra_configs) -> None:
         (["model.bn_group=64", "trainer.sync_bn=true"], "trainer.sync_bn=true contradict"),
     ],
 )
-def test_bad_bn_group_is_a_user_error(hydra_configs, overrides: list[str], message: str) -> None:
+def test_bad_bn_group_is_a_user_error(overrides: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message):
         check_settings(config(*overrides))
 
@@ -198,7 +188,7 @@ def gated_forward(
     return torch.cat([k.flatten() for k in keep]), dtypes, logits
 
 
-def test_gate_and_identity_path_stay_fp32_under_the_presets_numerics(hydra_configs) -> None:
+def test_gate_and_identity_path_stay_fp32_under_the_presets_numerics() -> None:
     row = ["+experiment=table1", "scale=short", "model.shortcut.name=shortcut_gating"]
     cfg = config(*row, "model.shortcut.gate_bias=-7")
     assert cfg.model.fp32_identity and cfg.trainer.precision.value == "auto"
@@ -229,7 +219,7 @@ def test_fp32_identity_changes_nothing_outside_autocast() -> None:
 # --- 5. the batch-64 ResNet-1001 run ------------------------------------------------
 
 
-def test_batch64_preset_is_the_published_run(hydra_configs) -> None:
+def test_batch64_preset_is_the_published_run() -> None:
     cfg = config("+experiment=resnet1001_batch64", "data.batch_size=64")
     assert (cfg.model.block.value, cfg.depth, cfg.model.unit.value) == (
         "preact",
