@@ -1,0 +1,59 @@
+"""Hyper-parameter search with Hydra's Optuna sweeper (configs/hydra/sweeper/search.yaml).
+
+A job returns its summary as a ``JobResult``: a dict to Hydra's launchers and
+callbacks (callbacks.Reporter reads its status), a number to an optimising
+sweeper, which calls ``float()`` on a job's return value: the run's final
+validation error. The search selects on held-out training images, never on
+the test set: ``RefuseTestSearch`` stops a search run with ``data.val_size=0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+# optuna imports alembic, which logs each of its plugins at INFO when Hydra loads the sweeper.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+OBJECTIVE = "final_val_error"
+
+
+class JobResult(dict):
+    """A job's summary; ``float(result)`` is the value a search minimises."""
+
+    def __float__(self) -> float:
+        value = self.get(OBJECTIVE)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        status = self.get("status", "no status")
+        if status == "completed":
+            why = "no validation error (data.val_size=0)"
+        else:
+            why = f"{status}: {self.get('error') or self.get('diverged_at_step', '')}".rstrip(": ")
+        raise ValueError(f"the job has no {OBJECTIVE} to minimise ({why})")
+
+
+def is_optuna(config: DictConfig) -> bool:
+    return "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
+
+
+class RefuseTestSearch(Callback):
+    """A search minimises the validation error; without a validation split it would
+    select hyper-parameters on the test set, so it is refused before any trial runs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_optuna(config) or config.get("dry_run") or config.mode != "train":
+            return
+        if config.data.val_size == 0:
+            print(
+                "resnet-exp: error: a hyper-parameter search minimises the validation error, "
+                "and data.val_size=0 holds out no validation images (it would select on the "
+                "test set); pass data.val_size=5000 (or another number of training images)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)  # a callback's exceptions become warnings; SystemExit is not
