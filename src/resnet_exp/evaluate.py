@@ -22,6 +22,7 @@ from torch import nn
 from resnet_exp.config import Config, EvalSplit, Mode
 from resnet_exp.data import Split, eval_batches
 from resnet_exp.errors import UserError
+from resnet_exp.models import resolve_unit
 from resnet_exp.train.checkpoint import checkpoint_path, load_checkpoint
 from resnet_exp.train.records import write_json
 from resnet_exp.train.resume import NO_RESUME, flat_config, flatten
@@ -96,7 +97,8 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path,
         first = (shaped or missing or extra or ["?"])[0]
         raise UserError(
             f"{path} holds weights of another net than its config describes "
-            f"(depth={cfg.depth}, block={cfg.model.block.value}, unit={cfg.model.unit.value}): "
+            f"(depth={cfg.depth}, block={cfg.model.block.value}, "
+            f"unit={resolve_unit(cfg.depth, cfg.model.unit.value)[0]}): "
             f"{len(missing)} tensors missing, {len(extra)} unexpected, {len(shaped)} of another "
             f"shape (first: {first}); was the checkpoint replaced or written by another net?"
         ) from e

@@ -24,18 +24,22 @@ OBJECTIVE = "final_val_error"
 
 
 class JobResult(dict):
-    """A job's summary; ``float(result)`` is the value a search minimises."""
+    """A job's summary; ``float(result)`` is the value a search minimises.
+
+    A diverged run counts as 100% error (as bad as a net gets), so the sampler
+    learns to avoid its region; a job that failed otherwise has no value (Optuna
+    records the trial as failed and goes on).
+    """
 
     def __float__(self) -> float:
         value = self.get(OBJECTIVE)
         if isinstance(value, (int, float)) and math.isfinite(value):
             return float(value)
         status = self.get("status", "no status")
-        if status == "completed":
-            why = "no validation error (data.val_size=0)"
-        else:
-            why = f"{status}: {self.get('error') or self.get('diverged_at_step', '')}".rstrip(": ")
-        raise ValueError(f"the job has no {OBJECTIVE} to minimise ({why})")
+        if status == "diverged":
+            return 100.0
+        why = "no validation split: data.val_size=0" if status == "completed" else status
+        raise ValueError(f"the job has no {OBJECTIVE} to minimise ({why}: {self.get('error')})")
 
 
 def is_optuna(config: DictConfig) -> bool:
