@@ -68,7 +68,9 @@ def test_eval_changes_no_file_of_the_run(evaluated) -> None:
 
 
 def test_eval_of_the_test_split(trained: Path, evaluated) -> None:
-    run_cli(["mode=eval", f"resume={trained / 'last.pt'}", "eval.split=test"], trained, env=ONE_THREAD)
+    run_cli(
+        ["mode=eval", f"resume={trained / 'last.pt'}", "eval.split=test"], trained, env=ONE_THREAD
+    )
     summary = json.loads((trained / "summary.json").read_text())
     result = json.loads((trained / "eval.json").read_text())
     assert result["split"] == "test" and result["images"] == 64

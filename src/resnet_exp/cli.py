@@ -109,7 +109,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     raise UserError(f"mode={cfg.mode.value!r} is not one of train, diagnose, eval")
 
 
-def _failed(run_dir: Path, status: str, message: str) -> JobResult:
+def _failed(run_dir: Path, status: str, message: str) -> dict[str, Any]:
     """A sweep job's failure, kept in its directory unless a summary is there already
     (this run's own, e.g. diverged, or an earlier run's, which stays as it was)."""
     summary = run_dir / SUMMARY
@@ -119,7 +119,7 @@ def _failed(run_dir: Path, status: str, message: str) -> JobResult:
 
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
-def _hydra_main(dcfg: DictConfig) -> JobResult:
+def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
     from resnet_exp.train.loop import Diverged
 
     hc = HydraConfig.get()

@@ -85,7 +85,9 @@ def check_config_matches(saved: dict[str, Any], flat: dict[str, Any], path: Path
         )
 
 
-def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, cfg: Config) -> None:
+def load_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor], path: Path, cfg: Config
+) -> None:
     """Load the checkpoint's weights; weights of another net are a one-line UserError."""
     try:
         model.load_state_dict(weights)
