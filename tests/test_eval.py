@@ -138,3 +138,5 @@ def test_load_run_predicts_as_the_evaluation(trained: Path, evaluated) -> None:
 def test_load_run_refuses_weights_of_another_net(other_weights: Path) -> None:
     with pytest.raises(UserError, match="holds weights of another net"):
         resnet_exp.load_run(other_weights / "last.pt")
+    with pytest.raises(UserError, match="does not exist"):
+        resnet_exp.load_run(other_weights / "missing")

@@ -23,7 +23,7 @@ from resnet_exp.config import Config, EvalSplit, Mode
 from resnet_exp.data import Split, eval_batches
 from resnet_exp.errors import UserError
 from resnet_exp.models import resolve_unit
-from resnet_exp.train.checkpoint import checkpoint_path, load_checkpoint
+from resnet_exp.train.checkpoint import CHECKPOINT, checkpoint_path, load_checkpoint
 from resnet_exp.train.records import write_json
 from resnet_exp.train.resume import NO_RESUME, flat_config, flatten
 from resnet_exp.train.runtime import autocast
@@ -122,7 +122,9 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     """
     from resnet_exp.train.loop import model_from_config
 
-    path = checkpoint_path(str(run))
+    path = Path(run) / CHECKPOINT if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise UserError(f"load_run: {path} does not exist (pass a run directory or its last.pt)")
     state = load_checkpoint(path)
     tree = OmegaConf.merge(OmegaConf.structured(Config), _saved_config(state, path))
     cfg: Config = OmegaConf.to_object(tree)  # type: ignore[assignment]
