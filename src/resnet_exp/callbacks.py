@@ -8,6 +8,7 @@
   job stops the sweep after its batch and skips ``on_multirun_end``.
 - ``SweepOverlay``: after a sweep of ``mode=diagnose`` runs, one figure overlaying them.
 - ``WriteReport``: report.md, report.csv and figures in the sweep directory.
+- ``RefuseTestSearch``: an Optuna search (``hydra/sweeper=search``) needs a validation split.
 """
 
 from __future__ import annotations
@@ -135,3 +136,24 @@ class WriteReport(Callback):
             return
         # print, not log: after the jobs, logging still points at the last job's log file
         print(f"resnet-exp: report in {written[0]}")
+
+
+def is_optuna(config: DictConfig) -> bool:
+    return "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
+
+
+class RefuseTestSearch(Callback):
+    """A search minimises the validation error; without a validation split it would
+    select hyper-parameters on the test set, so it is refused before any trial runs."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_optuna(config) or config.get("dry_run") or config.mode != "train":
+            return
+        if config.data.val_size == 0:
+            print(
+                "resnet-exp: error: a hyper-parameter search minimises the validation error, "
+                "and data.val_size=0 holds out no validation images (it would select on the "
+                "test set); pass data.val_size=5000 (or another number of training images)",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)  # a callback's exceptions become warnings; SystemExit is not

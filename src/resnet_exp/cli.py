@@ -23,6 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from resnet_exp.config import Config, Mode, register_configs
 from resnet_exp.errors import UserError
+from resnet_exp.evaluate import check_eval_args
+from resnet_exp.search import JobResult
 from resnet_exp.train import distributed, gpus
 from resnet_exp.train.records import SUMMARY, Status, SummaryKey, write_json
 from resnet_exp.train.resume import NO_RESUME, run_dir_of, with_inherited_overrides
@@ -53,10 +55,10 @@ def _rank() -> int:
     return 0
 
 
-def _config_subdir(output_dir: str, resume: str | None) -> str | None:
+def _config_subdir(output_dir: str, resume: str | None, mode: str = "train") -> str | None:
     """Rank 0 writes .hydra/, and never over a run's .hydra/config.yaml: a later
-    command writes its own beside it."""
-    if _rank() != 0:
+    command writes its own beside it. mode=eval writes none (it leaves a run as it was)."""
+    if _rank() != 0 or mode == "eval":
         return None
     if not (Path(output_dir) / ".hydra" / "config.yaml").exists():
         return ".hydra"
@@ -69,9 +71,11 @@ OmegaConf.register_new_resolver("config_subdir", _config_subdir, replace=True)
 OmegaConf.register_new_resolver(
     "launch_time", distributed.launch_time, use_cache=True, replace=True
 )
-# Other ranks log warnings to the console only; rank 0 keeps the run's log file.
+# Other ranks log warnings to the console only; rank 0 keeps the run's log file
+# (but mode=eval does not write to it).
 OmegaConf.register_new_resolver(
-    "log_handlers", lambda: ["console", "file"] if _rank() == 0 else ["console"]
+    "log_handlers",
+    lambda mode="train": ["console", "file"] if _rank() == 0 and mode != "eval" else ["console"],
 )
 OmegaConf.register_new_resolver("log_level", lambda: "INFO" if _rank() == 0 else "WARNING")
 register_configs()
@@ -86,6 +90,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
         from resnet_exp.diagnose import diagnose
 
         return diagnose(cfg, run_dir)
+    if cfg.mode is Mode.eval:
+        from resnet_exp.evaluate import evaluate_run
+
+        return evaluate_run(cfg, run_dir)
     raise UserError(f"mode={cfg.mode.value!r} is not one of {', '.join(m.value for m in Mode)}")
 
 
@@ -96,7 +104,7 @@ def _failed(run_dir: Path, status: Status, message: str) -> dict[str, Any]:
     summary = run_dir / SUMMARY
     if not summary.exists():
         write_json(summary, result)
-    return result
+    return JobResult(result)
 
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
@@ -110,7 +118,7 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         if cfg.resume is None and "SUBMITIT_EXECUTOR" in os.environ:
             cfg.resume = "auto"  # a cluster job may be a requeued one: continue its last.pt
-        return run(cfg, run_dir)
+        return JobResult(run(cfg, run_dir))  # a search's sweeper reads float(result)
     except UserError as e:
         print(f"resnet-exp: error: {e}", file=sys.stderr)
         log.debug("user error", exc_info=True)
@@ -164,6 +172,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     distributed.init_distributed()  # before Hydra: the ranks agree on the run directory
     try:
+        check_eval_args(sys.argv[1:])
         sys.argv[1:] = with_inherited_overrides(sys.argv[1:])
         _hydra_main()
     except UserError as e:

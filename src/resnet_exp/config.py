@@ -69,6 +69,13 @@ class Precision(str, Enum):
 class Mode(str, Enum):
     train = "train"
     diagnose = "diagnose"
+    eval = "eval"  # evaluate a trained run's checkpoint (resume=RUN_DIR), see evaluate.py
+
+
+class EvalSplit(str, Enum):
+    auto = "auto"  # the split the run evaluated while training: val if data.val_size > 0, else test
+    test = "test"
+    val = "val"
 
 
 class OptimizerName(str, Enum):
@@ -190,6 +197,11 @@ class DiagnoseConfig:
 
 
 @dataclass
+class EvalConfig:
+    split: EvalSplit = EvalSplit.auto  # what mode=eval evaluates
+
+
+@dataclass
 class ScaleConfig:
     """How large the paper presets run (the `scale` group, used by configs/experiment/*).
 
@@ -211,6 +223,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     depth: int = 110
     seed: int = 0

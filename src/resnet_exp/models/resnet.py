@@ -145,9 +145,7 @@ class CifarResNet(nn.Module):
                 # shape (and 1x1-conv shortcuts) follow `preact_shortcut`.
                 reshapes = stride > 1 or cin != widths[-1]
                 reads_pre = reshapes or getattr(path, "is_projection", False)
-                share = block.is_preact and (
-                    first or (preact_shortcut == "shared" and reads_pre)
-                )
+                share = block.is_preact and (first or (preact_shortcut == "shared" and reads_pre))
                 units.append(
                     ResidualUnit(
                         block,

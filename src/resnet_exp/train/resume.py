@@ -157,13 +157,13 @@ def run_dir_of(resume: str | None, default: str) -> str:
     return default  # a missing path is reported by the trainer, with its name
 
 
-def _matches(key: str, names: tuple[str, ...]) -> bool:
+def matches(key: str, names: tuple[str, ...]) -> bool:
     return any(key == n or key.startswith(n + ".") for n in names)
 
 
 def fingerprint(flat: dict[str, Any]) -> dict[str, Any]:
     """The part of the config a checkpoint's weights and data order depend on."""
-    return {k: v for k, v in flat.items() if _matches(k, FIXED)}
+    return {k: v for k, v in flat.items() if matches(k, FIXED)}
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:
@@ -196,13 +196,13 @@ def check_resumable(state: dict[str, Any], flat: dict[str, Any], path: Path) -> 
     return [
         f"{k}: {saved.get(k)} -> {flat.get(k)}"
         for k in sorted(set(saved) | set(flat))
-        if not _matches(k, NOT_INHERITED) and saved.get(k) != flat.get(k)
+        if not matches(k, NOT_INHERITED) and saved.get(k) != flat.get(k)
     ]
 
 
 def resumable_overrides(overrides: list[str]) -> list[str]:
     """The overrides a checkpoint keeps for ``resume=PATH`` to start from."""
-    return [o for o in overrides if not _matches(_override_key(o), NOT_INHERITED)]
+    return [o for o in overrides if not matches(_override_key(o), NOT_INHERITED)]
 
 
 def _override_key(override: str) -> str:

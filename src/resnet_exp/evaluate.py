@@ -1,0 +1,225 @@
+"""A trained run, used again: ``mode=eval`` evaluates its checkpoint, ``load_run`` loads it.
+
+``resnet-exp mode=eval resume=RUN_DIR`` composes the run's own config (the
+overrides its checkpoint keeps, as a resume does), evaluates the checkpoint's
+weights, prints loss, top-1 error and per-class error, and writes them to
+``eval.json`` in the run directory. It changes none of the run's other files:
+configs/config.yaml gives this mode no ``.hydra/`` subdirectory and no log file,
+and nothing here opens TensorBoard, metrics, summary or checkpoint for writing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from resnet_exp.config import Config, EvalSplit, Mode, flat_config, flatten
+from resnet_exp.data import Split, eval_batches
+from resnet_exp.errors import UserError
+from resnet_exp.models import resolve_unit
+from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint
+from resnet_exp.train.records import write_json
+from resnet_exp.train.resume import NO_RESUME, checkpoint_path, matches
+from resnet_exp.train.runtime import autocast
+
+log = logging.getLogger("resnet_exp")
+
+EVAL = "eval.json"
+# What the evaluated numbers depend on besides the weights: the net (its wiring and
+# shapes), and the data that defines the split and the normalisation statistics.
+# A prefix covers every key below it.
+MATCHED = (
+    "model",
+    "depth",
+    "data.name",
+    "data.image_size",
+    "data.train_limit",
+    "data.val_size",
+    "data.num_classes",
+    "data.synthetic_train",
+)
+NOT_MATCHED = ("model.checkpointing",)  # how the net trains, not what it computes
+
+
+class LoadedRun(NamedTuple):
+    model: nn.Module  # the trained net, in eval mode
+    config: Config  # the config the checkpoint was written with
+
+
+def _net_keys(flat: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in flat.items() if matches(k, MATCHED) and not matches(k, NOT_MATCHED)}
+
+
+def check_eval_args(args: list[str]) -> None:
+    """Before Hydra starts (and creates a run directory): mode=eval names one run."""
+    modes = [a.split("=", 1)[1] for a in args if a.startswith("mode=")]
+    if not modes or modes[-1] != Mode.eval.value:
+        return
+    if "-m" in args or "--multirun" in args:
+        raise UserError("mode=eval evaluates one run: drop -m and run it once per run directory")
+    resumes = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not resumes or resumes[-1] in NO_RESUME:
+        raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
+
+
+def check_configmatches(saved: dict[str, Any], flat: dict[str, Any], path: Path) -> None:
+    """Refuse a config whose net or data differs from the one the checkpoint was trained on."""
+    old, new = _net_keys(flatten(saved)), _net_keys(flat)
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if keys:
+        was = ", ".join(f"{k}={old.get(k)}" for k in keys)
+        now = ", ".join(f"{k}={new.get(k)}" for k in keys)
+        raise UserError(
+            f"cannot evaluate {path}: it was trained with {was}, this command asks for {now}; "
+            f"drop those overrides (the run's own settings come from its checkpoint)"
+        )
+
+
+def load_weights(
+    model: nn.Module, weights: dict[str, torch.Tensor], path: Path, cfg: Config
+) -> None:
+    """Load the checkpoint's weights; weights of another net are a one-line UserError."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # torch lists every key over many lines
+        ours = model.state_dict()
+        missing = [k for k in ours if k not in weights]
+        extra = [k for k in weights if k not in ours]
+        shaped = [k for k in ours if k in weights and ours[k].shape != weights[k].shape]
+        first = (shaped or missing or extra or ["?"])[0]
+        raise UserError(
+            f"{path} holds weights of another net than its config describes "
+            f"(depth={cfg.depth}, block={cfg.model.block.value}, "
+            f"unit={resolve_unit(cfg.depth, cfg.model.unit.value)[0]}): "
+            f"{len(missing)} tensors missing, {len(extra)} unexpected, {len(shaped)} of another "
+            f"shape (first: {first}); was the checkpoint replaced or written by another net?"
+        ) from e
+
+
+def _saved_config(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} keeps no config (written by an older resnet-exp); cannot load it")
+    return saved
+
+
+def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """A run's trained net (eval mode, on ``device``) and its config, from a run directory
+    or a checkpoint file.
+
+    The net takes images normalised as in training: per channel, with the mean and
+    std of the run's training images (``resnet_exp.data.load_dataset(cfg.data)``).
+    """
+    from resnet_exp.train.setup import model_from_config
+
+    path = Path(run) / CHECKPOINT if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise UserError(f"load_run: {path} does not exist (pass a run directory or its last.pt)")
+    state = load_checkpoint(path)
+    tree = OmegaConf.merge(OmegaConf.structured(Config), _saved_config(state, path))
+    cfg: Config = OmegaConf.to_object(tree)  # type: ignore[assignment]
+    weights = state["model"]
+    fc = weights.get("fc.weight")  # real data sets count their classes; the weights know
+    num_classes = fc.shape[0] if fc is not None else (cfg.data.num_classes or 10)
+    model = model_from_config(cfg, num_classes)
+    load_weights(model, weights, path, cfg)
+    return LoadedRun(model.to(device).eval(), cfg)
+
+
+@torch.inference_mode()
+def evaluate_per_class(
+    model: nn.Module,
+    split: Split,
+    num_classes: int,
+    normalize: Any,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    channels_last: bool,
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Mean loss, and wrong predictions and images per class, in one pass.
+
+    Sums as train.loop.evaluate sums them (the same batches, autocast and float32
+    loss), so the loss and the error equal a training run's evaluation.
+    """
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    wrong = torch.zeros(num_classes, device=device, dtype=torch.int64)
+    count = torch.zeros(num_classes, device=device, dtype=torch.int64)
+    for x, y in eval_batches(split, batch_size, normalize, device, channels_last):
+        with autocast(device, precision):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        wrong += torch.bincount(y[logits.argmax(1) != y], minlength=num_classes)
+        count += torch.bincount(y, minlength=num_classes)
+    return loss_sum.item() / len(split), wrong.cpu(), count.cpu()
+
+
+def _split(choice: EvalSplit, data: Any) -> tuple[str, Split]:
+    if choice == EvalSplit.auto:
+        return data.eval_name, data.eval_split
+    if choice == EvalSplit.val:
+        if data.val is None:
+            raise UserError(
+                "eval.split=val: this run holds out no validation images (data.val_size=0); "
+                "use eval.split=test"
+            )
+        return "val", data.val
+    return "test", data.test
+
+
+def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """mode=eval: evaluate ``cfg.resume``'s checkpoint; the result goes to RUN_DIR/eval.json."""
+    from resnet_exp.train.setup import build_setup
+
+    if cfg.resume in NO_RESUME:
+        raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
+    path = checkpoint_path(str(cfg.resume))
+    state = load_checkpoint(path)
+    check_configmatches(_saved_config(state, path), flat_config(cfg), path)
+    s = build_setup(cfg)  # the run's data (split, normalisation) and net, on this device
+    load_weights(s.model, state["model"], path, cfg)
+    name, split = _split(cfg.eval.split, s.data)
+    loss, wrong, count = evaluate_per_class(
+        s.model,
+        split,
+        s.data.num_classes,
+        s.normalize,
+        s.device,
+        s.precision,
+        cfg.data.eval_batch_size,
+        cfg.trainer.channels_last,
+    )
+    per_class = {
+        c: 100.0 * w / n if n else None
+        for c, w, n in zip(s.data.classes, wrong.tolist(), count.tolist())
+    }
+    result = {
+        "checkpoint": str(path.resolve()),
+        "step": state["step"],
+        "split": name,
+        "images": len(split),
+        "loss": loss,
+        "error": 100.0 * wrong.sum().item() / len(split),
+        "per_class_error": per_class,
+        "per_class_images": dict(zip(s.data.classes, count.tolist())),
+        "device": str(s.device),
+        "precision": s.precision,
+    }
+    write_json(run_dir / EVAL, result)
+    print(
+        f"{path} (step {result['step']}): {name} split, {len(split)} images | "
+        f"loss {loss:.4f} | top-1 error {result['error']:.2f}%"
+    )
+    width = max(len(c) for c in s.data.classes)
+    for c, err in per_class.items():
+        cell = "no images" if err is None else f"{err:6.2f}%"
+        print(f"  {c:<{width}}  {cell}  ({result['per_class_images'][c]} images)")
+    print(f"written to {run_dir / EVAL}")
+    return result
