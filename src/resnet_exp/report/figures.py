@@ -64,7 +64,8 @@ def curves(rows: list[Row], path: Path) -> Path:
             ax.grid(True, which="both", alpha=0.3)
             if title:
                 ax.set_title(title)
-        ax_err.legend(fontsize="small", loc="upper right")
+        if ax_err.get_legend_handles_labels()[0]:  # runs stopped before any evaluation have none
+            ax_err.legend(fontsize="small", loc="upper right")
     fig.savefig(path, dpi=90)
     return path
 
