@@ -201,12 +201,18 @@ def build_model(
     num_classes: int = 10,
     unit: str = "auto",
     downsample: str = "auto",
-    width: int = 16,
+    width: int | None = None,
     checkpoint_segments: int = 0,
     *,
     shortcut: str | ShortcutSpec = "identity",
+    family: str = "cifar",
 ) -> CifarResNet:
-    """Build a CIFAR ResNet of the paper, e.g. ``build_model("preact", 1001)``.
+    """Build a ResNet of the paper, e.g. ``build_model("preact", 1001)``.
+
+    ``family`` is ``cifar`` (3x3 stem, three stages; ``width`` 16 by
+    default) or ``imagenet`` (7x7 stem and max-pool, four stages, depths 18,
+    34, 50, 101, 152, 200; ``width`` 64), e.g.
+    ``build_model("preact", 200, 1000, family="imagenet")``.
 
     ``block`` is the unit ordering (``original``, ``bn_after_add``,
     ``relu_before_add``, ``relu_only_preact``, ``preact``); ``unit`` is
@@ -224,6 +230,16 @@ def build_model(
         raise UserError(f"model.downsample={downsample!r} is not one of auto, A, B")
     spec = ShortcutSpec(shortcut) if isinstance(shortcut, str) else shortcut
     spec.check()
+    if width is None:  # the family's stem width
+        width = 64 if family == "imagenet" else 16
+    if family == "imagenet":
+        from resnet_exp.models.imagenet import build_imagenet_model
+
+        return build_imagenet_model(
+            ORDERINGS[block], depth, num_classes, unit, downsample, width, checkpoint_segments, spec
+        )
+    if family != "cifar":
+        raise UserError(f"model.family={family!r} is not one of auto, cifar, imagenet")
     unit, n = resolve_unit(depth, unit)
     return CifarResNet(
         ORDERINGS[block], unit, n, num_classes, downsample, width, checkpoint_segments, spec

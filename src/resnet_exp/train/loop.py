@@ -19,9 +19,12 @@ from tqdm import tqdm
 
 from resnet_exp.config import Config
 from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_dataset
+from resnet_exp.data.imagenet import FileSplit, is_streamed
+from resnet_exp.data.stream import StreamLoader, stream_eval_batches
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlowMonitor
-from resnet_exp.models import ORDERINGS, CifarResNet, build_model, count_params, resolve_unit
+from resnet_exp.models import ORDERINGS, CifarResNet, build_model, count_params
+from resnet_exp.models.imagenet import family_unit, resolve_family
 from resnet_exp.train import distributed
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint, resolve_resume, save_checkpoint
 from resnet_exp.train.checks import check_settings
@@ -66,7 +69,7 @@ class Setup:
     model: nn.Module  # the network itself (checkpoints, evaluation)
     train_model: nn.Module  # what the step calls: the network, or DDP around it
     data: Any
-    loader: TrainLoader
+    loader: TrainLoader | StreamLoader
     normalize: Normalize
     total_steps: int
     warmup: bool
@@ -79,7 +82,8 @@ def build_setup(cfg: Config) -> Setup:
     precision = pick_precision(str(cfg.trainer.precision.value), device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     block, unit = cfg.model.block.value, cfg.model.unit.value
-    unit, _ = resolve_unit(cfg.depth, unit)  # a bad depth fails before data loading
+    family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
+    unit = family_unit(family, cfg.depth, unit)  # a bad depth fails before data loading
     check_settings(cfg)
     if cfg.data.batch_size < 1:
         raise UserError(f"data.batch_size={cfg.data.batch_size} must be at least 1")
@@ -106,6 +110,7 @@ def build_setup(cfg: Config) -> Setup:
     info = {
         "block": block,
         "depth": cfg.depth,
+        "family": family,
         "unit": unit,
         "shortcut": cfg.model.shortcut.describe(),
         "params": count_params(model),
@@ -134,18 +139,31 @@ def build_setup(cfg: Config) -> Setup:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     normalize = Normalize(data.mean, data.std, device)
-    loader = TrainLoader(
-        data.train,
-        cfg.data.batch_size // dist.world,
-        normalize,
-        device,
-        cfg.seed,
-        augment=cfg.data.augment,
-        pad=cfg.data.pad,
-        channels_last=cfg.trainer.channels_last,
-        rank=dist.rank,
-        world=dist.world,
-    )
+    loader: TrainLoader | StreamLoader
+    if isinstance(data.train, FileSplit):  # too large to hold: read from disk per batch
+        loader = StreamLoader(
+            data.train,
+            cfg.data,
+            cfg.data.batch_size // dist.world,
+            device,
+            cfg.seed,
+            cfg.trainer.channels_last,
+            dist.rank,
+            dist.world,
+        )
+    else:
+        loader = TrainLoader(
+            data.train,
+            cfg.data.batch_size // dist.world,
+            normalize,
+            device,
+            cfg.seed,
+            augment=cfg.data.augment,
+            pad=cfg.data.pad,
+            channels_last=cfg.trainer.channels_last,
+            rank=dist.rank,
+            world=dist.world,
+        )
     steps = (
         cfg.trainer.max_steps
         if cfg.trainer.max_steps is not None
@@ -155,7 +173,9 @@ def build_setup(cfg: Config) -> Setup:
         raise UserError(
             f"the run has {steps} steps: trainer.epochs and trainer.max_steps must be positive"
         )
-    warmup = warmup_on(cfg.schedule, cfg.depth, ORDERINGS[block].is_preact)
+    # The paper's auto warm-up is for its CIFAR nets (depth 0: off); the ImageNet recipe has none.
+    depth_rule = cfg.depth if family == "cifar" else 0
+    warmup = warmup_on(cfg.schedule, depth_rule, ORDERINGS[block].is_preact)
     info.update(
         steps=steps,
         steps_per_epoch=loader.steps_per_epoch,
@@ -168,33 +188,62 @@ def build_setup(cfg: Config) -> Setup:
 
 
 @torch.inference_mode()
-def evaluate(s: Setup, split: Split) -> tuple[float, float]:
-    """Mean loss and error (%) on a split; one host sync at the end.
+def evaluate(s: Setup, split: Split | FileSplit) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 error (%) on a split: ``loss``, ``error``,
+    ``top5_error``, and the same with ``_<crop>`` for each further test crop of
+    streamed data (``error_320``). One host sync at the end.
 
     In a data-parallel run each rank evaluates every world-th image and the sums are added.
     """
     s.model.eval()
-    loss_sum = torch.zeros((), device=s.device)
-    wrong = torch.zeros((), device=s.device, dtype=torch.int64)
+    sums: dict[str, torch.Tensor] = {}  # per crop suffix: loss, top-1 wrong, top-5 wrong, images
+    for views, y in _eval_views(s, split):
+        valid = y >= 0  # a streamed image that could not be read is not counted
+        for suffix, x in views.items():
+            with autocast(s.device, s.precision):
+                logits = s.model(x)
+            top5 = logits.topk(min(5, logits.shape[1]), 1).indices
+            hit5 = (top5 == y[:, None]).any(1)
+            row = torch.stack(
+                [
+                    F.cross_entropy(logits.float(), y, reduction="sum", ignore_index=-1),
+                    ((logits.argmax(1) != y) & valid).sum().double(),
+                    (~hit5 & valid).sum().double(),
+                    valid.sum().double(),
+                ]
+            )
+            sums[suffix] = sums[suffix] + row if suffix in sums else row
+    s.model.train()
+    names = sorted(sums, key=len)
+    totals = torch.stack([sums[k] for k in names])
+    distributed.sum_(totals)
+    out: dict[str, float] = {}
+    for suffix, (loss, wrong, wrong5, n) in zip(names, totals.tolist()):
+        n = max(n, 1.0)
+        out |= {f"loss{suffix}": loss / n, f"error{suffix}": 100.0 * wrong / n}
+        out[f"top5_error{suffix}"] = 100.0 * wrong5 / n
+    return out
+
+
+def _eval_views(s: Setup, split: Split | FileSplit):
+    """``({crop suffix: images}, labels)`` batches of this rank's share of a split."""
     dist = distributed.current()
+    if isinstance(split, FileSplit):
+        yield from stream_eval_batches(
+            split, s.cfg.data, s.device, s.cfg.trainer.channels_last, dist.rank, dist.world
+        )
+        return
     shard = split.subset(torch.arange(dist.rank, len(split), dist.world)) if dist.enabled else split
     for x, y in eval_batches(
         shard, s.cfg.data.eval_batch_size, s.normalize, s.device, s.cfg.trainer.channels_last
     ):
-        with autocast(s.device, s.precision):
-            logits = s.model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        wrong += (logits.argmax(1) != y).sum()
-    s.model.train()
-    totals = torch.stack([loss_sum, wrong.double()])
-    distributed.sum_(totals)
-    loss, wrong_n = totals.tolist()
-    return loss / len(split), 100.0 * wrong_n / len(split)
+        yield {"": x}, y
 
 
 def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
     """The net ``cfg.model`` and ``cfg.depth`` describe, for the trainer and diagnostics."""
-    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)
+    family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
+    unit = family_unit(family, cfg.depth, cfg.model.unit.value)
     return build_model(
         cfg.model.block.value,
         cfg.depth,
@@ -204,6 +253,7 @@ def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
         cfg.model.width,
         cfg.model.checkpointing,
         shortcut=cfg.model.shortcut,
+        family=family,
     )
 
 
@@ -487,13 +537,12 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                 # a run that stops mid-epoch (max_steps) only towards this run's summary.
                 scheduled = epoch_done and (epoch + 1) % cfg.trainer.eval_every == 0
                 if scheduled or done:
-                    e_loss, e_err = evaluate(s, eval_split)
+                    ev = evaluate(s, eval_split)
+                    e_loss, e_err = ev["loss"], ev["error"]
                     if scheduled:
                         best = min(best, e_err)
-                    last_eval = {f"{eval_name}_loss": e_loss, f"{eval_name}_error": e_err}
-                    records.scalars(
-                        step, {f"{eval_name}/loss": e_loss, f"{eval_name}/error": e_err}
-                    )
+                    last_eval = {f"{eval_name}_{k}": v for k, v in ev.items()}
+                    records.scalars(step, {f"{eval_name}/{k}": v for k, v in ev.items()})
                     records.evaluation(
                         {
                             "step": step,
@@ -527,8 +576,7 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
 
             summary = dict(info)
             if s.data.val is not None:
-                test_loss, test_err = evaluate(s, s.data.test)
-                summary.update(test_loss=test_loss, test_error=test_err)
+                summary.update({f"test_{k}": v for k, v in evaluate(s, s.data.test).items()})
             summary.update(
                 status="completed",
                 steps_done=step,
@@ -537,6 +585,7 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[s
                 **{f"final_{k}": v for k, v in last_eval.items()},
                 **{f"best_{eval_name}_error": min(best, last_eval.get(f"{eval_name}_error", best))},
                 train_images_per_s=steady_throughput(history),
+                **(loader.report() if isinstance(loader, StreamLoader) else {}),
                 wall_time_s=round(time.perf_counter() - t_start, 2),
             )
             records.summary(summary, flat)
