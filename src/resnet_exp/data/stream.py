@@ -394,7 +394,7 @@ def eval_views(items: list, crops: list[int], ratio: float) -> list[torch.Tensor
     if all(v is None for v in per_image):
         return []  # the caller reports the batch's failures
     views = []
-    for c, size in enumerate(crops):
+    for c in range(len(crops)):
         ref = next(v for v in per_image if v is not None)[c]
         views.append(
             torch.stack([v[c] if v is not None else torch.zeros_like(ref) for v in per_image])

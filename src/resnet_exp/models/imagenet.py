@@ -15,7 +15,7 @@ from torch import nn
 
 from resnet_exp.errors import UserError
 from resnet_exp.models.resnet import UNIT_TYPES, CifarResNet
-from resnet_exp.models.units import Ordering, ResidualUnit, conv, ops
+from resnet_exp.models.units import Ordering, ResidualUnit, ops
 from resnet_exp.models.variants import ShortcutSpec, unit_shortcut
 
 # depth -> (unit, units per stage); 200 as in fb.resnet.torch
