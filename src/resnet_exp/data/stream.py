@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -47,6 +48,13 @@ from resnet_exp.data.imagenet import FileSplit
 from resnet_exp.errors import UserError
 
 log = logging.getLogger("resnet_exp")
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they
+# are what this path is built on (decode_jpeg on CUDA included), so say it once, here.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
 
 JPEG_MAGIC = b"\xff\xd8"
 Bad = tuple[str, str]  # (path, reason)
