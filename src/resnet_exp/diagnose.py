@@ -33,9 +33,12 @@ from omegaconf import DictConfig
 
 from resnet_exp.config import Config
 from resnet_exp.data import Normalize, TrainLoader, load_dataset
+from resnet_exp.data.imagenet import FileSplit, is_streamed
+from resnet_exp.data.stream import StreamLoader
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlow, GradFlowProbe
-from resnet_exp.models import count_params, resolve_unit
+from resnet_exp.models import count_params
+from resnet_exp.models.imagenet import family_unit, resolve_family
 from resnet_exp.train.loop import model_from_config
 from resnet_exp.train.records import SUMMARY, RunRecords
 from resnet_exp.train.runtime import pick_device, seed_everything
@@ -60,7 +63,8 @@ def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
     device = pick_device(cfg.trainer.device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     block = cfg.model.block.value
-    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)  # a bad depth fails before data loading
+    family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
+    unit = family_unit(family, cfg.depth, cfg.model.unit.value)  # a bad depth fails before data
     data = load_dataset(cfg.data)
     if batch > len(data.train):
         raise UserError(
@@ -87,16 +91,21 @@ def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
         return info
 
     # The first batch training would see (same order, same augmentation).
-    loader = TrainLoader(
-        data.train,
-        batch,
-        Normalize(data.mean, data.std, device),
-        device,
-        cfg.seed,
-        augment=cfg.data.augment,
-        pad=cfg.data.pad,
-        channels_last=cfg.trainer.channels_last,
-    )
+    if isinstance(data.train, FileSplit):  # streamed (ImageNet) data
+        loader = StreamLoader(
+            data.train, cfg.data, batch, device, cfg.seed, cfg.trainer.channels_last
+        )
+    else:
+        loader = TrainLoader(
+            data.train,
+            batch,
+            Normalize(data.mean, data.std, device),
+            device,
+            cfg.seed,
+            augment=cfg.data.augment,
+            pad=cfg.data.pad,
+            channels_last=cfg.trainer.channels_last,
+        )
     x, y = loader.next()
     # fp32 throughout: tiny gradients at the far end of a deep net must not round away.
     probe = GradFlowProbe(model)
