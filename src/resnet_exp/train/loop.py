@@ -20,7 +20,7 @@ from tqdm import tqdm
 from resnet_exp.config import Config
 from resnet_exp.data import Normalize, Split, TrainLoader, eval_batches, load_dataset
 from resnet_exp.data.imagenet import FileSplit, is_streamed
-from resnet_exp.data.stream import StreamLoader, stream_eval_batches
+from resnet_exp.data.stream import StreamLoader, crop_suffix, eval_crops, stream_eval_batches
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlowMonitor
 from resnet_exp.models import ORDERINGS, CifarResNet, build_model, count_params
@@ -196,7 +196,12 @@ def evaluate(s: Setup, split: Split | FileSplit) -> dict[str, float]:
     In a data-parallel run each rank evaluates every world-th image and the sums are added.
     """
     s.model.eval()
-    sums: dict[str, torch.Tensor] = {}  # per crop suffix: loss, top-1 wrong, top-5 wrong, images
+    # per crop suffix: loss, top-1 wrong, top-5 wrong, images (every rank has every suffix)
+    crops = eval_crops(s.cfg.data) if isinstance(split, FileSplit) else [0]
+    sums = {
+        crop_suffix(crops, c): torch.zeros(4, device=s.device, dtype=torch.float64)
+        for c in range(len(crops))
+    }
     for views, y in _eval_views(s, split):
         valid = y >= 0  # a streamed image that could not be read is not counted
         for suffix, x in views.items():
@@ -212,7 +217,7 @@ def evaluate(s: Setup, split: Split | FileSplit) -> dict[str, float]:
                     valid.sum().double(),
                 ]
             )
-            sums[suffix] = sums[suffix] + row if suffix in sums else row
+            sums[suffix] += row
     s.model.train()
     names = sorted(sums, key=len)
     totals = torch.stack([sums[k] for k in names])
