@@ -304,6 +304,20 @@ def test_batches_do_not_depend_on_workers_or_decoder(folder: Path, variant: dict
         assert torch.equal(y, y2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_path_matches_the_cpu_path(folder: Path) -> None:
+    """nvjpeg decode, crops and colour on the GPU: the CPU path's batches, up to the
+    decoders' rounding."""
+    data = load_streamed(data_cfg(folder))
+    gpu = take(StreamLoader(data.train, data_cfg(folder), 6, torch.device("cuda"), 0), 3)
+    cpu = take(StreamLoader(data.train, data_cfg(folder), 6, torch.device("cpu"), 0), 3)
+    for (x, y), (xc, yc) in zip(gpu, cpu):
+        assert x.is_cuda and x.shape == xc.shape and torch.equal(y.cpu(), yc)
+        assert (x.cpu() - xc).abs().mean() < 0.05
+    views, y = next(stream_eval_batches(data.test, data_cfg(folder), torch.device("cuda")))
+    assert views["_48"].is_cuda and views["_48"].shape[1:] == (3, 48, 48)
+
+
 # --- bad inputs ------------------------------------------------------------------
 
 
@@ -525,3 +539,31 @@ def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path, cli) -
     assert s["family"] == "imagenet" and s["train_images"] == 2048 and s["test_images"] == 500
     assert s["final_train_loss"] < math.log(10)  # learning: below chance
     assert s["final_test_top5_error"] < s["final_test_error"] < 90
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun(folder: Path, tmp_path: Path) -> None:
+    """Rank 0 lists the folder for both; each rank reads its shard; the sums of both
+    ranks' test images make the error."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    run = tmp_path / "ddp"
+    args = cli_args(folder, run, "trainer.max_steps=3", "data.eval_batch_size=2")
+    proc = subprocess.run(
+        [*cmd, "-m", "resnet_exp", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **ONE_THREAD},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["processes"] == 2 and s["steps_per_epoch"] == 3  # 12 images a rank, 4 a batch
+    assert s["test_images"] == 9
+    # 9 test images over 2 ranks (5 + 4): every error is a multiple of 1/9
+    for key in ("final_test_error", "final_test_error_48"):
+        assert abs(s[key] * 9 / 100 - round(s[key] * 9 / 100)) < 1e-6

@@ -77,31 +77,19 @@ def load_streamed(cfg: DataConfig):  # -> sources.Dataset
 
     root = Path(cfg.root)
     test_name = eval_folder(cfg)
-    for name in ("train", test_name):
-        if not (root / name).is_dir():
-            layout = f"train/<class>/*.JPEG and {test_name}/<class>/*.JPEG"
-            raise UserError(f"data.root={str(root)!r} has no {name}/ folder; expected {layout}")
     if cfg.val_size:
         raise UserError(
             f"data.val_size={cfg.val_size} is not supported for streamed data "
             f"(dataset={cfg.name}): it evaluates on {test_name}/; use data.val_size=0"
         )
-    classes, train = scan(root / "train")
-    test_classes, test = scan(root / test_name)
-    if classes != test_classes:
-        only = sorted(set(classes) ^ set(test_classes))
-        raise UserError(
-            f"train/ and {test_name}/ in {root} have different class folders "
-            f"({len(classes)} vs {len(test_classes)}; in only one: "
-            f"{', '.join(only[:10]) + (' ...' if len(only) > 10 else '') or 'order differs'})"
-        )
-    gen = torch.Generator().manual_seed(SPLIT_SEED)
     for key in ("train_limit", "test_limit"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise UserError(
                 f"data.{key}={value} must be a positive number of images (or null for all)"
             )
+    classes, train, test = _on_rank0(_scan_splits, root, test_name)
+    gen = torch.Generator().manual_seed(SPLIT_SEED)
     if cfg.train_limit is not None and cfg.train_limit < len(train):
         train = train.subset(
             torch.randperm(len(train), generator=gen)[: cfg.train_limit].sort().values
@@ -113,3 +101,40 @@ def load_streamed(cfg: DataConfig):  # -> sources.Dataset
         train, test, None, classes, IMAGENET_MEAN, IMAGENET_STD,  # type: ignore[arg-type]
         f"image folders streamed from {root} (train/, {test_name}/)",
     )  # fmt: skip
+
+
+def _scan_splits(root: Path, test_name: str) -> tuple[list[str], FileSplit, FileSplit]:
+    for name in ("train", test_name):
+        if not (root / name).is_dir():
+            layout = f"train/<class>/*.JPEG and {test_name}/<class>/*.JPEG"
+            raise UserError(f"data.root={str(root)!r} has no {name}/ folder; expected {layout}")
+    classes, train = scan(root / "train")
+    test_classes, test = scan(root / test_name)
+    if classes != test_classes:
+        only = sorted(set(classes) ^ set(test_classes))
+        raise UserError(
+            f"train/ and {test_name}/ in {root} have different class folders "
+            f"({len(classes)} vs {len(test_classes)}; in only one: "
+            f"{', '.join(only[:10]) + (' ...' if len(only) > 10 else '') or 'order differs'})"
+        )
+    return classes, train, test
+
+
+def _on_rank0(fn, *args):
+    """``fn(*args)`` on rank 0 only, its result (or its UserError) sent to every rank:
+    one listing of ImageNet's 1.33M files per run, not one per process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn(*args)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, fn(*args))]
+        except UserError as e:
+            box = [(False, str(e))]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise UserError(value)
+    return value
