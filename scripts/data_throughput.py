@@ -52,6 +52,7 @@ def main() -> None:
     p.add_argument("--decode", choices=["workers", "device"], default="workers")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval", action="store_true", help="also time the 224+320 test batches")
+    p.add_argument("--stages", action="store_true", help="ms per image of each stage, one thread")
     args = p.parse_args()
 
     from resnet_exp.config import DataConfig, Decode
@@ -79,6 +80,8 @@ def main() -> None:
         f"{args.workers} workers, decode={args.decode}, device={device}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     )
+    if args.stages:
+        stages(data.train, args.batch)
     loader = StreamLoader(data.train, cfg, args.batch, device, seed=0)
     for _ in range(2):  # workers start, first batches
         loader.next()
@@ -96,6 +99,38 @@ def main() -> None:
             n += len(y)
         sync()
         print(f"eval (224 + 320 crops): {n / (time.perf_counter() - t):.0f} images/s")
+
+
+def stages(split, n: int) -> None:
+    """One thread, in this process: read, decode, crop+resize, colour+normalise."""
+    from torchvision.io import decode_image, read_file
+
+    from resnet_exp.data.augment import (
+        ColourNormalize,
+        crop_resize,
+        image_rng,
+        sample_train,
+    )
+
+    torch.set_num_threads(1)
+    paths = [split.path(i) for i in range(n)]
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t) / n * 1e3
+
+    raw, t_read = timed(lambda: [read_file(p) for p in paths])
+    imgs, t_dec = timed(lambda: [decode_image(r) for r in raw])
+    params = [sample_train(image_rng(0, 0, i), *im.shape[1:]) for i, im in enumerate(imgs)]
+    crops, t_crop = timed(lambda: [crop_resize(im, p, 224) for im, p in zip(imgs, params)])
+    x = torch.stack(crops)
+    colour = torch.from_numpy(np.stack([p.colour for p in params])).float()
+    _, t_col = timed(lambda: ColourNormalize()(x, colour))
+    print(
+        f"ms per image, one thread: read {t_read:.2f}, decode {t_dec:.2f}, "
+        f"crop+resize {t_crop:.2f}, colour+normalise {t_col:.2f}"
+    )
 
 
 if __name__ == "__main__":
