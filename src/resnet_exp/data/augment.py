@@ -112,7 +112,7 @@ class ColourNormalize:
     maps of a pixel's RGB vector (contrast's grey mean is the mean of the
     image so far, itself affine in the image's mean colour), so each image's
     whole chain composes into one 3x3 matrix and offset, applied in one pass:
-    the same result as fb.resnet.torch's op-by-op chain, at a tenth of the cost.
+    the same result as fb.resnet.torch's op-by-op chain (tested) in one pass.
     """
 
     def __init__(
