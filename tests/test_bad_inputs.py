@@ -33,7 +33,7 @@ CASES = [
     (
         "unknown dataset",
         ["dataset=nope"],
-        "dataset=nope is not one of cifar10, cifar100, imagefolder, synthetic",
+        "dataset=nope is not one of cifar10, cifar100, imagefolder, imagenet, synthetic",
     ),
     (
         "depth 0",

@@ -59,6 +59,23 @@ class MilestoneUnit(str, Enum):
     epoch = "epoch"  # completed epochs (fb.resnet.torch's 1-based epochs 81, 122 are 80, 121)
 
 
+class Family(str, Enum):
+    auto = "auto"  # imagenet for streamed data, cifar otherwise
+    cifar = "cifar"  # 3x3 stem, three stages (the paper's CIFAR nets)
+    imagenet = "imagenet"  # 7x7 stem and max-pool, four stages (depths 18-200)
+
+
+class Decode(str, Enum):
+    auto = "auto"  # device on CUDA, workers otherwise
+    workers = "workers"  # decode and augment in DataLoader worker processes
+    device = "device"  # decode (nvjpeg on CUDA) and augment on the training device
+
+
+class BadImage(str, Enum):
+    fail = "fail"  # stop with the file's name
+    skip = "skip"  # log it, count it in summary.json and go on without it
+
+
 class Precision(str, Enum):
     auto = "auto"
     bf16 = "bf16"
@@ -116,7 +133,8 @@ class ModelConfig:
     block: Block = Block.preact  # set by the `block` group
     unit: Unit = Unit.auto  # auto: basic for 6n+2 depths, bottleneck for 164/1001 and 9n+2
     downsample: Downsample = Downsample.auto  # auto: A for basic, B for bottleneck units
-    width: int = 16  # stem width; stages use width, 2*width, 4*width
+    family: Family = Family.auto  # auto: imagenet for streamed data (dataset=imagenet), else cifar
+    width: int | None = None  # stem width (stages double it); null: 16 CIFAR, 64 ImageNet
     checkpointing: int = 0  # activation-checkpoint segments (0: off)
     stride_at: StrideAt = StrideAt.first  # where a downsampling unit's stride sits
     preact_shortcut: PreactShortcut = PreactShortcut.shared  # input of pre-act reshaping shortcuts
@@ -146,6 +164,14 @@ class DataConfig:
     synthetic_train: int = 5000
     synthetic_test: int = 1000
     cache_dir: str = field(default_factory=lambda: default_cache_dir())  # "" turns the cache off
+    # Streamed data (dataset=imagenet, or imagefolder with stream=true): images are
+    # read from disk per batch; data.image_size is the training crop.
+    stream: bool = False  # imagefolder: stream from disk instead of decoding all into memory
+    eval_crops: list[int] = field(default_factory=list)  # streamed: test crops; []: image_size
+    eval_crop_ratio: float = 0.875  # streamed: crop / resized shorter side (224 of 256)
+    workers: int | None = None  # streamed: DataLoader workers per process; null: CPUs / processes
+    decode: Decode = Decode.auto
+    bad_images: BadImage = BadImage.fail  # streamed: what an undecodable image does
 
 
 @dataclass
@@ -244,7 +270,14 @@ def model_options(m: ModelConfig) -> dict:
     }
 
 
+def linear_lr(lr: float, batch: int, global_batch: int) -> float:
+    """``${linear_lr:0.1,256,${data.batch_size}}``: a learning rate set for ``batch``,
+    scaled linearly to the run's global batch."""
+    return float(lr) * int(global_batch) / int(batch)
+
+
 def register_configs() -> None:
+    OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
 

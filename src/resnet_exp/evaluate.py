@@ -15,18 +15,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
 from resnet_exp.config import Config, EvalSplit, Mode, flat_config, flatten
-from resnet_exp.data import Split, eval_batches
+from resnet_exp.data import Split
 from resnet_exp.errors import UserError
 from resnet_exp.models import resolve_unit
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint
 from resnet_exp.train.records import write_json
 from resnet_exp.train.resume import NO_RESUME, checkpoint_path, matches
-from resnet_exp.train.runtime import autocast
 
 log = logging.getLogger("resnet_exp")
 
@@ -132,35 +130,6 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     return LoadedRun(model.to(device).eval(), cfg)
 
 
-@torch.inference_mode()
-def evaluate_per_class(
-    model: nn.Module,
-    split: Split,
-    num_classes: int,
-    normalize: Any,
-    device: torch.device,
-    precision: str,
-    batch_size: int,
-    channels_last: bool,
-) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Mean loss, and wrong predictions and images per class, in one pass.
-
-    Sums as train.loop.evaluate sums them (the same batches, autocast and float32
-    loss), so the loss and the error equal a training run's evaluation.
-    """
-    model.eval()
-    loss_sum = torch.zeros((), device=device)
-    wrong = torch.zeros(num_classes, device=device, dtype=torch.int64)
-    count = torch.zeros(num_classes, device=device, dtype=torch.int64)
-    for x, y in eval_batches(split, batch_size, normalize, device, channels_last):
-        with autocast(device, precision):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        wrong += torch.bincount(y[logits.argmax(1) != y], minlength=num_classes)
-        count += torch.bincount(y, minlength=num_classes)
-    return loss_sum.item() / len(split), wrong.cpu(), count.cpu()
-
-
 def _split(choice: EvalSplit, data: Any) -> tuple[str, Split]:
     if choice == EvalSplit.auto:
         return data.eval_name, data.eval_split
@@ -176,6 +145,7 @@ def _split(choice: EvalSplit, data: Any) -> tuple[str, Split]:
 
 def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """mode=eval: evaluate ``cfg.resume``'s checkpoint; the result goes to RUN_DIR/eval.json."""
+    from resnet_exp.train.evaluation import evaluate
     from resnet_exp.train.setup import build_setup
 
     if cfg.resume in NO_RESUME:
@@ -186,16 +156,9 @@ def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     s = build_setup(cfg)  # the run's data (split, normalisation) and net, on this device
     load_weights(s.model, state["model"], path, cfg)
     name, split = _split(cfg.eval.split, s.data)
-    loss, wrong, count = evaluate_per_class(
-        s.model,
-        split,
-        s.data.num_classes,
-        s.normalize,
-        s.device,
-        s.precision,
-        cfg.data.eval_batch_size,
-        cfg.trainer.channels_last,
-    )
+    ev, counts = evaluate(s, split, per_class=True)
+    assert counts is not None
+    wrong, count = counts
     per_class = {
         c: 100.0 * w / n if n else None
         for c, w, n in zip(s.data.classes, wrong.tolist(), count.tolist())
@@ -205,8 +168,7 @@ def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         "step": state["step"],
         "split": name,
         "images": len(split),
-        "loss": loss,
-        "error": 100.0 * wrong.sum().item() / len(split),
+        **ev,  # loss, error, top5_error (and per further test crop)
         "per_class_error": per_class,
         "per_class_images": dict(zip(s.data.classes, count.tolist())),
         "device": str(s.device),
@@ -215,7 +177,7 @@ def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     write_json(run_dir / EVAL, result)
     print(
         f"{path} (step {result['step']}): {name} split, {len(split)} images | "
-        f"loss {loss:.4f} | top-1 error {result['error']:.2f}%"
+        f"loss {ev['loss']:.4f} | top-1 error {ev['error']:.2f}% | top-5 error {ev['top5_error']:.2f}%"
     )
     width = max(len(c) for c in s.data.classes)
     for c, err in per_class.items():

@@ -68,10 +68,15 @@ CIFAR = {
     "cifar10": ("CIFAR10", "cifar-10-batches-py", "CIFAR-10"),
     "cifar100": ("CIFAR100", "cifar-100-python", "CIFAR-100"),
 }
-SOURCES = ("cifar10", "cifar100", "imagefolder", "synthetic")
+SOURCES = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
+    """The data set; streamed ones (ImageNet) hold file lists (``imagenet.FileSplit``)."""
+    from resnet_exp.data.imagenet import is_streamed, load_streamed
+
+    if is_streamed(cfg):
+        return load_streamed(cfg)
     if cfg.name in CIFAR:
         train, test, classes, source = _load_cifar(cfg)
     elif cfg.name == "imagefolder":

@@ -1,4 +1,5 @@
-"""The CIFAR residual networks of the paper: a 3x3 stem, three stages, a linear head."""
+"""The residual networks of the paper: CIFAR (3x3 stem, three stages) and, in imagenet.py,
+ImageNet (7x7 stem, four stages); residual units, head and classifier shared."""
 
 from __future__ import annotations
 
@@ -118,16 +119,49 @@ class CifarResNet(nn.Module):
         fp32_identity: bool = True,
     ) -> None:
         super().__init__()
-        spec = shortcut if shortcut is not None else ShortcutSpec()
-        utype = UNIT_TYPES[unit]
         if downsample == "auto":  # as each unit type was published
             downsample = "B" if unit == "bottleneck" else "A"
         self.stem = nn.Sequential(conv(3, width, 3), *([] if block.is_preact else ops("br", width)))
+        self._build_body(
+            block,
+            unit,
+            (n, n, n),
+            width,
+            num_classes,
+            downsample,
+            checkpoint_segments,
+            shortcut,
+            stride_at,
+            preact_shortcut,
+            bn_group,
+            bn_stats,
+            fp32_identity,
+        )
+
+    def _build_body(
+        self,
+        block: BlockSpec,
+        unit: str,
+        counts: tuple[int, ...],
+        width: int,
+        num_classes: int,
+        downsample: str,
+        checkpoint_segments: int,
+        shortcut: ShortcutSpec | None,
+        stride_at: str,
+        preact_shortcut: str,
+        bn_group: int | None,
+        bn_stats: str,
+        fp32_identity: bool,
+    ) -> None:
+        """Stages of ``counts`` units (widths double, the first unit of every stage
+        but the first halves the map), the head, the classifier; both families."""
+        spec = shortcut if shortcut is not None else ShortcutSpec()
+        utype = UNIT_TYPES[unit]
         units: list[nn.Module] = []
         cin = width
-        for stage in range(3):
-            inner = width * 2**stage
-            widths = utype.widths(inner)
+        for stage, n in enumerate(counts):
+            widths = utype.widths(width * 2**stage)
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
                 # A projection is followed by BN when the branch's last conv is.
@@ -163,7 +197,7 @@ class CifarResNet(nn.Module):
                 cin = widths[-1]
         self.units = nn.Sequential(*units)
         self.head = ops(block.pre, cin) if block.is_preact else nn.Identity()
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1)  # any input size (ImageNet's 224 and 320 crops)
         self.fc = nn.Linear(cin, num_classes)
         self.checkpoint_segments = checkpoint_segments
         self.fp32_identity = fp32_identity
@@ -233,17 +267,23 @@ def build_model(
     num_classes: int = 10,
     unit: str = "auto",
     downsample: str = "auto",
-    width: int = 16,
+    width: int | None = None,
     checkpoint_segments: int = 0,
     *,
     shortcut: str | ShortcutSpec = "identity",
+    family: str = "cifar",
     stride_at: str = "first",
     preact_shortcut: str = "shared",
     bn_group: int | None = None,
     bn_stats: str = "first",
     fp32_identity: bool = True,
 ) -> CifarResNet:
-    """Build a CIFAR ResNet of the paper, e.g. ``build_model("preact", 1001)``.
+    """Build a ResNet of the paper, e.g. ``build_model("preact", 1001)``.
+
+    ``family`` is ``cifar`` (3x3 stem, three stages; ``width`` 16 by
+    default) or ``imagenet`` (7x7 stem and max-pool, four stages, depths 18,
+    34, 50, 101, 152, 200; ``width`` 64), e.g.
+    ``build_model("preact", 200, 1000, family="imagenet")``.
 
     ``block`` is the unit ordering (``original``, ``bn_after_add``,
     ``relu_before_add``, ``relu_only_preact``, ``preact``); ``unit`` is
@@ -273,6 +313,31 @@ def build_model(
         raise UserError(f"model.bn_group={bn_group} must be at least 1 (or null: the whole batch)")
     spec = ShortcutSpec(shortcut) if isinstance(shortcut, str) else shortcut
     spec.check()
+    options = dict(
+        stride_at=stride_at,
+        preact_shortcut=preact_shortcut,
+        bn_group=bn_group,
+        bn_stats=bn_stats,
+        fp32_identity=fp32_identity,
+    )
+    if width is None:  # the family's stem width
+        width = 64 if family == "imagenet" else 16
+    if family == "imagenet":
+        from resnet_exp.models.imagenet import build_imagenet_model
+
+        return build_imagenet_model(
+            BLOCKS[block],
+            depth,
+            num_classes,
+            unit,
+            downsample,
+            width,
+            checkpoint_segments,
+            spec,
+            **options,
+        )
+    if family != "cifar":
+        raise UserError(f"model.family={family!r} is not one of auto, cifar, imagenet")
     unit, n = resolve_unit(depth, unit)
     return CifarResNet(
         BLOCKS[block],
@@ -283,11 +348,7 @@ def build_model(
         width,
         checkpoint_segments,
         spec,
-        stride_at=stride_at,
-        preact_shortcut=preact_shortcut,
-        bn_group=bn_group,
-        bn_stats=bn_stats,
-        fp32_identity=fp32_identity,
+        **options,
     )
 
 

@@ -1,6 +1,7 @@
-"""The paper's CIFAR test errors (%), keyed by what a run is.
+"""The paper's test errors (%), keyed by what a run is.
 
-From He et al. 2016, Tables 1-4 (medians of 5 runs; "fail" = above 20%). A
+From He et al. 2016, Tables 1-4 (CIFAR, medians of 5 runs; "fail" = above
+20%) and Table 5 (ImageNet, single 320x320 crop, top-1/top-5). A
 row of a report gets the number of the paper's net it runs or, at
 ``scale=short``, stands for (see ``configs/scale``).
 """
@@ -47,7 +48,17 @@ _TABLE3 = {
     ("cifar100", "preact", "resnet1001"): "22.71 (mean 22.68 ± 0.22)",
 }
 
+# Table 5, ImageNet val, single 320x320 crop: top-1/top-5 error
+TABLE5 = {
+    ("original", "resnet200"): "21.8/6.0",
+    ("preact", "resnet152"): "21.1/5.5",
+    ("preact", "resnet200"): "20.7/5.3",
+}
+IMAGENET_NETS = {152: "resnet152", 200: "resnet200"}
+IMAGENET_BATCH = 256  # the recipe's; other batches scale the lr linearly (same number)
+
 PAPER: dict[PaperKey, str] = {
+    **{("imagenet", b, net, "identity", IMAGENET_BATCH): e for (b, net), e in TABLE5.items()},
     **{
         ("cifar10", block, net, "identity", 128): err
         for block, errs in _TABLE2.items()
@@ -62,6 +73,8 @@ PAPER: dict[PaperKey, str] = {
 def paper_net(config: dict[str, Any]) -> str | None:
     """The paper's net a run is, or stands for at its scale (flattened config)."""
     depth = config.get("depth")
+    if config.get("data.name") == "imagenet":
+        return IMAGENET_NETS.get(depth)  # type: ignore[arg-type]
     try:
         unit, _ = resolve_unit(int(depth), str(config.get("model.unit", "auto")))  # type: ignore[arg-type]
     except (UserError, TypeError, ValueError):
@@ -94,6 +107,10 @@ def paper_error(config: dict[str, Any]) -> str | None:
         str(config.get("model.block")),
         net,
         shortcut_text(config),
-        int(config.get("data.batch_size") or 0),
+        IMAGENET_BATCH if key_is_imagenet(config) else int(config.get("data.batch_size") or 0),
     )
     return PAPER.get(key)
+
+
+def key_is_imagenet(config: dict[str, Any]) -> bool:
+    return config.get("data.name") == "imagenet"

@@ -12,7 +12,7 @@ from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
 from resnet_exp.report.runs import Run
 from resnet_exp.train.records import Status
 
-DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
 
 
 @dataclass
@@ -56,6 +56,24 @@ class Row:
     def _median_of(self, key: str) -> float | None:
         values = [r.summary[key] for r in self.completed if r.summary.get(key) is not None]
         return statistics.median(values) if values else None
+
+    def crops(self) -> list[int]:
+        """Test crop sizes of streamed data (the first one's metrics have no suffix)."""
+        return [int(c) for c in (self.config.get("data.eval_crops") or ())]
+
+    def crop_errors(self) -> list[tuple[int, float | None, float | None]]:
+        """(crop, median top-1, median top-5) per test crop."""
+        out = []
+        for i, crop in enumerate(self.crops()):
+            suffix = "" if i == 0 else f"_{crop}"
+            out.append(
+                (
+                    crop,
+                    self._median_of(f"final_test_error{suffix}"),
+                    self._median_of(f"final_test_top5_error{suffix}"),
+                )
+            )
+        return out
 
     @property
     def images_per_s(self) -> float | None:
@@ -157,6 +175,10 @@ CSV_FIELDS = [
     "mean_error",
     "std_error",
     "paper_error",
+    "top5_error",
+    "crop2",
+    "crop2_error",
+    "crop2_top5_error",
     "params",
     "images_per_s",
     "wall_time_s",
@@ -189,11 +211,48 @@ def write_csv(rows: list[Row], path: Path) -> None:
                 "mean_error": row.mean,
                 "std_error": row.std,
                 "paper_error": row.paper,
+                "top5_error": row._median_of("final_test_top5_error"),
+                **_second_crop(row),
                 "params": row.params,
                 "images_per_s": row.images_per_s,
                 "wall_time_s": row.wall_time_s,
             }
             w.writerow({k: ("" if v is None else v) for k, v in values.items()})
+
+
+def _second_crop(row: Row) -> dict[str, Any]:
+    crops = row.crop_errors()
+    if len(crops) < 2:
+        return {}
+    crop, top1, top5 = crops[1]
+    return {"crop2": crop, "crop2_error": top1, "crop2_top5_error": top5}
+
+
+def imagenet_table(rows: list[Row]) -> list[str]:
+    """Top-1 / top-5 at each test crop beside the paper's Table 5 (320 crop)."""
+    rows = [r for r in rows if r.config.get("data.name") == "imagenet" or len(r.crops()) > 1]
+    if not rows:
+        return []
+    crops = sorted({c for r in rows for c in r.crops()}, key=lambda c: (c != rows[0].crops()[0], c))
+    lines = [
+        "",
+        "## Single-crop top-1 / top-5 error % (ImageNet: the val/ images)",
+        "",
+        "| configuration | " + " | ".join(f"{c}x{c} crop" for c in crops) + " | paper, 320x320 |",
+        "|---|" + "---|" * (len(crops) + 1),
+    ]
+    for row in rows:
+        cells = {c: f"{_num(t1)} / {_num(t5)}" for c, t1, t5 in row.crop_errors() if t1 is not None}
+        paper = (row.paper or "").replace("/", " / ")
+        lines.append(
+            f"| {row.label} | " + " | ".join(cells.get(c, "") for c in crops) + f" | {paper} |"
+        )
+    lines += [
+        "",
+        "Test crops: the centre crop of the image resized to crop / 0.875 on its shorter "
+        "side (256 for 224, 366 for 320; `data.eval_crop_ratio`); medians over seeds.",
+    ]
+    return lines
 
 
 def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
@@ -237,6 +296,7 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
         "as that would select on the test set); paper: the paper's median of 5 runs "
         "(fail: above 20%); runs: completed/all; images/s and wall time: per run, median.",
     ]
+    lines += imagenet_table(rows)
     missing = [(row, r) for row in rows for r in row.not_completed]
     if missing:
         lines += ["", "## Runs not completed", "", "| run | configuration | status | detail |"]

@@ -24,7 +24,7 @@ def check_settings(cfg: Config) -> None:
         raise UserError(f"trainer.max_steps={t.max_steps} must be at least 1 (or null)")
     if t.max_steps is None and t.epochs < 1:
         raise UserError(f"trainer.epochs={t.epochs} must be at least 1")
-    if cfg.model.width < 1:
+    if cfg.model.width is not None and cfg.model.width < 1:
         raise UserError(f"model.width={cfg.model.width} must be at least 1")
     check_bn_group(cfg)
     sch = cfg.schedule

@@ -16,16 +16,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from resnet_exp.config import Config, flat_config
-from resnet_exp.data import Split, eval_batches
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlowMonitor
 from resnet_exp.train import distributed
 from resnet_exp.train.checkpoint import CHECKPOINT, save_checkpoint
+from resnet_exp.train.evaluation import evaluate
 from resnet_exp.train.metrics import Mean, RunningMetrics
 from resnet_exp.train.progress import Progress
 from resnet_exp.train.records import SUMMARY, RunRecords, Status, SummaryKey
@@ -36,7 +34,7 @@ from resnet_exp.train.resume import (
     fingerprint_hash,
     resumable_overrides,
 )
-from resnet_exp.train.runtime import GlobalRNG, autocast
+from resnet_exp.train.runtime import GlobalRNG
 from resnet_exp.train.setup import Setup, build_setup
 from resnet_exp.train.stop import Interrupted, StopRequest, signal_name
 
@@ -226,11 +224,12 @@ class Trainer:
         scheduled = closes_epoch and (epoch + 1) % self.cfg.trainer.eval_every == 0
         if scheduled or step == s.total_steps:
             name = s.data.eval_name
-            loss, err = self.evaluate(s.data.eval_split)
+            ev, _ = evaluate(s, s.data.eval_split)
+            loss, err = ev["loss"], ev["error"]
             if scheduled:
                 m.best = min(m.best, err)
-            m.last_eval = {f"{name}_loss": loss, f"{name}_error": err}
-            self.records.scalars(step, {f"{name}/loss": loss, f"{name}/error": err})
+            m.last_eval = {f"{name}_{k}": v for k, v in ev.items()}
+            self.records.scalars(step, {f"{name}/{k}": v for k, v in ev.items()})
             self.records.evaluation(
                 {
                     "step": step,
@@ -257,36 +256,6 @@ class Trainer:
             m.epoch.reset()
         self.checkpoint(step)
         self.t_mark += time.perf_counter() - t_eval  # evaluating and saving are not training
-
-    @torch.inference_mode()
-    def evaluate(self, split: Split) -> tuple[float, float]:
-        """Mean loss and error (%) on a split; one host sync at the end.
-
-        In a data-parallel run each rank evaluates every world-th image and the sums are added.
-        """
-        s, dist = self.s, self.dist
-        s.model.eval()
-        loss_sum = torch.zeros((), device=s.device)
-        wrong = torch.zeros((), device=s.device, dtype=torch.int64)
-        shard = (
-            split.subset(torch.arange(dist.rank, len(split), dist.world)) if dist.enabled else split
-        )
-        for x, y in eval_batches(
-            shard,
-            self.cfg.data.eval_batch_size,
-            s.normalize,
-            s.device,
-            self.cfg.trainer.channels_last,
-        ):
-            with autocast(s.device, s.precision):
-                logits = s.model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            wrong += (logits.argmax(1) != y).sum()
-        s.model.train()
-        totals = torch.stack([loss_sum, wrong.double()])
-        distributed.sum_(totals)
-        loss, wrong_n = totals.tolist()
-        return loss / len(split), 100.0 * wrong_n / len(split)
 
     def stop_agreed(self) -> bool:
         """The stop flag: a Python attribute, no device sync. In a data-parallel run the
@@ -345,13 +314,14 @@ class Trainer:
         m, data = self.metrics, self.s.data
         out: dict[str, Any] = {}
         if data.val is not None:  # the test set, once, at the end
-            out[SummaryKey.test_loss], out[SummaryKey.test_error] = self.evaluate(data.test)
+            out.update({f"test_{k}": v for k, v in evaluate(self.s, data.test)[0].items()})
         name = data.eval_name
         out.update({SummaryKey.final(name, k.split("_", 1)[1]): v for k, v in m.last_eval.items()})
         out[SummaryKey.best(name)] = min(m.best, m.last_eval.get(f"{name}_error", m.best))
         out[SummaryKey.final_train_loss] = m.train.loss
         out[SummaryKey.final_train_error] = m.train.error
         out[SummaryKey.train_images_per_s] = m.steady_throughput()
+        out.update(getattr(self.s.loader, "report", dict)())  # streamed data: skipped images
         return out
 
     def write_summary(self, outcome: Outcome, summary: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ FIXED = (
     "data.val_size",
     "data.num_classes",
     "data.synthetic_train",
+    "data.stream",
     "data.batch_size",
     "data.augment",
     "data.pad",

@@ -15,8 +15,11 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from resnet_exp.config import Config, model_options
 from resnet_exp.data import Dataset, Normalize, TrainLoader, load_dataset
+from resnet_exp.data.imagenet import FileSplit, is_streamed
+from resnet_exp.data.stream import StreamLoader
 from resnet_exp.errors import UserError
-from resnet_exp.models import CifarResNet, build_model, count_params, resolve_unit
+from resnet_exp.models import CifarResNet, build_model, count_params
+from resnet_exp.models.imagenet import family_unit, resolve_family
 from resnet_exp.train import distributed
 from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
@@ -35,7 +38,7 @@ class Setup:
     model: nn.Module  # the network itself (checkpoints, evaluation)
     train_model: nn.Module  # what the step calls: the network, or DDP around it
     normalize: Normalize
-    loader: TrainLoader
+    loader: TrainLoader | StreamLoader
     optimizer: Optimizer
     scheduler: LRScheduler
     scaler: torch.amp.GradScaler
@@ -46,8 +49,9 @@ class Setup:
 
 
 def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
-    """The net ``cfg.model`` and ``cfg.depth`` describe."""
-    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)
+    """The net ``cfg.model`` and ``cfg.depth`` describe (CIFAR or ImageNet family)."""
+    family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
+    unit = family_unit(family, cfg.depth, cfg.model.unit.value)
     return build_model(
         cfg.model.block.value,
         cfg.depth,
@@ -57,6 +61,7 @@ def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
         cfg.model.width,
         cfg.model.checkpointing,
         shortcut=cfg.model.shortcut,
+        family=family,
         **model_options(cfg.model),
     )
 
@@ -71,7 +76,8 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
     device = pick_device(cfg.trainer.device, dist.local_rank if dist.enabled else None)
     precision = "fp32" if diagnose else pick_precision(cfg.trainer.precision.value, device)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    unit, _ = resolve_unit(cfg.depth, cfg.model.unit.value)  # a bad depth fails first
+    family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
+    unit = family_unit(family, cfg.depth, cfg.model.unit.value)  # a bad depth fails first
     check_settings(cfg)
     key, batch = ("diagnose.batch_size", cfg.diagnose.batch_size)
     if not diagnose:
@@ -95,19 +101,32 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     normalize = Normalize(data.mean, data.std, device)
-    loader = TrainLoader(
-        data.train,
-        batch // dist.world,
-        normalize,
-        device,
-        cfg.seed,
-        augment=cfg.data.augment,
-        pad=cfg.data.pad,
-        pad_value=cfg.data.pad_value.value,
-        channels_last=cfg.trainer.channels_last,
-        rank=dist.rank,
-        world=dist.world,
-    )
+    loader: TrainLoader | StreamLoader
+    if isinstance(data.train, FileSplit):  # too large to hold: read from disk per batch
+        loader = StreamLoader(
+            data.train,
+            cfg.data,
+            batch // dist.world,
+            device,
+            cfg.seed,
+            cfg.trainer.channels_last,
+            dist.rank,
+            dist.world,
+        )
+    else:
+        loader = TrainLoader(
+            data.train,
+            batch // dist.world,
+            normalize,
+            device,
+            cfg.seed,
+            augment=cfg.data.augment,
+            pad=cfg.data.pad,
+            pad_value=cfg.data.pad_value.value,
+            channels_last=cfg.trainer.channels_last,
+            rank=dist.rank,
+            world=dist.world,
+        )
     t = cfg.trainer
     total = t.max_steps if t.max_steps is not None else t.epochs * loader.steps_per_epoch
     if total < 1:
@@ -132,6 +151,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
     info = {
         "block": cfg.model.block.value,
         "depth": cfg.depth,
+        "family": family,
         "unit": unit,
         "shortcut": cfg.model.shortcut.describe(),
         "params": params,

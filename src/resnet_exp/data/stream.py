@@ -1,0 +1,469 @@
+"""Batches streamed from image files: the ImageNet data path.
+
+Two ways to decode, one augmentation (``augment.py``):
+
+- ``data.decode=workers`` (CPU runs): DataLoader worker processes each build
+  a whole batch: read, decode (torchvision.io), crop and resize every image,
+  and hand over uint8 crops (a quarter of float32's bytes through shared and
+  pinned memory) with each image's colour numbers; the training process
+  applies colour jitter, lighting and normalisation to the batch on its device.
+- ``data.decode=device`` (the default on CUDA): workers only read the files;
+  the training process decodes the JPEGs on the GPU in one batched nvjpeg
+  call (``torchvision.io.decode_jpeg(device="cuda")``), crops, resizes and
+  colours there. Files that are not JPEGs are decoded in the worker.
+
+Order and sharding: epoch ``e`` is a permutation of the whole file list drawn
+from (seed, e); rank ``r`` of ``world`` reads every world-th file of it, so the
+ranks' shards are disjoint and together cover the epoch. A batch is named by
+(epoch, position) and everything random in it by (seed, epoch, image index),
+so ``state_dict`` is just the position, and the batches do not depend on the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from resnet_exp.config import BadImage, DataConfig, Decode
+from resnet_exp.data.augment import (
+    ColourNormalize,
+    TrainParams,
+    centre_crops,
+    crop_resize,
+    image_rng,
+    sample_train,
+)
+from resnet_exp.data.imagenet import FileSplit
+from resnet_exp.errors import UserError
+
+log = logging.getLogger("resnet_exp")
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they
+# are what this path is built on (decode_jpeg on CUDA included), so say it once, here.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
+
+JPEG_MAGIC = b"\xff\xd8"
+Bad = tuple[str, str]  # (path, reason)
+
+
+def decode_file(path: str) -> torch.Tensor:
+    """uint8 CHW RGB (greyscale and CMYK JPEGs, PNGs and the like converted)."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+
+
+def _try(fn, path: str) -> tuple[Any, Bad | None]:
+    try:
+        return fn(path), None
+    except (RuntimeError, OSError, ValueError) as e:
+        return None, (path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+
+def _read_raw(path: str) -> torch.Tensor:
+    """A JPEG's bytes (decoded later, on the device); any other file decoded here."""
+    from torchvision.io import read_file
+
+    data = read_file(path)
+    if bytes(data[:2].tolist()) == JPEG_MAGIC:
+        return data
+    return decode_file(path)
+
+
+def _substitute(items: list, labels: torch.Tensor) -> torch.Tensor:
+    """Fill each failed image's place with the next good one (same batch size);
+    returns the labels to train on."""
+    good = [i for i, it in enumerate(items) if it is not None]
+    if not good:
+        return labels
+    labels = labels.clone()
+    for i, it in enumerate(items):
+        if it is None:
+            j = next((g for g in good if g > i), good[0])
+            items[i], labels[i] = items[j], labels[j]
+    return labels
+
+
+def _quiet_worker(_: int) -> None:
+    """Workers leave stop signals to the training process (it stops cleanly and
+    checkpoints; train/stop.py); they end with it."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def default_workers(world: int) -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return max(
+        1,
+        (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        // max(1, local),
+    )
+
+
+def resolve_decode(cfg: DataConfig, device: torch.device) -> bool:
+    """True: decode on the training device."""
+    if cfg.decode is Decode.auto:
+        return device.type == "cuda"
+    return cfg.decode is Decode.device
+
+
+@lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The epoch's permutation of all n files (the same on every rank)."""
+    return np.random.default_rng((seed, epoch, n)).permutation(n)
+
+
+def shard_indices(seed: int, epoch: int, n: int, rank: int, world: int) -> np.ndarray:
+    """The file indices rank ``rank`` reads in ``epoch``, in order."""
+    return epoch_order(seed, epoch, n)[rank::world]
+
+
+@dataclass
+class _Batch:
+    key: tuple[int, int]
+    images: Any  # uint8 (B,3,S,S) crops, or (device decode) a list of raw/decoded images
+    colour: torch.Tensor | None  # (B, 9) float64
+    labels: torch.Tensor
+    index: np.ndarray
+    bad: list[Bad]
+
+    def pin_memory(self) -> _Batch:  # the DataLoader's pinning thread calls this
+        if isinstance(self.images, torch.Tensor):
+            self.images = self.images.pin_memory()
+        return self
+
+
+class _TrainBatches(torch.utils.data.Dataset):
+    """Batch (epoch, position) of one rank's shard, built in a worker."""
+
+    def __init__(
+        self, split: FileSplit, batch: int, size: int, seed: int, rank: int, world: int, raw: bool
+    ) -> None:
+        self.split, self.batch, self.size, self.seed = split, batch, size, seed
+        self.rank, self.world, self.raw = rank, world, raw
+
+    def indices(self, epoch: int, pos: int) -> np.ndarray:
+        shard = shard_indices(self.seed, epoch, len(self.split), self.rank, self.world)
+        return shard[pos * self.batch : (pos + 1) * self.batch]
+
+    def __getitem__(self, key: tuple[int, int]) -> _Batch:
+        epoch, pos = key
+        index = self.indices(epoch, pos)
+        labels = self.split.labels[index]
+        read = _read_raw if self.raw else decode_file
+        items, bad = [], []
+        for i in index:
+            img, err = _try(read, self.split.path(int(i)))
+            items.append(img)
+            if err:
+                bad.append(err)
+        labels = _substitute(items, labels)
+        if self.raw or len(bad) == len(items):
+            return _Batch(key, items, None, labels, index, bad)
+        x, colour = augment_batch(items, index, self.seed, epoch, self.size)
+        return _Batch(key, x, colour, labels, index, bad)
+
+
+def augment_batch(
+    images: list[torch.Tensor], index: np.ndarray, seed: int, epoch: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop, resize and flip each decoded image (on its device); the batch's colour numbers."""
+    params: list[TrainParams] = []
+    for img, i in zip(images, index):
+        params.append(sample_train(image_rng(seed, epoch, int(i)), img.shape[-2], img.shape[-1]))
+    x = torch.stack([crop_resize(img, p, size) for img, p in zip(images, params)])
+    colour = torch.from_numpy(np.stack([p.colour for p in params]))
+    return x, colour
+
+
+class _Keys(Sampler):
+    """(epoch, position) from a start, without end."""
+
+    def __init__(self, epoch: int, pos: int, steps: int) -> None:
+        self.epoch, self.pos, self.steps = epoch, pos, steps
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, pos = self.epoch, self.pos
+        while True:
+            if pos == self.steps:
+                epoch, pos = epoch + 1, 0
+            yield epoch, pos
+            pos += 1
+
+
+def decode_on_device(items: list, device: torch.device) -> tuple[list, list[int]]:
+    """JPEG bytes -> uint8 images on ``device`` in one batched call (nvjpeg on CUDA);
+    already decoded images are moved. Returns the images and the failed positions."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None] * len(items)
+    jpeg = [i for i, it in enumerate(items) if it is not None and it.dim() == 1]
+    for i, it in enumerate(items):
+        if it is not None and it.dim() == 3:
+            out[i] = it.to(device, non_blocking=True)
+    failed: list[int] = [i for i, it in enumerate(items) if it is None]
+    if jpeg:
+        try:
+            decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+            for i, img in zip(jpeg, decoded):
+                out[i] = img
+        except RuntimeError:  # one bad file fails the batch: decode one by one, CPU as fallback
+            for i in jpeg:
+                try:
+                    out[i] = decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    try:
+                        from torchvision.io import decode_image
+
+                        out[i] = decode_image(items[i], mode=ImageReadMode.RGB).to(device)
+                    except RuntimeError:
+                        failed.append(i)
+    return out, failed
+
+
+class StreamLoader:
+    """Endless training batches from files; the CIFAR ``TrainLoader``'s interface:
+    ``next()``, ``steps_per_epoch``, ``epoch``/``pos``, ``state_dict``."""
+
+    def __init__(
+        self,
+        split: FileSplit,
+        cfg: DataConfig,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        channels_last: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.split, self.cfg, self.batch_size, self.device = split, cfg, batch_size, device
+        self.seed = seed % 2**32
+        self.channels_last, self.rank, self.world = channels_last, rank, world
+        # Each rank's shard has len // world files; the last partial batch is dropped.
+        self.steps_per_epoch = (len(split) // world) // batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(
+                f"data.batch_size={batch_size * world} is larger than the {len(split)} training images"
+            )
+        self.on_device = resolve_decode(cfg, device)
+        self.workers = cfg.workers if cfg.workers is not None else default_workers(world)
+        if self.workers < 0:
+            raise UserError(f"data.workers={self.workers} must be >= 0 (0: read in this process)")
+        self.colour = ColourNormalize(device=device)
+        self.batches = _TrainBatches(
+            split, batch_size, cfg.image_size, self.seed, rank, world, raw=self.on_device
+        )
+        self.epoch, self.pos = 0, 0
+        self.skipped: list[str] = []
+        self._it: Iterator[_Batch] | None = None
+
+    def _start(self) -> Iterator[_Batch]:
+        keys = _Keys(self.epoch, self.pos, self.steps_per_epoch)
+        return iter(_data_loader(self.batches, keys, self.workers, self.device))
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._it = self._start()
+        if self.pos == self.steps_per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+        b = next(self._it)
+        assert b.key == (self.epoch, self.pos), (b.key, self.epoch, self.pos)
+        self.pos += 1
+        labels = b.labels
+        if self.on_device:
+            images, failed = decode_on_device(b.images, self.device)
+            b.bad += [(self.split.path(int(b.index[i])), "cannot decode") for i in failed]
+            labels = _substitute(images, labels)
+            self._check(b.bad, len(images))
+            x, colour = augment_batch(images, b.index, self.seed, self.epoch, self.cfg.image_size)
+        else:
+            self._check(b.bad, len(labels))
+            x, colour = b.images.to(self.device, non_blocking=True), b.colour
+        x = self.colour(x, colour.to(self.device, torch.float32, non_blocking=True))
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt), labels.to(self.device, non_blocking=True)
+
+    def _check(self, bad: list[Bad], n: int) -> None:
+        if not bad:
+            return
+        policy_check(bad, self.cfg.bad_images, n)
+        for path, reason in bad:
+            log.warning(
+                "skipped unreadable image %s (%s); a copy of another image of the batch "
+                "takes its place", path, reason
+            )  # fmt: skip
+            if path not in self.skipped:
+                self.skipped.append(path)
+
+    def report(self) -> dict[str, Any]:
+        """For summary.json: how many training images could not be read."""
+        return {"skipped_images": len(self.skipped)} if self.skipped else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pos": self.pos, "skipped": list(self.skipped)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.skipped = list(state.get("skipped", []))
+        self._it = None  # the workers restart at the saved position
+
+
+def policy_check(bad: list[Bad], policy: BadImage, n: int) -> None:
+    if policy is BadImage.fail or len(bad) == n:
+        path, reason = bad[0]
+        hint = (
+            "every image of a batch failed" if policy is BadImage.skip else
+            "remove or replace it, or pass data.bad_images=skip to go on without it (logged and counted)"
+        )  # fmt: skip
+        raise UserError(f"cannot decode image {path} ({reason}); {hint}")
+
+
+def _data_loader(dataset, keys, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=None,  # each key is a whole batch
+        sampler=keys,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=_quiet_worker if workers else None,
+        collate_fn=_as_is,
+    )
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+# --- evaluation --------------------------------------------------------------
+
+
+@dataclass
+class _EvalBatch:
+    views: Any  # list of uint8 (B,3,c,c) per crop, or (device decode) the images
+    labels: torch.Tensor
+    index: np.ndarray
+    bad: list[Bad]
+
+    def pin_memory(self) -> _EvalBatch:
+        if isinstance(self.views, list) and all(isinstance(v, torch.Tensor) for v in self.views):
+            self.views = [v.pin_memory() if v.dim() == 4 else v for v in self.views]
+        return self
+
+
+class _EvalBatches(torch.utils.data.Dataset):
+    def __init__(
+        self, split: FileSplit, batches: list[np.ndarray], crops: list[int], ratio: float, raw: bool
+    ) -> None:
+        self.split, self.batches, self.crops, self.ratio, self.raw = (
+            split,
+            batches,
+            crops,
+            ratio,
+            raw,
+        )
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> _EvalBatch:
+        index = self.batches[b]
+        labels = self.split.labels[index].clone()
+        read = _read_raw if self.raw else decode_file
+        items, bad = [], []
+        for k, i in enumerate(index):
+            img, err = _try(read, self.split.path(int(i)))
+            items.append(img)
+            if err:
+                bad.append(err)
+                labels[k] = -1  # not counted
+        if self.raw:
+            return _EvalBatch(items, labels, index, bad)
+        return _EvalBatch(eval_views(items, self.crops, self.ratio), labels, index, bad)
+
+
+def eval_views(items: list, crops: list[int], ratio: float) -> list[torch.Tensor]:
+    """Per crop size, the batch's centre crops (a failed image's place holds zeros)."""
+    per_image = [centre_crops(img, crops, ratio) if img is not None else None for img in items]
+    if all(v is None for v in per_image):
+        return []  # the caller reports the batch's failures
+    views = []
+    for c in range(len(crops)):
+        ref = next(v for v in per_image if v is not None)[c]
+        views.append(
+            torch.stack([v[c] if v is not None else torch.zeros_like(ref) for v in per_image])
+        )
+    return views
+
+
+def eval_crops(cfg: DataConfig) -> list[int]:
+    crops = list(cfg.eval_crops) or [cfg.image_size]
+    if any(c < 1 for c in crops) or not 0 < cfg.eval_crop_ratio <= 1:
+        raise UserError(
+            f"data.eval_crops={crops} and data.eval_crop_ratio={cfg.eval_crop_ratio}: crops must be "
+            f"positive sizes and the ratio in (0, 1] (0.875: 224 of 256)"
+        )
+    return crops
+
+
+def crop_suffix(crops: list[int], c: int) -> str:
+    """Metric name suffix of a test crop: none for the first, ``_320`` for another."""
+    return "" if c == 0 else f"_{crops[c]}"
+
+
+def stream_eval_batches(
+    split: FileSplit,
+    cfg: DataConfig,
+    device: torch.device,
+    channels_last: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """This rank's every world-th test image, as ``{suffix: batch}`` per crop, and labels
+    (-1 where an image could not be read and ``data.bad_images=skip``)."""
+    crops = eval_crops(cfg)
+    mine = np.arange(rank, len(split), world)
+    size = cfg.eval_batch_size
+    batches = [mine[i : i + size] for i in range(0, len(mine), size)]
+    on_device = resolve_decode(cfg, device)
+    workers = cfg.workers if cfg.workers is not None else default_workers(world)
+    dataset = _EvalBatches(split, batches, crops, cfg.eval_crop_ratio, raw=on_device)
+    norm = ColourNormalize(device=device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for b in _data_loader(dataset, range(len(batches)), workers, device):
+        labels = b.labels
+        if on_device:
+            images, failed = decode_on_device(b.views, device)
+            for i in failed:
+                b.bad.append((split.path(int(b.index[i])), "cannot decode"))
+                labels[i] = -1
+            views = eval_views(images, crops, cfg.eval_crop_ratio)
+        else:
+            views = b.views
+        if b.bad:
+            policy_check(b.bad, cfg.bad_images, len(labels))
+            for path, reason in b.bad:
+                log.warning("test image %s not evaluated: %s", path, reason)
+        yield (
+            {
+                crop_suffix(crops, c): norm(v.to(device, non_blocking=True)).contiguous(
+                    memory_format=fmt
+                )
+                for c, v in enumerate(views)
+            },
+            labels.to(device, non_blocking=True),
+        )
