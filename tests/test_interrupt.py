@@ -374,10 +374,10 @@ def test_sweep_goes_on_after_failures_and_names_them(tmp_path: Path) -> None:
         "import sys\n"
         "from resnet_exp import cli\n"
         "real = cli.run\n"
-        "def run(cfg, run_dir):\n"
+        "def run(cfg, run_dir, stop=None):\n"
         "    if cfg.optimizer.lr == 0.2:\n"
         "        raise RuntimeError('injected fault')\n"
-        "    return real(cfg, run_dir)\n"
+        "    return real(cfg, run_dir, stop)\n"
         "cli.run = run\n"
         "cli.main()\n"
     )

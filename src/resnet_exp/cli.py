@@ -26,7 +26,7 @@ from resnet_exp.errors import UserError
 from resnet_exp.train import distributed, gpus
 from resnet_exp.train.records import SUMMARY, write_json
 from resnet_exp.train.resume import NO_RESUME, with_inherited_overrides
-from resnet_exp.train.stop import Interrupted, exit_code, requeue, signal_name
+from resnet_exp.train.stop import Interrupted, StopRequest, exit_code, requeue, signal_name
 
 log = logging.getLogger("resnet_exp")
 
@@ -89,11 +89,11 @@ OmegaConf.register_new_resolver("log_level", lambda: "INFO" if _rank() == 0 else
 register_configs()
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict:
     if cfg.mode.value == "train":
         from resnet_exp.train.loop import train
 
-        return train(cfg, run_dir)
+        return train(cfg, run_dir, stop)
     if cfg.mode.value == "diagnose":
         from resnet_exp.diagnose import diagnose
 
@@ -110,8 +110,14 @@ def _failed(run_dir: Path, status: str, message: str) -> dict[str, Any]:
     return {"status": status, "error": message}
 
 
-@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
-def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
+def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> dict[str, Any]:
+    """One job of the command, with its error handling; every launcher calls this.
+
+    In a sweep a failed job is recorded in its directory and returned (Reporter
+    names it at the end); a stopped one prints where it was saved and exits with
+    128 + N (raising SystemExit, in a packed run's thread too: the packed launcher
+    re-raises it once every run has stopped).
+    """
     from resnet_exp.train.loop import Diverged
 
     hc = HydraConfig.get()
@@ -121,7 +127,7 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         if cfg.resume is None and "SUBMITIT_EXECUTOR" in os.environ:
             cfg.resume = "auto"  # a cluster job may be a requeued one: continue its last.pt
-        return run(cfg, run_dir)
+        return run(cfg, run_dir, stop)
     except UserError as e:
         print(f"resnet-exp: error: {e}", file=sys.stderr)
         log.debug("user error", exc_info=True)
@@ -151,6 +157,11 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
         return _failed(run_dir, "failed", message)
     finally:
         gpus.release()  # a parallel sweep's next job in this process may take the GPU
+
+
+@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
+def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
+    return run_job(dcfg)
 
 
 def _one_line(e: BaseException) -> str:
