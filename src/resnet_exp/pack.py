@@ -252,3 +252,14 @@ def run_on(device: torch.device, threads: int) -> Iterator[None]:
         return
     with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
         yield
+
+
+@contextmanager
+def packed_run(
+    gate: SetupGate, stop: PackedStop, device: torch.device, threads: int
+) -> Iterator[None]:
+    """The context of a packed run's thread, around its ``train(cfg, run_dir, stop)``:
+    the gate held through set-up and the first step, its device stream or threads."""
+    with gate.held() as ready, run_on(device, threads):
+        stop.on_ready = ready
+        yield

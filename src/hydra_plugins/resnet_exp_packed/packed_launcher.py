@@ -12,7 +12,6 @@ without registering them in sys.modules, where dataclasses look string
 annotations up.)
 """
 
-
 import copy
 import logging
 import os
@@ -213,8 +212,7 @@ class PackedLauncher(Launcher):
 
         HydraConfig.instance().cfg = job.hydra_cfg  # this thread's own
         try:
-            with gate.held() as ready, pack.run_on(device, threads):
-                job.stop.on_ready = ready
+            with pack.packed_run(gate, job.stop, device, threads):
                 job.ret.return_value = cli.run_job(job.run_cfg, job.stop)
                 job.ret.status = JobStatus.COMPLETED
         except SystemExit as e:  # stopped on request (cli.run_job printed where it saved)
