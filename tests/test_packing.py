@@ -189,6 +189,7 @@ def test_packing_refuses_jobs_with_different_process_settings(tmp_path: Path) ->
     assert not list(tmp_path.rglob("*_preact_8"))
 
 
+@pytest.mark.slow  # two commands and real training: ~15 s on an idle 2-core CPU
 def test_sigterm_checkpoints_every_packed_run_then_the_sweep_resumes(tmp_path: Path) -> None:
     long = [*TINY, "trainer.epochs=50", "seed=1,2", *PACKED, "hydra.launcher.runs_per_device=2"]
     sweep_dir = tmp_path / "s"
@@ -221,12 +222,12 @@ def test_sigterm_checkpoints_every_packed_run_then_the_sweep_resumes(tmp_path: P
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == "interrupted", summary
         step = summary["steps_done"]
-        assert 16 <= step < 160
+        assert 16 <= step < 64
         assert f"stopped by SIGTERM after step {step}; checkpoint: {run / 'last.pt'}" in text
         assert torch.load(run / "last.pt", weights_only=False)["step"] == step
 
     # The same command with resume=auto continues both runs from their checkpoints.
-    shorter = [a for a in long if a != "trainer.epochs=50"] + ["trainer.max_steps=160"]
+    shorter = [a for a in long if a != "trainer.epochs=50"] + ["trainer.max_steps=64"]
     run_cli(
         ["-m", *shorter, "resume=auto", f"hydra.sweep.dir={sweep_dir}"], tmp_path, env=ONE_THREAD
     )

@@ -32,6 +32,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import torch
@@ -105,6 +106,20 @@ class PackedStop(StopRequest):
             ready, self.on_ready = self.on_ready, None
             ready()
         return self.signum is not None
+
+
+class ForwardingStop(StopRequest):
+    """The pack's own flag, whose signal handler (in the main thread) passes a
+    stop on to every running run at once; a second signal still aborts."""
+
+    def __init__(self, runs: Callable[[], list[StopRequest]]) -> None:
+        super().__init__()
+        self.runs = runs
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        super()._handle(signum, frame)
+        for stop in self.runs():
+            stop.request(signum)
 
 
 class _ThreadHydraConfig(HydraConfig):

@@ -89,7 +89,6 @@ class PackedLauncher(Launcher):
         import torch
 
         from resnet_exp import pack
-        from resnet_exp.train.stop import StopRequest
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -103,13 +102,9 @@ class PackedLauncher(Launcher):
         where = f"{device}, {threads} thread(s) each" if device.type == "cpu" else str(device)
         log.info(f"Packing {len(jobs)} jobs, {self.runs_per_device} at a time on {where}")
 
-        gate, logs, stop, changed = (
-            pack.SetupGate(),
-            pack.RunLogs(),
-            StopRequest(),
-            threading.Event(),
-        )
         pending, running, finished = deque(jobs), [], []
+        gate, logs, changed = pack.SetupGate(), pack.RunLogs(), threading.Event()
+        stop = pack.ForwardingStop(lambda: [j.stop for j in running])
         before_threads = torch.get_num_threads()
         # env_set is the same for all jobs (checked): set once for the pack, as run_job does per job
         with pack.per_thread_hydra_config(), env_override(jobs[0].config.hydra.job.env_set):
