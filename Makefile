@@ -34,8 +34,9 @@ format: install
 tensorboard: install  ## curves of every run under outputs/
 	$(BIN)/tensorboard --logdir outputs
 
-bench: install  ## speed and memory vs a textbook PyTorch loop (CPU preset; BENCH_ARGS="--preset gpu" on a GPU)
+bench: install  ## speed and memory vs a textbook PyTorch loop, and packed runs (CPU presets; BENCH_ARGS="--preset gpu" PACK_ARGS="--preset gpu" on a GPU)
 	$(BIN)/python scripts/benchmark.py $(or $(BENCH_ARGS),--preset cpu) --data $(or $(RESNET_EXP_DATA),synthetic)
+	$(BIN)/python scripts/benchmark_packing.py $(or $(PACK_ARGS),--preset cpu) --data $(or $(RESNET_EXP_DATA),synthetic)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist build

@@ -311,3 +311,36 @@ def test_threads_train_each_run_as_alone(device: str, tmp_path: Path) -> None:
             )
         rows = [read_metrics(d / "metrics.jsonl")[-1] for d in (alone, packed)]
         assert rows[1]["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow  # builds and installs a wheel
+def test_wheel_carries_the_packed_launcher(tmp_path: Path) -> None:
+    """Hydra finds launchers in the hydra_plugins namespace package: the wheel ships it."""
+    from conftest import REPO
+
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], check=True, timeout=600
+    )
+    wheel = next(wheels.glob("resnet_exp-*.whl"))
+    subprocess.run(
+        [*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        timeout=600,
+    )
+    assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace package
+    code = (
+        "import sys; from resnet_exp import cli; sys.argv[1:] = ['-m', 'hydra/launcher=packed', "
+        "'hydra.launcher.runs_per_device=3', '--cfg', 'hydra', '-p', 'hydra.launcher']; cli.main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "PackedLauncher" in proc.stdout and "runs_per_device: 3" in proc.stdout
