@@ -202,8 +202,9 @@ class RunLogs:
         conf = OmegaConf.to_container(job_config.hydra.job_logging, resolve=True)
         assert isinstance(conf, dict)
         files = set(_file_handler_names(conf))
-        conf["root"]["handlers"] = [h for h in conf["root"]["handlers"] if h not in files]
-        conf["handlers"] = {k: v for k, v in conf["handlers"].items() if k not in files}
+        if files:  # (hydra/job_logging=disabled has no root logger config at all)
+            conf["root"]["handlers"] = [h for h in conf["root"]["handlers"] if h not in files]
+            conf["handlers"] = {k: v for k, v in conf["handlers"].items() if k not in files}
         configure_log(OmegaConf.create(conf), job_config.hydra.verbose)
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_Prefixed(handler.formatter, self.labels))

@@ -87,12 +87,16 @@ class PackedLauncher(Launcher):
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
         import torch
+        from hydra.core.hydra_config import HydraConfig
 
         from resnet_exp import pack
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        if not job_overrides:
+            return []
+        hydra_cfg_before = HydraConfig.instance().cfg  # restored at the end, as run_job does
         jobs = [self._compose(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
         _check_packable(self.runs_per_device, self.threads_per_run, jobs)
         device = pack.pack_device(self.device)
@@ -140,6 +144,7 @@ class PackedLauncher(Launcher):
                 logs.close()
                 torch.set_num_threads(before_threads)
                 configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        HydraConfig.instance().cfg = hydra_cfg_before
         stopped = [j.exit for j in jobs if j.exit is not None]
         if stopped:
             raise stopped[0]  # 128 + N, after every packed run has saved its checkpoint
