@@ -164,6 +164,65 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def alternate_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """All packs in one process, their windows alternating: on a machine whose load
+    changes, neighbouring windows see about the same load, so their ratio holds."""
+    import torch
+
+    from resnet_exp import pack
+
+    specs = [parse_pack(s, pack.cpu_cores()) for s in args.pack]
+    device = pack.pack_device(args.device)
+    built = [build_run(args, seed, device) for seed in range(max(n for n, _ in specs))]
+    for step, *_ in built:  # first steps (CUDA graph captures) and warm-up, one run at a time
+        for _ in range(1 + args.warmup):
+            step()
+    windows: dict[str, list[float]] = {f"{n}x{t}": [] for n, t in specs}
+    for _ in range(args.repeats):
+        for n, t in specs:
+            windows[f"{n}x{t}"].append(_window([b[0] for b in built[:n]], device, t, args.steps))
+    return {
+        "windows_s": windows,
+        "precision": built[0][1],
+        "cuda_graphs": built[0][2],
+        "peak_memory_mb": peak_memory_mb(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+    }
+
+
+def _window(steps: list[Any], device: Any, threads: int, n_steps: int) -> float:
+    """Seconds for every run to take ``n_steps`` steps, each on its own thread."""
+    from resnet_exp import pack
+
+    barrier = threading.Barrier(len(steps) + 1)
+    errors: list[BaseException] = []
+
+    def train(step) -> None:
+        try:
+            with pack.run_on(device, threads):
+                barrier.wait()
+                for _ in range(n_steps):
+                    step()
+                _sync(device)
+                barrier.wait()
+        except BaseException as e:
+            errors.append(e)
+            barrier.abort()
+
+    workers = [threading.Thread(target=train, args=(s,), daemon=True) for s in steps]
+    for w in workers:
+        w.start()
+    try:
+        barrier.wait()
+        t = time.perf_counter()
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        raise errors[0] from None
+    for w in workers:
+        w.join()
+    return time.perf_counter() - t
+
+
 def _sync(device: Any) -> None:
     import torch
 
@@ -186,6 +245,41 @@ def run_worker(args: argparse.Namespace, model: str, spec: str) -> dict[str, Any
     window = statistics.median(r["windows_s"])
     r.update(model=model, pack=spec, images_per_s=r["runs"] * args.steps * args.batch / window)
     return r
+
+
+def run_alternating(args: argparse.Namespace, model: str, specs: list[str]) -> list[dict[str, Any]]:
+    cmd = [sys.executable, __file__, "--worker", "--alternate", "--model", model]
+    for spec in specs:
+        cmd += ["--pack", spec]
+    for key in ("batch", "steps", "warmup", "repeats", "device", "data", "synthetic_images"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+        return [{"model": model, "pack": " ".join(specs), "error": tail[0]}]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = []
+    for spec, windows in r["windows_s"].items():
+        n, t = (int(v) for v in spec.split("x"))
+        ips = [n * args.steps * args.batch / w for w in windows]
+        rows.append(
+            {
+                **{k: r[k] for k in ("precision", "cuda_graphs", "device_name")},
+                "model": model,
+                "pack": spec,
+                "runs": n,
+                "threads": t,
+                "images_per_s": statistics.median(ips),
+                "per_window": ips,
+                "peak_memory_mb": r["peak_memory_mb"],  # the whole process: every pack's runs
+            }
+        )
+    alone = [row for row in rows if row["runs"] == 1]
+    for row in rows:  # the ratio within each repeat (neighbouring windows), then its median
+        if alone:
+            row["ratios"] = [a / b for a, b in zip(row["per_window"], alone[0]["per_window"])]
+            row["ratio"] = statistics.median(row["ratios"])
+    return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -223,6 +317,11 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--synthetic-images", type=int, default=10_000)
     p.add_argument("--out", default=f"outputs/bench/packing-{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    p.add_argument(
+        "--alternate",
+        action="store_true",
+        help="all packs of a model in one process, windows alternating (ratios on a busy machine)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -231,7 +330,7 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else preset.get("warmup", 3)
     if args.worker:
         args.model = args.model[0]
-        print(json.dumps(worker(args)))
+        print(json.dumps(alternate_worker(args) if args.alternate else worker(args)))
         return
 
     if args.model:
@@ -246,22 +345,30 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for round_ in range(1, args.rounds + 1):
         for model, specs in plan.items():
-            group = []
-            for spec in specs:
-                r = run_worker(args, model, spec)
-                r["round"] = round_
-                group.append(r)
-            alone = next((r for r in group if r.get("runs") == 1 and "error" not in r), None)
+            if args.alternate:
+                group = run_alternating(args, model, specs)
+            else:
+                group = [run_worker(args, model, spec) for spec in specs]
+                alone = next((r for r in group if r.get("runs") == 1 and "error" not in r), None)
+                for r in group:
+                    if alone and "error" not in r:
+                        r["ratio"] = r["images_per_s"] / alone["images_per_s"]
             for r in group:
-                if alone and "error" not in r:
-                    r["ratio"] = r["images_per_s"] / alone["images_per_s"]
+                r["round"] = round_
                 print(markdown([r]).splitlines()[-1], flush=True)
             rows += group
     device = next((r["device_name"] for r in rows if "device_name" in r), "?")
     text = (
         f"Device: {device}; batch {args.batch}; data {args.data}; median of {args.repeats} windows "
         f"of {args.steps} steps per run after {args.warmup} warm-up steps; 'vs alone': against the "
-        f"1-run row of the same model and round.\n\n{markdown(rows)}\n"
+        f"1-run row of the same model and round"
+        + (
+            " (--alternate: all packs in one process, windows alternating; the ratio is the "
+            "median of the ratios of neighbouring windows; peak memory is the whole process's)"
+            if args.alternate
+            else ""
+        )
+        + f".\n\n{markdown(rows)}\n"
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
