@@ -331,7 +331,7 @@ def test_wheel_carries_the_packed_launcher(tmp_path: Path) -> None:
     )
     assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace package
     code = (
-        "import sys; from resnet_exp import cli; sys.argv[1:] = ['-m', 'hydra/launcher=packed', "
+        "import sys; from resnet_exp import cli; sys.argv[1:] = ['hydra/launcher=packed', "
         "'hydra.launcher.runs_per_device=3', '--cfg', 'hydra', '-p', 'hydra.launcher']; cli.main()"
     )
     proc = subprocess.run(
@@ -343,4 +343,6 @@ def test_wheel_carries_the_packed_launcher(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "PackedLauncher" in proc.stdout and "runs_per_device: 3" in proc.stdout
+    assert (site / "hydra_plugins" / "resnet_exp_packed" / "packed_launcher.py").exists()
+    assert "hydra_plugins.resnet_exp_packed.packed_launcher.PackedLauncher" in proc.stdout
+    assert "runs_per_device: 3" in proc.stdout
