@@ -34,8 +34,9 @@ format: install
 tensorboard: install  ## curves of every run under outputs/
 	$(BIN)/tensorboard --logdir outputs
 
-bench: install  ## speed and memory vs a textbook PyTorch loop (CPU preset; BENCH_ARGS="--preset gpu" on a GPU; Hydra overrides in BENCH_ARGS too)
+bench: install  ## speed and memory vs a textbook PyTorch loop, and packed runs (CPU presets; BENCH_ARGS="--preset gpu" PACK_ARGS="--preset gpu" on a GPU; Hydra overrides in BENCH_ARGS too)
 	$(BIN)/python scripts/benchmark.py $(or $(BENCH_ARGS),--preset cpu) $(if $(RESNET_EXP_DATA),dataset=cifar10 data.download=false)
+	$(BIN)/python scripts/benchmark_packing.py $(or $(PACK_ARGS),--preset cpu) --data $(or $(RESNET_EXP_DATA),synthetic)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist build

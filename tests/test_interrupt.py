@@ -348,10 +348,10 @@ def test_sweep_goes_on_after_failures_and_names_them(
     sweep = tmp_path / "sweep"
     real = cli.run
 
-    def run(cfg: Config, run_dir: Path) -> dict:
+    def run(cfg: Config, run_dir: Path, stop=None) -> dict:
         if cfg.optimizer.lr == 0.2:
             raise RuntimeError("injected fault")
-        return real(cfg, run_dir)
+        return real(cfg, run_dir, stop)
 
     monkeypatch.setattr(cli, "run", run)
     args = [

@@ -28,7 +28,7 @@ from resnet_exp.search import JobResult
 from resnet_exp.train import distributed, gpus
 from resnet_exp.train.records import SUMMARY, Status, SummaryKey, write_json
 from resnet_exp.train.resume import NO_RESUME, run_dir_of, with_inherited_overrides
-from resnet_exp.train.stop import Interrupted, exit_code, requeue, signal_name
+from resnet_exp.train.stop import Interrupted, StopRequest, exit_code, requeue, signal_name
 
 log = logging.getLogger("resnet_exp")
 
@@ -81,11 +81,11 @@ OmegaConf.register_new_resolver("log_level", lambda: "INFO" if _rank() == 0 else
 register_configs()
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
+def run(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict:
     if cfg.mode is Mode.train:
         from resnet_exp.train.loop import train
 
-        return train(cfg, run_dir)
+        return train(cfg, run_dir, stop)
     if cfg.mode is Mode.diagnose:
         from resnet_exp.diagnose import diagnose
 
@@ -107,8 +107,14 @@ def _failed(run_dir: Path, status: Status, message: str) -> dict[str, Any]:
     return JobResult(result)
 
 
-@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
-def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
+def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> dict[str, Any]:
+    """One job of the command, with its error handling; every launcher calls this.
+
+    In a sweep a failed job is recorded in its directory and returned (Reporter
+    names it at the end); a stopped one prints where it was saved and exits with
+    128 + N (raising SystemExit, in a packed run's thread too: the packed launcher
+    re-raises it once every run has stopped).
+    """
     from resnet_exp.train.loop import Diverged
 
     hc = HydraConfig.get()
@@ -118,7 +124,7 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         if cfg.resume is None and "SUBMITIT_EXECUTOR" in os.environ:
             cfg.resume = "auto"  # a cluster job may be a requeued one: continue its last.pt
-        return JobResult(run(cfg, run_dir))  # a search's sweeper reads float(result)
+        return JobResult(run(cfg, run_dir, stop))  # a search's sweeper reads float(result)
     except UserError as e:
         print(f"resnet-exp: error: {e}", file=sys.stderr)
         log.debug("user error", exc_info=True)
@@ -148,6 +154,11 @@ def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
         return _failed(run_dir, Status.failed, message)
     finally:
         gpus.release()  # a parallel sweep's next job in this process may take the GPU
+
+
+@hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
+def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
+    return run_job(dcfg)
 
 
 def _one_line(e: BaseException) -> str:

@@ -108,7 +108,8 @@ class CudaGraphStep:
         torch.cuda.current_stream().wait_stream(side)
         self.optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads may run their own steps meanwhile (packed runs)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_loss, self.static_logits = self._compute()
         # Undo the warm-up steps: back to the state before them, in place (the
         # graph holds these addresses). Momentum buffers the warm-up created

@@ -1,0 +1,268 @@
+"""``hydra/launcher=packed``: a sweep's jobs trained ``runs_per_device`` at a time
+in this process, one thread each, on one device (see resnet_exp/pack.py).
+
+Each job is prepared in the main thread as Hydra's own ``run_job`` does it
+(its config, run directory, ``.hydra/`` files, ``on_job_start``), trained on
+its thread through ``resnet_exp.cli.run_job`` (the same per-job error handling
+as the basic launcher), and reported with a ``JobReturn`` to ``on_job_end`` in
+job order, so the sweep's callbacks see what they see with the basic launcher.
+
+(No ``from __future__ import annotations``: Hydra executes plugin modules
+without registering them in sys.modules, where dataclasses look string
+annotations up.)
+"""
+
+import copy
+import logging
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import (
+    JobReturn,
+    JobStatus,
+    configure_log,
+    env_override,
+    filter_overrides,
+    setup_globals,
+)
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PackedLauncherConf:
+    _target_: str = "hydra_plugins.resnet_exp_packed.packed_launcher.PackedLauncher"
+    runs_per_device: int = 4  # runs trained at once; the next job starts when one ends
+    threads_per_run: int = 0  # CPU intra-op threads per run; 0: cores / runs_per_device, >= 1
+    device: str = "auto"  # where jobs with trainer.device=auto train: the current GPU, else CPU
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="resnet-exp"
+)
+
+
+@dataclass
+class _Job:
+    idx: int
+    config: DictConfig
+    ret: JobReturn = field(default_factory=JobReturn)
+    thread: threading.Thread | None = None
+    stop: Any = None  # its PackedStop
+    exit: BaseException | None = None  # SystemExit of a stopped run (Ctrl-C, SIGTERM)
+    hydra_cfg: Any = None  # what HydraConfig holds for this job, seen from its thread
+    run_cfg: Any = None  # the task's config as trained (trainer.device=auto made the pack's)
+    reported: bool = False  # on_job_end called (or skipped: a stopped job)
+
+    @property
+    def name(self) -> str:
+        return Path(str(self.config.hydra.runtime.output_dir)).name
+
+
+class PackedLauncher(Launcher):
+    def __init__(
+        self, runs_per_device: int = 4, threads_per_run: int = 0, device: str = "auto"
+    ) -> None:
+        self.runs_per_device, self.threads_per_run, self.device = (
+            runs_per_device,
+            threads_per_run,
+            device,
+        )
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
+        import torch
+        from hydra.core.hydra_config import HydraConfig
+
+        from resnet_exp import pack
+
+        assert self.config is not None and self.hydra_context is not None
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        if not job_overrides:
+            return []
+        hydra_cfg_before = HydraConfig.instance().cfg  # restored at the end, as run_job does
+        jobs = [self._compose(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
+        _check_packable(self.runs_per_device, self.threads_per_run, jobs)
+        device = pack.pack_device(self.device)
+        threads = pack.threads_per_run(self.threads_per_run, min(self.runs_per_device, len(jobs)))
+
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        where = f"{device}, {threads} thread(s) each" if device.type == "cpu" else str(device)
+        log.info(f"Packing {len(jobs)} jobs, {self.runs_per_device} at a time on {where}")
+
+        pending, running, finished = deque(jobs), [], []
+        gate, logs, changed = pack.SetupGate(), pack.RunLogs(), threading.Event()
+        stop = pack.ForwardingStop(lambda: [j.stop for j in running])
+        before_threads = torch.get_num_threads()
+        # env_set is the same for all jobs (checked): set once for the pack, as run_job does per job
+        with pack.per_thread_hydra_config(), env_override(jobs[0].config.hydra.job.env_set):
+            logs.configure(jobs[0].config)  # console and levels; files are per run
+            try:
+                with stop.installed():  # the main thread owns SIGINT/SIGTERM
+                    while pending or running:
+                        while (
+                            pending and len(running) < self.runs_per_device and not stop.requested
+                        ):
+                            job = pending.popleft()
+                            self._prepare(job, logs, device)
+                            job.thread = threading.Thread(
+                                target=self._train,
+                                args=(job, gate, device, threads, changed),
+                                name=f"packed-run-{job.idx}",
+                                daemon=True,  # a second signal exits at once, mid-step
+                            )
+                            job.thread.start()
+                            running.append(job)
+                        if stop.requested:
+                            pending.clear()  # as the basic launcher: later jobs do not start
+                            for job in running:
+                                job.stop.request(stop.signum)
+                        changed.wait(0.1)  # signal handlers run in between
+                        changed.clear()
+                        for job in [j for j in running if not j.thread.is_alive()]:
+                            running.remove(job)
+                            logs.remove(job.thread.name)
+                            finished.append(job)
+                        self._report_in_order(jobs, finished)
+            finally:
+                logs.close()
+                torch.set_num_threads(before_threads)
+                configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        HydraConfig.instance().cfg = hydra_cfg_before
+        stopped = [j.exit for j in jobs if j.exit is not None]
+        if stopped:
+            raise stopped[0]  # 128 + N, after every packed run has saved its checkpoint
+        return [j.ret for j in jobs]
+
+    # --- one job ---------------------------------------------------------------
+
+    def _compose(self, idx: int, overrides: Any) -> _Job:
+        from hydra.core.hydra_config import HydraConfig
+
+        assert self.config is not None and self.hydra_context is not None
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(config):
+            config.hydra.job.id = idx
+            config.hydra.job.num = idx
+        HydraConfig.instance().set_config(config)  # for ${hydra:...} in the directory names
+        output_dir = os.path.join(
+            str(OmegaConf.select(config, "hydra.sweep.dir")),
+            str(OmegaConf.select(config, "hydra.sweep.subdir")),
+        )
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = os.path.abspath(output_dir)
+        return _Job(idx, config)
+
+    def _prepare(self, job: _Job, logs: Any, device: Any) -> None:
+        """What hydra.core.utils.run_job does before calling the task, in the main thread."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import _save_config
+
+        assert self.hydra_context is not None
+        config = job.config
+        HydraConfig.instance().set_config(config)
+        ret = job.ret
+        task_cfg = copy.deepcopy(config)
+        with read_write(task_cfg), open_dict(task_cfg):
+            del task_cfg["hydra"]
+        ret.cfg = task_cfg
+        job.run_cfg = copy.deepcopy(task_cfg)
+        if device.type == "cuda" and task_cfg.trainer.device == "auto":
+            job.run_cfg.trainer.device = str(device)  # the pack's GPU, not one claimed per run
+        ret.hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
+        ret.overrides = OmegaConf.to_container(config.hydra.overrides.task)  # type: ignore[assignment]
+        output_dir = Path(str(config.hydra.runtime.output_dir))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ret.working_dir = os.getcwd()
+        logs.add(f"packed-run-{job.idx}", job.name, config)
+        if config.hydra.output_subdir is not None:
+            hydra_output = output_dir / str(config.hydra.output_subdir)
+            _save_config(task_cfg, "config.yaml", hydra_output)
+            _save_config(ret.hydra_cfg, "hydra.yaml", hydra_output)
+            _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
+        self.hydra_context.callbacks.on_job_start(config=config, task_function=self.task_function)
+        job.hydra_cfg = HydraConfig.instance().cfg
+        from resnet_exp.pack import PackedStop
+
+        job.stop = PackedStop()
+
+    @staticmethod
+    def _train(job: _Job, gate: Any, device: Any, threads: int, changed: threading.Event) -> None:
+        """A run's thread: the ordinary per-job entry, with its own stop flag."""
+        from hydra.core.hydra_config import HydraConfig
+
+        from resnet_exp import cli, pack
+
+        HydraConfig.instance().cfg = job.hydra_cfg  # this thread's own
+        try:
+            with pack.packed_run(gate, job.stop, device, threads):
+                job.ret.return_value = cli.run_job(job.run_cfg, job.stop)
+                job.ret.status = JobStatus.COMPLETED
+        except SystemExit as e:  # stopped on request (cli.run_job printed where it saved)
+            job.exit = e
+        except Exception as e:
+            job.ret.return_value = e
+            job.ret.status = JobStatus.FAILED
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            changed.set()
+
+    def _report_in_order(self, jobs: list[_Job], finished: list[_Job]) -> None:
+        """on_job_end for each finished job once those before it have ended, as the
+        basic launcher calls it (Reporter lists failed jobs in job order)."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.core.utils import JobRuntime
+
+        assert self.hydra_context is not None
+        for job in jobs:
+            if job not in finished:
+                return
+            if job.reported:
+                continue
+            job.reported = True
+            if job.exit is not None:
+                continue  # a stopped job ends the sweep without on_job_end, as with the basic launcher
+            HydraConfig.instance().set_config(job.config)
+            job.ret.task_name = JobRuntime.instance().get("name")
+            self.hydra_context.callbacks.on_job_end(config=job.config, job_return=job.ret)
+
+
+def _check_packable(runs: int, threads: int, jobs: list[_Job]) -> None:
+    """What a pack cannot give each run on its own: refuse it before anything is written."""
+    from resnet_exp.errors import UserError
+
+    if runs < 1:
+        raise UserError(f"hydra.launcher.runs_per_device={runs} must be at least 1")
+    if threads < 0:
+        raise UserError(f"hydra.launcher.threads_per_run={threads} must be 0 (auto) or more")
+    first = jobs[0].config if jobs else None
+    for job in jobs:
+        if job.config.hydra.job.chdir:
+            raise UserError(
+                "hydra.job.chdir=true cannot be packed: the working directory is one per process"
+            )
+        for key in ("trainer.deterministic", "hydra.job.env_set"):
+            a, b = OmegaConf.select(first, key), OmegaConf.select(job.config, key)
+            if a != b:
+                raise UserError(
+                    f"{key} differs between jobs {jobs[0].name} ({a}) and {job.name} ({b}); it is "
+                    f"one setting per process: pack such jobs in separate sweeps"
+                )

@@ -1,0 +1,348 @@
+"""Packed runs (hydra/launcher=packed): several runs in one process, each as if alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from resnet_exp import pack
+from resnet_exp.cli import config_dir
+from resnet_exp.train.loop import train
+from resnet_exp.train.records import read_metrics
+
+from conftest import ONE_THREAD, TINY, console_script, run_cli
+
+# Tiny runs crossing an epoch end (16 steps): evaluation, checkpoint, logs.
+SHORT = [*TINY, "trainer.log_every=5", "trainer.max_steps=20"]
+JOB = [*SHORT, "trainer.deterministic=true"]
+# Two runs differing in ordering and seed (the job number): 0_original_8, 1_preact_8.
+SWEEP = ["block=original,preact", "seed=${hydra:job.num}"]
+PACKED = ["hydra/launcher=packed", "hydra.launcher.threads_per_run=1"]
+WALL_CLOCK = ("wall_time_s", "train_images_per_s", "time_s")
+
+
+def sweep(tmp_path: Path, name: str, args: list[str], **kw: Any) -> subprocess.CompletedProcess:
+    return run_cli(
+        ["-m", *args, f"hydra.sweep.dir={tmp_path / name}"], tmp_path, env=ONE_THREAD, **kw
+    )
+
+
+def files(run: Path) -> list[str]:
+    """A run directory's files; the TensorBoard file's name holds a time and a pid."""
+    names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+    return sorted("events.out.tfevents" if n.startswith("events.out") else n for n in names)
+
+
+def outcome(run: Path) -> dict[str, Any]:
+    """What a run computed: checkpoint, metrics, summary and curves, minus wall-clock values."""
+    state = torch.load(run / "last.pt", weights_only=False)
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return {
+        "state": {k: state[k] for k in ("model", "optimizer", "scheduler", "loader", "step")},
+        "rows": [
+            {k: v for k, v in r.items() if k not in WALL_CLOCK}
+            for r in read_metrics(run / "metrics.jsonl")
+        ],
+        "summary": {
+            k: v
+            for k, v in json.loads((run / "summary.json").read_text()).items()
+            if k not in WALL_CLOCK
+        },
+        "scalars": {
+            tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+            for tag in acc.Tags()["scalars"]
+            if not tag.startswith("throughput")
+        },
+    }
+
+
+def assert_bit_identical(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_bit_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bit_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def basic_and_packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """The same two-run sweep through Hydra's basic launcher and packed, both at once."""
+    tmp = tmp_path_factory.mktemp("sweeps")
+    sweep(tmp, "basic", [*SWEEP, *JOB])
+    packed = sweep(tmp, "packed", [*SWEEP, *JOB, *PACKED, "hydra.launcher.runs_per_device=2"])
+    return tmp / "basic", tmp / "packed", packed.stdout + packed.stderr
+
+
+def test_packed_sweep_writes_what_the_basic_launcher_writes(
+    basic_and_packed: tuple[Path, Path, str],
+) -> None:
+    basic, packed, output = basic_and_packed
+    assert "Packing 2 jobs, 2 at a time on cpu, 1 thread(s) each" in output
+    names = ["0_original_8", "1_preact_8"]
+    assert sorted(p.name for p in packed.iterdir() if p.is_dir()) == names
+    for f in ("report.md", "report.csv", "multirun.yaml"):  # the sweep's callbacks ran
+        assert (packed / f).exists(), f
+    for name, block, seed in zip(names, ("original", "preact"), (0, 1)):
+        assert files(packed / name) == files(basic / name)
+        for f in ("config.yaml", "overrides.yaml"):
+            assert (packed / name / ".hydra" / f).read_text() == (
+                basic / name / ".hydra" / f
+            ).read_text()
+        summary = json.loads((packed / name / "summary.json").read_text())
+        assert (summary["block"], summary["seed"], summary["status"]) == (block, seed, "completed")
+        # Its log holds its own lines only: one header, one line per evaluation.
+        own = (packed / name / "resnet-exp.log").read_text().splitlines()
+        assert [ln.split(" - ", 1)[1].split(" ", 1)[0] for ln in own] == [block, "epoch", "epoch"]
+        # The checkpoint remembers its own overrides (for resume=DIR), not the other run's.
+        ckpt = torch.load(packed / name / "last.pt", weights_only=False)
+        assert f"block={block}" in ckpt["overrides"]
+
+
+def test_packed_runs_are_bit_identical_to_runs_alone(
+    basic_and_packed: tuple[Path, Path, str],
+) -> None:
+    """CPU, trainer.deterministic=true: two runs trained at once in one process end
+    with the weights, optimizer, data position, metrics and curves of each run alone."""
+    basic, packed, _ = basic_and_packed
+    for name in ("0_original_8", "1_preact_8"):
+        assert_bit_identical(outcome(packed / name), outcome(basic / name), name)
+    a, b = (
+        torch.load(packed / n / "last.pt", weights_only=False)["model"]
+        for n in ("0_original_8", "1_preact_8")
+    )
+    assert not torch.equal(
+        a["stem.0.weight"], b["stem.0.weight"]
+    )  # different seeds, different inits
+
+
+def test_failing_and_diverging_runs_stop_alone(tmp_path: Path) -> None:
+    """Four runs at once: one completes, one hits an internal error (an injected fault),
+    one a bad value, one diverges; the others are unaffected; the sweep reports them."""
+    code = (
+        "from resnet_exp import cli\n"
+        "real = cli.run\n"
+        "def run(cfg, run_dir, stop=None):\n"
+        "    if cfg.optimizer.lr == 0.2:\n"
+        "        raise RuntimeError('injected fault')\n"
+        "    return real(cfg, run_dir, stop)\n"
+        "cli.run = run\n"
+        "cli.main()\n"
+    )
+    args = ["-m", "optimizer.lr=0.1,0.2,-1,1e30", *JOB, *PACKED, "hydra.launcher.runs_per_device=4"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args, f"hydra.sweep.dir={tmp_path / 's'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **ONE_THREAD, "HYDRA_FULL_ERROR": "0"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "resnet-exp: 3 of 4 jobs failed: 1_preact_8 (failed), 2_preact_8 (failed), 3_preact_8 (diverged)"
+    ), last
+    status = {
+        d.name: json.loads((d / "summary.json").read_text())
+        for d in sorted((tmp_path / "s").glob("*_preact_8"))
+    }
+    assert (
+        status["0_preact_8"]["status"] == "completed" and status["0_preact_8"]["steps_done"] == 20
+    )
+    assert status["1_preact_8"] == {"status": "failed", "error": "RuntimeError: injected fault"}
+    assert status["2_preact_8"]["error"] == "optimizer.lr=-1.0 must be a positive number"
+    assert status["3_preact_8"]["status"] == "diverged"
+    logs = {name: (tmp_path / "s" / name / "resnet-exp.log").read_text() for name in status}
+    assert "Traceback" in logs["1_preact_8"]  # the fault's traceback, in its own log only
+    assert all("Traceback" not in text for name, text in logs.items() if name != "1_preact_8")
+    assert "Traceback" not in proc.stderr
+
+
+def test_packing_refuses_jobs_with_different_process_settings(tmp_path: Path) -> None:
+    proc = sweep(tmp_path, "s", [*SHORT, "trainer.deterministic=true,false", *PACKED], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        "resnet-exp: error: trainer.deterministic differs between jobs 0_preact_8 (True) and "
+        "1_preact_8 (False); it is one setting per process: pack such jobs in separate sweeps"
+    )
+    assert not list(tmp_path.rglob("*_preact_8"))
+
+
+@pytest.mark.slow  # two commands and real training: ~15 s on an idle 2-core CPU
+def test_sigterm_checkpoints_every_packed_run_then_the_sweep_resumes(tmp_path: Path) -> None:
+    long = [*TINY, "trainer.epochs=50", "seed=1,2", *PACKED, "hydra.launcher.runs_per_device=2"]
+    sweep_dir = tmp_path / "s"
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [console_script(), "-m", *long, f"hydra.sweep.dir={sweep_dir}"],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, **ONE_THREAD},
+        )
+        try:
+            deadline = time.monotonic() + 300
+            metrics = [sweep_dir / f"{i}_preact_8" / "metrics.jsonl" for i in (0, 1)]
+            while not all(m.exists() and m.read_text().endswith("\n") for m in metrics):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)  # both runs are past their first epoch
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = err.read_text()
+    assert rc == 128 + signal.SIGTERM, text
+    assert "Traceback" not in text
+    assert text.count("SIGTERM received") == 1
+    for i in (0, 1):
+        run = sweep_dir / f"{i}_preact_8"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["status"] == "interrupted", summary
+        step = summary["steps_done"]
+        assert 16 <= step < 64
+        assert f"stopped by SIGTERM after step {step}; checkpoint: {run / 'last.pt'}" in text
+        assert torch.load(run / "last.pt", weights_only=False)["step"] == step
+
+    # The same command with resume=auto continues both runs from their checkpoints.
+    shorter = [a for a in long if a != "trainer.epochs=50"] + ["trainer.max_steps=64"]
+    run_cli(
+        ["-m", *shorter, "resume=auto", f"hydra.sweep.dir={sweep_dir}"], tmp_path, env=ONE_THREAD
+    )
+    for i in (0, 1):
+        log = (sweep_dir / f"{i}_preact_8" / "resnet-exp.log").read_text()
+        assert "resumed from" in log
+
+
+# --- the mechanism in-process: the loop's own entry on threads ------------------
+
+
+def make_cfg(overrides: list[str]) -> Any:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+
+
+def train_packed(device: str, cfgs: dict[str, Any], root: Path) -> None:
+    """Train the runs at once, one thread each, as the packed launcher does."""
+    gate = pack.SetupGate()
+    errors: list[BaseException] = []
+
+    def one(name: str, cfg: Any) -> None:
+        stop = pack.PackedStop()
+        try:
+            with pack.packed_run(gate, stop, torch.device(device), threads=1):
+                (root / name).mkdir(parents=True)
+                train(cfg, root / name, stop)
+        except BaseException as e:  # re-raised in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=item) for item in cfgs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ),
+    ],
+)
+def test_threads_train_each_run_as_alone(device: str, tmp_path: Path) -> None:
+    """Three runs (seeds, orderings, depths differ) on three threads against each alone:
+    bit-identical on the CPU; on a GPU, where each has its own CUDA stream and CUDA
+    graph (fp32, cuDNN deterministic), equal within cuDNN's tolerance."""
+    base = [o for o in JOB if not o.startswith("trainer.device")]
+    base += [f"trainer.device={device}", "trainer.precision=fp32"]
+    runs = {
+        "a": [*base, "seed=1", "block=original"],
+        "b": [*base, "seed=2", "block=preact"],
+        "c": [*base, "seed=3", "block=relu_before_add", "depth=14"],
+    }
+    cfgs = {name: make_cfg(o) for name, o in runs.items()}  # Hydra's compose: not thread-safe
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name in runs:
+            (tmp_path / "alone" / name).mkdir(parents=True)
+            train(make_cfg(runs[name]), tmp_path / "alone" / name, None)
+        train_packed(device, cfgs, tmp_path / "packed")
+    finally:
+        torch.set_num_threads(before)
+    for name in runs:
+        alone, packed = (tmp_path / k / name for k in ("alone", "packed"))
+        if device == "cpu":
+            assert_bit_identical(outcome(packed), outcome(alone), name)
+            continue
+        a, b = (torch.load(d / "last.pt", weights_only=False) for d in (alone, packed))
+        assert b["step"] == a["step"] == 20
+        for key, value in a["model"].items():
+            torch.testing.assert_close(
+                b["model"][key].float(), value.float(), rtol=1e-4, atol=1e-5, msg=key
+            )
+        rows = [read_metrics(d / "metrics.jsonl")[-1] for d in (alone, packed)]
+        assert rows[1]["train_loss"] == pytest.approx(rows[0]["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow  # builds and installs a wheel
+def test_wheel_carries_the_packed_launcher(tmp_path: Path) -> None:
+    """Hydra finds launchers in the hydra_plugins namespace package: the wheel ships it."""
+    from conftest import REPO
+
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], check=True, timeout=600
+    )
+    wheel = next(wheels.glob("resnet_exp-*.whl"))
+    subprocess.run(
+        [*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        timeout=600,
+    )
+    assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace package
+    code = (
+        "import sys; from resnet_exp import cli; sys.argv[1:] = ['hydra/launcher=packed', "
+        "'hydra.launcher.runs_per_device=3', '--cfg', 'hydra', '-p', 'hydra.launcher']; cli.main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (site / "hydra_plugins" / "resnet_exp_packed" / "packed_launcher.py").exists()
+    assert "hydra_plugins.resnet_exp_packed.packed_launcher.PackedLauncher" in proc.stdout
+    assert "runs_per_device: 3" in proc.stdout
