@@ -24,7 +24,7 @@ from resnet_exp.errors import UserError
 from resnet_exp.models import resolve_unit
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint
 from resnet_exp.train.records import write_json
-from resnet_exp.train.resume import NO_RESUME, checkpoint_path, matches
+from resnet_exp.train.resume import NO_RESUME, checkpoint_path, differences, matches
 
 log = logging.getLogger("resnet_exp")
 
@@ -66,13 +66,11 @@ def check_eval_args(args: list[str]) -> None:
         raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
 
 
-def check_configmatches(saved: dict[str, Any], flat: dict[str, Any], path: Path) -> None:
+def check_config_matches(saved: dict[str, Any], flat: dict[str, Any], path: Path) -> None:
     """Refuse a config whose net or data differs from the one the checkpoint was trained on."""
-    old, new = _net_keys(flatten(saved)), _net_keys(flat)
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if keys:
-        was = ", ".join(f"{k}={old.get(k)}" for k in keys)
-        now = ", ".join(f"{k}={new.get(k)}" for k in keys)
+    changed = differences(_net_keys(flatten(saved)), _net_keys(flat))
+    if changed:
+        was, now = changed
         raise UserError(
             f"cannot evaluate {path}: it was trained with {was}, this command asks for {now}; "
             f"drop those overrides (the run's own settings come from its checkpoint)"
@@ -152,7 +150,7 @@ def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
     path = checkpoint_path(str(cfg.resume))
     state = load_checkpoint(path)
-    check_configmatches(_saved_config(state, path), flat_config(cfg), path)
+    check_config_matches(_saved_config(state, path), flat_config(cfg), path)
     s = build_setup(cfg)  # the run's data (split, normalisation) and net, on this device
     load_weights(s.model, state["model"], path, cfg)
     name, split = _split(cfg.eval.split, s.data)

@@ -5,19 +5,18 @@ shortcut variant applies. Stage layout as in fb.resnet.torch (``resnet.lua``,
 ``preresnet.lua``): widths 64/128/256/512 (x4 at a bottleneck's output),
 projection shortcuts where the shape changes. A bottleneck's stride follows
 ``model.stride_at`` as on CIFAR: the authors' first 1x1 by default (their Caffe
-ImageNet models), fb.resnet.torch's 3x3 with ``model.stride_at=conv3x3``. Pre-activation nets follow ``preresnet.lua``: the stem keeps
+ImageNet models), fb.resnet.torch's 3x3 with ``model.stride_at=conv3x3``.
+Pre-activation nets follow ``preresnet.lua``: the stem keeps
 its BN-ReLU, the first unit skips its own pre-activation, and a BN-ReLU
 follows the last unit.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from resnet_exp.errors import UserError
-from resnet_exp.models.resnet import CifarResNet
+from resnet_exp.models.resnet import DEFAULT_OPTIONS, CifarResNet, NetOptions
 from resnet_exp.models.units import BlockSpec, ops
 from resnet_exp.models.variants import ShortcutSpec
 
@@ -83,11 +82,7 @@ class ImageNetResNet(CifarResNet):
         width: int = 64,
         checkpoint_segments: int = 0,
         shortcut: ShortcutSpec | None = None,
-        stride_at: str = "first",
-        preact_shortcut: str = "shared",
-        bn_group: int | None = None,
-        bn_stats: str = "first",
-        fp32_identity: bool = True,
+        options: NetOptions = DEFAULT_OPTIONS,
     ) -> None:
         nn.Module.__init__(self)
         if downsample == "auto":
@@ -107,11 +102,7 @@ class ImageNetResNet(CifarResNet):
             downsample,
             checkpoint_segments,
             shortcut,
-            stride_at,
-            preact_shortcut,
-            bn_group,
-            bn_stats,
-            fp32_identity,
+            options,
         )
         if block.is_preact:
             # preresnet.lua's 'no_preact' first unit: the stem's BN-ReLU just ran,
@@ -128,10 +119,9 @@ def build_imagenet_model(
     width: int = 64,
     checkpoint_segments: int = 0,
     shortcut: ShortcutSpec | None = None,
-    **options: Any,
+    options: NetOptions = DEFAULT_OPTIONS,
 ) -> ImageNetResNet:
-    """``options``: ``stride_at``, ``preact_shortcut``, ``bn_group``, ``bn_stats``,
-    ``fp32_identity``, as for the CIFAR nets (docs/fidelity.md)."""
+    """``options``: as for the CIFAR nets (``NetOptions``, docs/fidelity.md)."""
     kind, counts = imagenet_unit(depth, unit)
     return ImageNetResNet(
         block,
@@ -142,5 +132,5 @@ def build_imagenet_model(
         width,
         checkpoint_segments,
         shortcut,
-        **options,
+        options,
     )

@@ -45,6 +45,47 @@ UNIT_TYPES = {
 BOTTLENECK_DEPTHS = {164, 1001}
 
 
+@dataclass(frozen=True)
+class NetOptions:
+    """Where the paper and the authors' code leave a choice (docs/fidelity.md); the
+    defaults follow the authors' code. The same for both families.
+
+    ``stride_at``: see ``ResidualUnit``. ``preact_shortcut``: in a pre-activation
+    net, a shortcut that changes the shape (zero padding or projection, on the
+    first unit of a stage) reads the unit's shared pre-activation (``shared``:
+    fb.resnet.torch's ``both_preact``, resnet-pre-act.lua's "common BN, ReLU") or
+    its raw input (``raw``). ``bn_group``: batch norm statistics per group of that
+    many images of a training batch (``ghost_bn.py``; None: the whole batch),
+    ``bn_stats`` which running statistics are kept. ``fp32_identity``: under
+    autocast the identity path (stem output, every sum), the gates and scalings
+    and the classifier run in fp32; the convolutions in the autocast dtype.
+    """
+
+    stride_at: str = "first"
+    preact_shortcut: str = "shared"
+    bn_group: int | None = None
+    bn_stats: str = "first"
+    fp32_identity: bool = True
+
+    def check(self) -> None:
+        for key, allowed in (
+            ("stride_at", STRIDE_AT),
+            ("preact_shortcut", PREACT_SHORTCUTS),
+            ("bn_stats", BN_STATS),
+        ):
+            if getattr(self, key) not in allowed:
+                raise UserError(
+                    f"model.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}"
+                )
+        if self.bn_group is not None and self.bn_group < 1:
+            raise UserError(
+                f"model.bn_group={self.bn_group} must be at least 1 (or null: the whole batch)"
+            )
+
+
+DEFAULT_OPTIONS = NetOptions()
+
+
 def units_per_stage(depth: int, unit: str) -> int:
     """n for a depth: 3 stages of n units plus the stem conv and the classifier."""
     per = 3 * UNIT_TYPES[unit].layers_per_unit
@@ -90,16 +131,7 @@ class CifarResNet(nn.Module):
     and feeds both paths, and one more BN-ReLU after the last unit precedes the
     pooling (without it training can diverge).
 
-    ``preact_shortcut``: in a pre-activation net, a shortcut that changes the
-    shape (zero padding or projection, on the first unit of a stage) reads
-    the unit's shared pre-activation (``shared``: fb.resnet.torch's
-    ``both_preact``, resnet-pre-act.lua's "common BN, ReLU") or its raw
-    input (``raw``). ``stride_at``: see ``ResidualUnit``. ``bn_group``: batch
-    norm statistics per group of that many images of a training batch (see
-    ``ghost_bn.py``; None: the whole batch), ``bn_stats`` which running
-    statistics are kept. ``fp32_identity``: under autocast the identity path
-    (stem output, every sum), the gates and scalings and the classifier run
-    in fp32; the convolutions in the autocast dtype.
+    ``options``: the choices of ``NetOptions`` (docs/fidelity.md).
     """
 
     def __init__(
@@ -112,11 +144,7 @@ class CifarResNet(nn.Module):
         width: int = 16,
         checkpoint_segments: int = 0,
         shortcut: ShortcutSpec | None = None,
-        stride_at: str = "first",
-        preact_shortcut: str = "shared",
-        bn_group: int | None = None,
-        bn_stats: str = "first",
-        fp32_identity: bool = True,
+        options: NetOptions = DEFAULT_OPTIONS,
     ) -> None:
         super().__init__()
         if downsample == "auto":  # as each unit type was published
@@ -131,11 +159,7 @@ class CifarResNet(nn.Module):
             downsample,
             checkpoint_segments,
             shortcut,
-            stride_at,
-            preact_shortcut,
-            bn_group,
-            bn_stats,
-            fp32_identity,
+            options,
         )
 
     def _build_body(
@@ -148,11 +172,7 @@ class CifarResNet(nn.Module):
         downsample: str,
         checkpoint_segments: int,
         shortcut: ShortcutSpec | None,
-        stride_at: str,
-        preact_shortcut: str,
-        bn_group: int | None,
-        bn_stats: str,
-        fp32_identity: bool,
+        options: NetOptions,
     ) -> None:
         """Stages of ``counts`` units (widths double, the first unit of every stage
         but the first halves the map), the head, the classifier; both families."""
@@ -179,7 +199,8 @@ class CifarResNet(nn.Module):
                 # shape (and 1x1-conv shortcuts) follow `preact_shortcut`.
                 reshapes = stride > 1 or cin != widths[-1]
                 reads_pre = reshapes or getattr(path, "is_projection", False)
-                share = block.is_preact and (first or (preact_shortcut == "shared" and reads_pre))
+                shared = options.preact_shortcut == "shared"
+                share = block.is_preact and (first or (shared and reads_pre))
                 units.append(
                     ResidualUnit(
                         block,
@@ -190,8 +211,8 @@ class CifarResNet(nn.Module):
                         path,
                         merge,
                         share_preact=share,
-                        stride_at=stride_at,
-                        fp32_identity=fp32_identity,
+                        stride_at=options.stride_at,
+                        fp32_identity=options.fp32_identity,
                     )
                 )
                 cin = widths[-1]
@@ -200,10 +221,10 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)  # any input size (ImageNet's 224 and 320 crops)
         self.fc = nn.Linear(cin, num_classes)
         self.checkpoint_segments = checkpoint_segments
-        self.fp32_identity = fp32_identity
+        self.fp32_identity = options.fp32_identity
         self._init_weights()
-        if bn_group is not None:
-            convert_ghost_bn(self, bn_group, bn_stats)
+        if options.bn_group is not None:
+            convert_ghost_bn(self, options.bn_group, options.bn_stats)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -295,31 +316,17 @@ def build_model(
     ``ShortcutSpec`` with its parameters, e.g.
     ``ShortcutSpec("exclusive_gating", gate_bias=-7)``. The remaining
     options (``stride_at``, ``preact_shortcut``, ``bn_group``, ``bn_stats``,
-    ``fp32_identity``) are described in ``CifarResNet``; their defaults
+    ``fp32_identity``) are described in ``NetOptions``; their defaults
     follow the authors' code (see docs/fidelity.md).
     """
     if block not in BLOCKS:
         raise UserError(f"block={block!r} is not one of {', '.join(BLOCKS)}")
     if downsample not in ("auto", "A", "B"):
         raise UserError(f"model.downsample={downsample!r} is not one of auto, A, B")
-    for key, value, allowed in (
-        ("stride_at", stride_at, STRIDE_AT),
-        ("preact_shortcut", preact_shortcut, PREACT_SHORTCUTS),
-        ("bn_stats", bn_stats, BN_STATS),
-    ):
-        if value not in allowed:
-            raise UserError(f"model.{key}={value!r} is not one of {', '.join(allowed)}")
-    if bn_group is not None and bn_group < 1:
-        raise UserError(f"model.bn_group={bn_group} must be at least 1 (or null: the whole batch)")
+    options = NetOptions(stride_at, preact_shortcut, bn_group, bn_stats, fp32_identity)
+    options.check()
     spec = ShortcutSpec(shortcut) if isinstance(shortcut, str) else shortcut
     spec.check()
-    options = dict(
-        stride_at=stride_at,
-        preact_shortcut=preact_shortcut,
-        bn_group=bn_group,
-        bn_stats=bn_stats,
-        fp32_identity=fp32_identity,
-    )
     if width is None:  # the family's stem width
         width = 64 if family == "imagenet" else 16
     if family == "imagenet":
@@ -334,7 +341,7 @@ def build_model(
             width,
             checkpoint_segments,
             spec,
-            **options,
+            options,
         )
     if family != "cifar":
         raise UserError(f"model.family={family!r} is not one of auto, cifar, imagenet")
@@ -348,7 +355,7 @@ def build_model(
         width,
         checkpoint_segments,
         spec,
-        **options,
+        options,
     )
 
 

@@ -171,6 +171,17 @@ def fingerprint_hash(fp: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def differences(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str] | None:
+    """``("key=old, ...", "key=new, ...")`` over the keys whose values differ; None if none."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        return None
+    return (
+        ", ".join(f"{k}={old.get(k)}" for k in keys),
+        ", ".join(f"{k}={new.get(k)}" for k in keys),
+    )
+
+
 def check_resumable(state: dict[str, Any], flat: dict[str, Any], path: Path) -> list[str]:
     """Raise UserError if the config changes what the checkpoint was trained on.
 
@@ -185,11 +196,9 @@ def check_resumable(state: dict[str, Any], flat: dict[str, Any], path: Path) -> 
                 f"config (its config hash differs); start a new run"
             )
         return []
-    old = fingerprint(saved)
-    keys = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
-    if keys:
-        was = ", ".join(f"{k}={old.get(k)}" for k in keys)
-        now = ", ".join(f"{k}={fp.get(k)}" for k in keys)
+    changed = differences(fingerprint(saved), fp)
+    if changed:
+        was, now = changed
         raise UserError(
             f"cannot resume from {path}: it was trained with {was}, this run asks for {now}; "
             f"resume with the run's own values or start a new run"
