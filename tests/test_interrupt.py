@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,16 @@ from resnet_exp.train.records import read_metrics
 from resnet_exp.train.resume import check_resumable, with_inherited_overrides
 from resnet_exp.train.stop import Abort, Interrupted, StopRequest
 
-from conftest import ONE_THREAD, TINY, compose_config, console_script, run_cli, run_main, tb_scalars
+from conftest import (
+    ONE_THREAD,
+    TINY,
+    assert_same_tensors,
+    compose_config,
+    console_script,
+    run_cli,
+    run_main,
+    tb_scalars,
+)
 
 # conftest's tiny job: 16 steps an epoch, deterministic, a logging step every 5.
 JOB = [*TINY, "trainer.log_every=5", "trainer.deterministic=true"]
@@ -94,24 +102,6 @@ def outcome(run_dir: Path) -> dict[str, Any]:
         "scalars": scalars(run_dir),
         "summary": summary,
     }
-
-
-def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
-    """Equal structure, and every tensor equal bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert isinstance(b, np.ndarray) and np.array_equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def assert_identical(resumed: Path, reference: Path, extra_step: int | None = None) -> None:

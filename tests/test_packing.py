@@ -23,7 +23,7 @@ from resnet_exp.cli import config_dir
 from resnet_exp.train.loop import train
 from resnet_exp.train.records import read_metrics
 
-from conftest import ONE_THREAD, TINY, console_script, run_cli
+from conftest import ONE_THREAD, TINY, assert_same_tensors, console_script, run_cli
 
 # Tiny runs crossing an epoch end (16 steps): evaluation, checkpoint, logs.
 SHORT = [*TINY, "trainer.log_every=5", "trainer.max_steps=20"]
@@ -70,21 +70,6 @@ def outcome(run: Path) -> dict[str, Any]:
     }
 
 
-def assert_bit_identical(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_bit_identical(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_bit_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.fixture(scope="module")
 def basic_and_packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """The same two-run sweep through Hydra's basic launcher and packed, both at once."""
@@ -126,7 +111,7 @@ def test_packed_runs_are_bit_identical_to_runs_alone(
     with the weights, optimizer, data position, metrics and curves of each run alone."""
     basic, packed, _ = basic_and_packed
     for name in ("0_original_8", "1_preact_8"):
-        assert_bit_identical(outcome(packed / name), outcome(basic / name), name)
+        assert_same_tensors(outcome(packed / name), outcome(basic / name), name)
     a, b = (
         torch.load(packed / n / "last.pt", weights_only=False)["model"]
         for n in ("0_original_8", "1_preact_8")
@@ -304,7 +289,7 @@ def test_threads_train_each_run_as_alone(device: str, tmp_path: Path) -> None:
     for name in runs:
         alone, packed = (tmp_path / k / name for k in ("alone", "packed"))
         if device == "cpu":
-            assert_bit_identical(outcome(packed), outcome(alone), name)
+            assert_same_tensors(outcome(packed), outcome(alone), name)
             continue
         a, b = (torch.load(d / "last.pt", weights_only=False) for d in (alone, packed))
         assert b["step"] == a["step"] == 20
