@@ -24,24 +24,17 @@ from resnet_exp.errors import UserError
 from resnet_exp.models import resolve_unit
 from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint
 from resnet_exp.train.records import write_json
-from resnet_exp.train.resume import NO_RESUME, checkpoint_path, differences, matches
+from resnet_exp.train.resume import (
+    NET_AND_DATA,
+    NO_RESUME,
+    checkpoint_path,
+    differences,
+    matches,
+)
 
 log = logging.getLogger("resnet_exp")
 
 EVAL = "eval.json"
-# What the evaluated numbers depend on besides the weights: the net (its wiring and
-# shapes), and the data that defines the split and the normalisation statistics.
-# A prefix covers every key below it.
-MATCHED = (
-    "model",
-    "depth",
-    "data.name",
-    "data.image_size",
-    "data.train_limit",
-    "data.val_size",
-    "data.num_classes",
-    "data.synthetic_train",
-)
 NOT_MATCHED = ("model.checkpointing",)  # how the net trains, not what it computes
 
 
@@ -51,7 +44,9 @@ class LoadedRun(NamedTuple):
 
 
 def _net_keys(flat: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flat.items() if matches(k, MATCHED) and not matches(k, NOT_MATCHED)}
+    return {
+        k: v for k, v in flat.items() if matches(k, NET_AND_DATA) and not matches(k, NOT_MATCHED)
+    }
 
 
 def check_eval_args(args: list[str]) -> None:

@@ -26,13 +26,11 @@ from resnet_exp.train.checkpoint import CHECKPOINT, load_checkpoint
 
 log = logging.getLogger("resnet_exp")
 
-# The weights and the data order depend on these: changing one makes the
-# continuation another experiment. (A prefix covers every key below it.)
-FIXED = (
+# What the net computes and which images its splits hold: an evaluation of a
+# checkpoint must match these. (A prefix covers every key below it.)
+NET_AND_DATA = (
     "model",
     "depth",
-    "seed",
-    "mode",
     "data.name",
     "data.image_size",
     "data.train_limit",
@@ -40,6 +38,13 @@ FIXED = (
     "data.num_classes",
     "data.synthetic_train",
     "data.stream",
+)
+# The weights and the data order depend on these too: changing one makes the
+# continuation another experiment.
+FIXED = (
+    *NET_AND_DATA,
+    "seed",
+    "mode",
     "data.batch_size",
     "data.augment",
     "data.pad",
