@@ -8,7 +8,7 @@
   job stops the sweep after its batch and skips ``on_multirun_end``.
 - ``SweepOverlay``: after a sweep of ``mode=diagnose`` runs, one figure overlaying them.
 - ``WriteReport``: report.md, report.csv and figures in the sweep directory.
-- ``RefuseTestSearch``: an Optuna search (``hydra/sweeper=search``) needs a validation split.
+- ``RefuseTestSearch``: a search (``hydra/sweeper=search``) needs a validation split.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Reporter(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         # Launchers that run jobs in other processes call on_job_end there: read the directories.
         jobs = self.jobs or _jobs_on_disk(sweep_dir)
-        failed = [j for j in jobs if j["status"] is not Status.completed]
+        failed = [j for j in jobs if j["status"] not in (Status.completed, Status.pruned)]
         if not failed:
             log.info("all %d jobs completed (%s)", len(jobs), sweep_dir)
             return
@@ -138,16 +138,14 @@ class WriteReport(Callback):
         print(f"resnet-exp: report in {written[0]}")
 
 
-def is_optuna(config: DictConfig) -> bool:
-    return "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
-
-
 class RefuseTestSearch(Callback):
     """A search minimises the validation error; without a validation split it would
     select hyper-parameters on the test set, so it is refused before any trial runs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not is_optuna(config) or config.get("dry_run") or config.mode != "train":
+        from resnet_exp.search_study import is_search
+
+        if not is_search(config.hydra.sweeper) or config.get("dry_run") or config.mode != "train":
             return
         if config.data.val_size == 0:
             print(

@@ -1,21 +1,19 @@
-"""Hyper-parameter search with Hydra's Optuna sweeper (configs/hydra/sweeper/search.yaml).
+"""What a search minimises (configs/hydra/sweeper/search.yaml; the sweeper:
+hydra_plugins/resnet_exp_search, the study: search_study.py).
 
 A job returns its summary as a ``JobResult``: a dict to Hydra's launchers and
 callbacks (callbacks.Reporter reads its status), a number to an optimising
 sweeper, which calls ``float()`` on a job's return value: the run's final
-validation error. The search selects on held-out training images, never on
+validation error (a pruned trial's value is its last reported one, see
+search_run.job_outcome). The search selects on held-out training images, never on
 the test set: ``callbacks.RefuseTestSearch`` stops a search run with ``data.val_size=0``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 from resnet_exp.train.records import Status
-
-# optuna imports alembic, which logs each of its plugins at INFO when Hydra loads the sweeper.
-logging.getLogger("alembic").setLevel(logging.WARNING)
 
 OBJECTIVE = "final_val_error"
 

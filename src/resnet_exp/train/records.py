@@ -27,6 +27,7 @@ class Status(str, Enum):
     completed = "completed"
     interrupted = "interrupted"  # stopped on request after a checkpoint; resumable
     diverged = "diverged"  # the loss became NaN/inf; the last good checkpoint is kept
+    pruned = "pruned"  # a search's trial stopped behind the others; checkpoint kept, exit 0
     failed = "failed"  # a bad input or an internal error (a sweep job's summary)
     unfinished = "unfinished"  # no summary: killed, or still running
 
@@ -46,6 +47,7 @@ class SummaryKey:
     signal = "signal"  # interrupted: the signal's name
     checkpoint = "checkpoint"  # interrupted: the last.pt to resume from
     diverged_at_step = "diverged_at_step"
+    pruned_at_epoch = "pruned_at_epoch"  # pruned: the last epoch it trained and evaluated
     steps_done = "steps_done"
     test_loss, test_error = "test_loss", "test_error"  # with a val split: the test set at the end
     final_train_loss, final_train_error = "final_train_loss", "final_train_error"
@@ -90,6 +92,7 @@ HPARAM_METRICS = (
     SummaryKey.test_error,
     SummaryKey.final_train_loss,
     SummaryKey.final_train_error,
+    SummaryKey.pruned_at_epoch,
 )
 
 
