@@ -73,11 +73,11 @@ def parse_space(params: dict[str, str], arguments: list[str]) -> SearchSpace:
     space = SearchSpace()
     for override in parsed:
         key = override.get_key_element()
-        space.distributions.pop(key, None)
-        space.fixed.pop(key, None)
-        if override.is_sweep_override():
+        if override.is_sweep_override():  # in place of the config's range for the same key
+            space.fixed.pop(key, None)
             space.distributions[key] = distribution(override)
         else:
+            space.distributions.pop(key, None)
             space.fixed[key] = override.input_line or f"{key}={override.get_value_element_as_str()}"
     return space
 

@@ -160,8 +160,8 @@ class TrialPruning:
         return bool(self.trial.should_prune())
 
 
-def trial_pruning() -> TrialPruning | None:
-    """This job's ``TrialPruning`` when it is a trial of a search that prunes; else None."""
+def _search_options() -> tuple[Options, int] | None:
+    """This job's search settings and trial number, when it is a trial of a search that prunes."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -171,15 +171,26 @@ def trial_pruning() -> TrialPruning | None:
     if hc.mode != RunMode.MULTIRUN or not is_search(hc.sweeper):
         return None
     o = Options.of(hc.sweeper, hc.sweep.dir)
-    if o.pruner == "none":
+    return None if o.pruner == "none" else (o, int(hc.job.num))
+
+
+def prunes() -> bool:
+    """Whether this job is a trial of a search that prunes (known on every rank)."""
+    return _search_options() is not None
+
+
+def trial_pruning() -> TrialPruning | None:
+    """This job's ``TrialPruning`` when it is a trial of a search that prunes; else None."""
+    found = _search_options()
+    if found is None:
         return None
+    o, number = found
     import optuna
     from optuna.trial import TrialState
 
     quiet_optuna()
     storage = open_storage(o.storage_url)
     study = optuna.load_study(study_name=o.study_name, storage=storage, pruner=make_pruner(o))
-    number = int(hc.job.num)
     study_id = storage.get_study_id_from_name(o.study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     if storage.get_trial(trial_id).state != TrialState.RUNNING:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from resnet_exp.config import Config, flat_config
 from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlowMonitor
+from resnet_exp.search_study import prunes, trial_pruning
 from resnet_exp.train import distributed
 from resnet_exp.train.checkpoint import CHECKPOINT, save_checkpoint
 from resnet_exp.train.evaluation import evaluate
@@ -52,6 +53,7 @@ class Outcome(Enum):
     completed = "completed"
     stop = "stop"  # requested (a signal, a preemption notice)
     diverged = "diverged"
+    pruned = "pruned"  # a search's pruner stopped this trial after an evaluation
 
 
 def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[str, Any]:
@@ -76,6 +78,10 @@ class Trainer:
         self.step = 0
         self.ckpt_step: int | None = None  # the last checkpoint written (or resumed from)
         self.diverged_at: int | None = None
+        # A search's trial reports each scheduled evaluation to its study (rank 0).
+        self.prunes = prunes() and not cfg.dry_run
+        self.pruning = trial_pruning() if self.prunes and self.dist.is_main else None
+        self.pruned_at: int | None = None  # the epoch the pruner stopped it after
         self.t_mark, self.images = time.perf_counter(), 0  # the throughput window
         self.records = RunRecords(run_dir, enabled=False)  # opened by run()
 
@@ -160,6 +166,8 @@ class Trainer:
                 self.end_of_epoch(step, epoch)  # evaluate, record, checkpoint
         if step == total:
             return Outcome.completed
+        if closes_epoch and self.prunes and distributed.any_rank(self.pruned_at is not None):
+            return Outcome.pruned  # checkpointed at this step by end_of_epoch
         if not self.stop_agreed():
             return Outcome.go
         if self.ckpt_step != step:  # stopped mid-epoch: checkpoint here, if finite
@@ -228,6 +236,8 @@ class Trainer:
             loss, err = ev["loss"], ev["error"]
             if scheduled:
                 m.best = min(m.best, err)
+                if self.pruning is not None and self.pruning.should_stop(epoch + 1, err):
+                    self.pruned_at = epoch + 1
             m.last_eval = {f"{name}_{k}": v for k, v in ev.items()}
             self.records.scalars(step, {f"{name}/{k}": v for k, v in ev.items()})
             self.records.evaluation(
@@ -324,6 +334,23 @@ class Trainer:
         out.update(getattr(self.s.loader, "report", dict)())  # streamed data: skipped images
         return out
 
+    def pruned_summary(self) -> dict[str, Any]:
+        """Where a pruned trial stopped: its epoch and last evaluation (no test set)."""
+        m, name = self.metrics, self.s.data.eval_name
+        out: dict[str, Any] = {SummaryKey.pruned_at_epoch: self.pruned_at}
+        out.update({SummaryKey.final(name, k.split("_", 1)[1]): v for k, v in m.last_eval.items()})
+        out[SummaryKey.best(name)] = m.best
+        out[SummaryKey.checkpoint] = str(self.run_dir / CHECKPOINT)
+        log.info(
+            "pruned after epoch %s (%s error %.2f%%): behind the search's other trials; "
+            "checkpoint: %s",
+            self.pruned_at,
+            name,
+            m.last_eval.get(f"{name}_error", math.nan),
+            self.run_dir / CHECKPOINT,
+        )
+        return out
+
     def write_summary(self, outcome: Outcome, summary: dict[str, Any]) -> None:
         """summary.json, once, however the run ended (an abort writes nothing more)."""
         k = SummaryKey
@@ -337,6 +364,9 @@ class Trainer:
         elif outcome is Outcome.diverged:
             status = Status.diverged
             summary[k.diverged_at_step] = self.diverged_at
+        elif outcome is Outcome.pruned:
+            status = Status.pruned
+            summary.update(self.pruned_summary())
         elif summary.get(k.status) == Status.failed:
             status = Status.failed
         else:
