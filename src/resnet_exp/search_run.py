@@ -78,7 +78,10 @@ class Search:
             if key.startswith("+"):
                 continue  # adds a key: the composition below checks it
             name = key.lstrip("~")
-            if name not in choices and OmegaConf.select(self.config, name, default=missing) is missing:
+            if (
+                name not in choices
+                and OmegaConf.select(self.config, name, default=missing) is missing
+            ):
                 raise UserError(
                     f"search-space key {name!r} is not in the config; search a config key "
                     f"(e.g. optimizer.lr, optimizer.weight_decay) or a config group "
@@ -194,7 +197,9 @@ class Search:
             log.info("search: continuing trials %s", ", ".join(str(n) for n, _ in pending))
         while True:
             if self.launched and len(self.failures) / self.launched > c.max_failure_rate:
-                log.error("search: stopping, %d of %d trials failed", len(self.failures), self.launched)
+                log.error(
+                    "search: stopping, %d of %d trials failed", len(self.failures), self.launched
+                )
                 break
             if pending:
                 batch, pending = pending[: c.n_jobs], pending[c.n_jobs :]
@@ -304,4 +309,3 @@ def _grid_values(key: str, d: Any) -> list[Any]:
         f"hydra.sweeper.sampler.name=grid takes choice(...) and range(...); {key} is an "
         f"interval (use sampler.name=tpe or random)"
     )
-

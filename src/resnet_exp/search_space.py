@@ -85,7 +85,7 @@ def parse_space(params: dict[str, str], arguments: list[str]) -> SearchSpace:
 def distribution(override: Override) -> BaseDistribution:
     """One sweep override as an Optuna distribution; an empty or impossible one is refused."""
     value = override.value()
-    where = override.input_line or key
+    where = override.input_line or override.get_key_element()
     if override.is_interval_sweep():
         assert isinstance(value, IntervalSweep)
         low, high, log = value.start, value.end, "log" in value.tags
@@ -101,7 +101,10 @@ def distribution(override: Override) -> BaseDistribution:
         values = list(override.sweep_iterator(transformer=Transformer.encode))
         if not values:
             raise UserError(f"{where}: the range is empty; range(start, stop) needs start < stop")
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values) and not value.shuffle:
+        if (
+            all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            and not value.shuffle
+        ):
             step = values[1] - values[0] if len(values) > 1 else 1
             return IntDistribution(values[0], values[-1], step=step)
         return CategoricalDistribution(values)

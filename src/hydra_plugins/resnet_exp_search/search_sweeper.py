@@ -14,9 +14,9 @@ annotations up.)
 """
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SamplerConf:
     name: str = "tpe"  # tpe | random | grid (grid: choice(...) and range(...) only)
-    seed: Optional[int] = None  # trial N samples with seed + N: the same command, the same trials
+    seed: int | None = None  # trial N samples with seed + N: the same command, the same trials
     n_startup_trials: int = 10  # tpe: the first trials sample at random
 
 
@@ -43,12 +43,12 @@ class SearchSweeperConf:
     n_trials: int = 20  # over the whole study, continued or shared
     n_jobs: int = 1  # trials asked and launched at once
     max_failure_rate: float = 1.0  # stop asking when more of this sweep's trials failed
-    storage: Optional[str] = None  # None: <sweep dir>/study.journal; or a database URL
+    storage: str | None = None  # None: <sweep dir>/study.journal; or a database URL
     study_name: str = "search"
     pruner: str = "halving"  # none | median | halving | hyperband
     min_resource: int = 1  # scheduled evaluations before the first cut
     reduction_factor: int = 3  # halving/hyperband: 1 in reduction_factor goes on at each rung
-    params: Dict[str, Any] = field(default_factory=dict)  # key -> search range
+    params: dict[str, Any] = field(default_factory=dict)  # key -> search range
 
 
 ConfigStore.instance().store(
@@ -60,8 +60,8 @@ class SearchSweeper(Sweeper):
     def __init__(self, **conf: Any) -> None:
         # Hydra passes the config's values; merged onto the schema, they are type-checked.
         self.conf: Any = OmegaConf.merge(OmegaConf.structured(SearchSweeperConf), conf)
-        self.config: Optional[DictConfig] = None
-        self.hydra_context: Optional[HydraContext] = None
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
 
     def setup(
@@ -72,7 +72,7 @@ class SearchSweeper(Sweeper):
             config=config, hydra_context=hydra_context, task_function=task_function
         )
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         from resnet_exp.search_run import Search
 
         assert self.config is not None
@@ -80,18 +80,19 @@ class SearchSweeper(Sweeper):
 
     # What resnet_exp.search_run calls back: launching and composing stay Hydra's.
 
-    def launch(self, batch: Sequence[Tuple[int, Sequence[str]]]) -> List[JobReturn]:
+    def launch(self, batch: Sequence[tuple[int, Sequence[str]]]) -> list[JobReturn]:
         """Launch ``(trial number, overrides)`` pairs; each run of consecutive numbers
         is one launcher call, so that job N is trial N (another sweep on the same
         study may have taken the numbers between)."""
-        returns: List[JobReturn] = []
+        returns: list[JobReturn] = []
         i = 0
         while i < len(batch):
             j = i + 1
             while j < len(batch) and batch[j][0] == batch[j - 1][0] + 1:
                 j += 1
             group = batch[i:j]
-            returns += self.launcher.launch([list(o) for _, o in group], initial_job_idx=group[0][0])
+            returns += self.launcher.launch(
+                [list(o) for _, o in group], initial_job_idx=group[0][0]
+            )
             i = j
         return returns
-
