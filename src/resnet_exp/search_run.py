@@ -50,6 +50,9 @@ class Search:
         self.pruner = make_pruner(self.options)
         self.space = parse_space(dict(self.conf.params or {}), arguments)
         self.check_space(self.space)
+        self.grid = None
+        if self.conf.sampler.name == "grid":  # the values it goes through, in the space's order
+            self.grid = {k: _grid_values(k, d) for k, d in self.space.distributions.items()}
 
     # --- inputs ---------------------------------------------------------------
 
@@ -107,10 +110,7 @@ class Search:
                 )
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(o.storage_url)
-        grid = None
-        if c.sampler.name == "grid":
-            grid = {k: _grid_values(k, d) for k, d in self.space.distributions.items()}
-        sampler = make_sampler(c.sampler.name, c.sampler.seed, c.sampler.n_startup_trials, grid)
+        sampler = make_sampler(c.sampler.name, c.sampler.seed, c.sampler.n_startup_trials, self.grid)
         study = optuna.create_study(
             storage=storage,
             study_name=o.study_name,

@@ -3,8 +3,8 @@
 The syntax is Hydra's own override grammar, as ``hydra/sweeper=search`` has
 always taken it (in ``hydra.sweeper.params`` or on the command line):
 
-- ``tag(log, interval(a, b))``: a float (or, with integer ends, an int) in
-  ``[a, b]``, sampled on a log scale; without ``tag(log, ...)``, uniformly.
+- ``tag(log, interval(a, b))``: a float in ``[a, b]``, sampled on a log scale;
+  without ``tag(log, ...)``, uniformly (Hydra's interval is always a float).
 - ``choice(a, b, c)`` or ``a,b,c``: one of the values.
 - ``range(start, stop[, step])``: Hydra's range, ``stop`` excluded (as in a
   basic sweep of the same range); integers become an int distribution,
@@ -93,9 +93,7 @@ def distribution(override: Override) -> BaseDistribution:
             raise UserError(f"{where}: the interval is empty; interval(a, b) needs a < b")
         if log and low <= 0:
             raise UserError(f"{where}: a log interval needs a > 0 (its values are logarithms)")
-        if isinstance(low, int) and isinstance(high, int):
-            return IntDistribution(low, high, log=log)
-        return FloatDistribution(float(low), float(high), log=log)
+        return FloatDistribution(float(low), float(high), log=log)  # Hydra's interval: floats
     if override.is_range_sweep():
         assert isinstance(value, RangeSweep)
         values = list(override.sweep_iterator(transformer=Transformer.encode))
