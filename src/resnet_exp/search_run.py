@@ -110,7 +110,9 @@ class Search:
                 )
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(o.storage_url)
-        sampler = make_sampler(c.sampler.name, c.sampler.seed, c.sampler.n_startup_trials, self.grid)
+        sampler = make_sampler(
+            c.sampler.name, c.sampler.seed, c.sampler.n_startup_trials, self.grid
+        )
         study = optuna.create_study(
             storage=storage,
             study_name=o.study_name,
