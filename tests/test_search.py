@@ -408,3 +408,24 @@ def test_packed_launcher_runs_trials_of_a_search_at_once(tmp_path: Path) -> None
     (a0, a1), (b0, b1) = spans
     assert a0 < b1 and b0 < a1  # the two trials trained at the same time
     assert len(load_study(sweep / JOURNAL).trials) == 2
+
+
+@pytest.mark.slow
+def test_submitit_trials_prune_from_their_own_processes(tmp_path: Path) -> None:
+    """Trials in other processes (submitit, hydra/launcher=local) reach the study through
+    its storage: the sweep's results match their summaries, and pruning reaches them."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install '.[slurm]'")
+    sweep = tmp_path / "multirun"
+    common = ["-m", "hydra/sweeper=search", "hydra/launcher=local", *EPOCHS]
+    common += ["hydra.sweeper.min_resource=2", f"hydra.sweep.dir={sweep}"]
+    run_cli([*common, "hydra.sweeper.n_trials=1", "optimizer.lr=interval(0.04, 0.06)"], tmp_path)
+    run_cli(
+        [*common, "hydra.sweeper.n_trials=2", "optimizer.lr=interval(1e-6, 2e-6)", "resume=auto"],
+        tmp_path,
+    )
+    study = load_study(sweep / JOURNAL)
+    assert [t.state for t in study.trials] == [
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.PRUNED,
+    ]
+    assert summary(trials(sweep)[1])["status"] == "pruned"
