@@ -48,6 +48,8 @@ class DataSource(Protocol):
     test: Sized
     val: Sized | None
     classes: list[str]
+    mean: tuple[float, ...]  # per channel, in [0, 1] units: what the net's inputs are
+    std: tuple[float, ...]  # normalised with
     source: str  # where the images come from, in words
 
     @property
