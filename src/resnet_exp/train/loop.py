@@ -321,7 +321,7 @@ class Trainer:
         out[SummaryKey.final_train_loss] = m.train.loss
         out[SummaryKey.final_train_error] = m.train.error
         out[SummaryKey.train_images_per_s] = m.steady_throughput()
-        out.update(getattr(self.s.loader, "report", dict)())  # streamed data: skipped images
+        out.update(self.s.loader.report())  # streamed data: skipped images
         return out
 
     def write_summary(self, outcome: Outcome, summary: dict[str, Any]) -> None:
