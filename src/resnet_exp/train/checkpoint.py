@@ -318,8 +318,11 @@ class Checkpoint:
             )
 
     def changes(self, flat: dict[str, Any], ignore: tuple[str, ...]) -> list[str]:
-        """The config's other differences from the saved one, ``key: old -> new``."""
-        saved = self.config or {}
+        """The config's other differences from the saved one, ``key: old -> new``
+        (none known without a saved config)."""
+        saved = self.config
+        if saved is None:
+            return []
         return [
             f"{k}: {saved.get(k)} -> {flat.get(k)}"
             for k in sorted(set(saved) | set(flat))

@@ -97,12 +97,13 @@ class RunResult:
     measured, and its ending's keys (the status, set here from ``status``).
     ``reason`` says why it ended early: the name of the signal that asked it to
     stop (``"SIGTERM"``), also for a run that completed while stopping.
-    ``message`` is one line for the user when it did not complete.
+    ``message`` is one line for the user when it did not complete (summary.json
+    keeps a failure's as ``error``; two results are equal by what summary.json keeps).
     """
 
     status: Status
     summary: dict[str, Any] = field(default_factory=dict)
-    message: str | None = None
+    message: str | None = field(default=None, compare=False)
     reason: str | None = None
 
     def __post_init__(self) -> None:
