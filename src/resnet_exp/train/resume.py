@@ -1,11 +1,12 @@
 """Resuming, in one place: which checkpoint, whether this config may continue it,
 and handing its state to the run's owners.
 
-A checkpoint stores the run's full config and the overrides it was started
-with. ``resume=PATH`` reuses those overrides (so ``resnet-exp resume=DIR`` alone
-continues the run as it was), and overrides given with it take precedence:
-a longer run or another logging interval is allowed and logged; another model,
-data set, batch or seed is refused with the keys that differ.
+A checkpoint (train/checkpoint.py) stores the run's full config and the
+overrides it was started with. ``resume=PATH`` reuses those overrides (so
+``resnet-exp resume=DIR`` alone continues the run as it was), and overrides
+given with it take precedence: a longer run or another logging interval is
+allowed and logged; another model, data set, batch or seed is refused with the
+keys that differ (the checkpoint's one match rule, with nothing allowed).
 
 ``Resume.find`` loads and checks a checkpoint once, before any data is loaded;
 the trainer then calls ``apply`` with its state owners.
