@@ -10,7 +10,7 @@ import pytest
 
 from resnet_exp.config import Config, flat_config
 from resnet_exp.errors import UserError
-from resnet_exp.evaluate import _checkpoint as eval_checkpoint
+from resnet_exp.evaluate import checkpoint_to_evaluate
 from resnet_exp.train.checkpoint import CHECKPOINT, REQUIRED, Checkpoint
 from resnet_exp.train.resume import check_resumable
 
@@ -38,7 +38,9 @@ def resume(saved: Path, *overrides: str) -> list[str]:
 
 
 def evaluate(saved: Path, *overrides: str) -> Checkpoint:
-    return eval_checkpoint(compose_config([*TINY, "mode=eval", f"resume={saved}", *overrides]))
+    return checkpoint_to_evaluate(
+        compose_config([*TINY, "mode=eval", f"resume={saved}", *overrides])
+    )
 
 
 def test_written_checkpoint_reads_back(saved: Path) -> None:

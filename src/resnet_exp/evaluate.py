@@ -64,7 +64,7 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     return LoadedRun(model.to(device).eval(), cfg)
 
 
-def _checkpoint(cfg: Config) -> Checkpoint:
+def checkpoint_to_evaluate(cfg: Config) -> Checkpoint:
     """``cfg.resume``'s checkpoint, checked against ``cfg``: an evaluation trains
     nothing, so only the keys of how the net was trained (``TRAINING``) may differ."""
     if cfg.resume in NO_RESUME:
@@ -98,7 +98,7 @@ def evaluate_run(cfg: Config, run_dir: Path) -> RunResult:
     from resnet_exp.train.evaluation import evaluate
     from resnet_exp.train.setup import build_setup
 
-    ckpt = _checkpoint(cfg)
+    ckpt = checkpoint_to_evaluate(cfg)
     s = build_setup(cfg)  # the run's data (split, normalisation) and net, on this device
     ckpt.load_weights(s.model, cfg)
     name, split = _split(cfg.eval.split, s.data)
