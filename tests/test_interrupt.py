@@ -17,7 +17,7 @@ import torch
 
 from resnet_exp.config import Config, flat_config
 from resnet_exp.errors import UserError
-from resnet_exp.train.checkpoint import load_checkpoint, save_checkpoint
+from resnet_exp.train.checkpoint import Checkpoint
 from resnet_exp.train.loop import train
 from resnet_exp.train.records import read_metrics
 from resnet_exp.train.resume import check_resumable, with_inherited_overrides
@@ -195,7 +195,7 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path: Path) ->
     good = {
         k: torch.zeros(1) for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
     }
-    save_checkpoint(path, {**good, "step": 1})
+    Checkpoint(path, {**good, "step": 1}).save()
 
     class SignalWhilePickled:
         def __reduce__(self) -> Any:
@@ -208,10 +208,10 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path: Path) ->
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.signum == signal.SIGINT
         with pytest.raises(Abort):
-            save_checkpoint(path, {**good, "step": 2, "x": [SignalWhilePickled()] * 100})
+            Checkpoint(path, {**good, "step": 2, "x": [SignalWhilePickled()] * 100}).save()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a third one kills
     assert signal.getsignal(signal.SIGINT) is before  # the handler it found is back
-    assert load_checkpoint(path)["step"] == 1
+    assert Checkpoint.load(path).state["step"] == 1
     assert not (tmp_path / ".last.pt.tmp").exists()
 
 
@@ -230,7 +230,7 @@ def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path: Path) -> N
                         k: big
                         for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
                     }
-                    save_checkpoint(path, {**state, "step": i})
+                    Checkpoint(path, {**state, "step": i}).save()
             finally:
                 os._exit(0)
         deadline = time.monotonic() + 60
@@ -240,20 +240,20 @@ def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path: Path) -> N
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         caught_mid_write += tmp.exists()
-        state = load_checkpoint(path)  # never a UserError: always a complete file
+        state = Checkpoint.load(path).state  # never a UserError: always a complete file
         assert torch.equal(state["model"], torch.full((2_000_000,), float(state["step"])))
     assert caught_mid_write >= 1  # the kill really did land mid-write
 
 
 def test_truncated_or_foreign_checkpoints_are_named(tmp_path: Path) -> None:
     good = tmp_path / "good.pt"
-    save_checkpoint(
+    Checkpoint(
         good,
         {
             k: torch.zeros(1000)
             for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step")
         },
-    )
+    ).save()
     data = good.read_bytes()
     cases = {
         "truncated.pt": data[: len(data) // 2],
@@ -268,15 +268,15 @@ def test_truncated_or_foreign_checkpoints_are_named(tmp_path: Path) -> None:
             UserError,
             match=rf"checkpoint {tmp_path / name} is (truncated or corrupt|not a resnet-exp)",
         ):
-            load_checkpoint(tmp_path / name)
+            Checkpoint.load(tmp_path / name)
     with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+        Checkpoint.load(tmp_path / "missing.pt")
 
 
 def test_resume_refuses_model_and_data_changes_and_lists_safe_ones(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train_in(run, [*FLAT, "trainer.max_steps=3"])
-    state = load_checkpoint(run / "last.pt")
+    state = Checkpoint.load(run / "last.pt").state
     path = run / "last.pt"
     for override, key in (
         ("depth=14", "depth"),
@@ -322,7 +322,7 @@ def test_resume_path_inherits_the_runs_overrides(tmp_path: Path) -> None:
         k: torch.zeros(1) for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
     }
     saved = ["depth=8", "dataset=synthetic", "trainer.max_steps=12", "hydra.run.dir=/old"]
-    save_checkpoint(run / "last.pt", {**good, "step": 12, "overrides": saved})
+    Checkpoint(run / "last.pt", {**good, "step": 12, "overrides": saved}).save()
     got = with_inherited_overrides(["trainer.max_steps=20", f"resume={run}"])
     assert got == ["depth=8", "dataset=synthetic", "trainer.max_steps=20", f"resume={run}"]
     assert with_inherited_overrides(["-m", f"resume={run}"]) == ["-m", f"resume={run}"]

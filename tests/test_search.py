@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resnet_exp.search import JobResult
+from resnet_exp.train.result import RunResult
 
 from conftest import ONE_THREAD, TINY, run_cli
 
@@ -93,12 +93,14 @@ def test_search_on_the_test_set_is_refused(tmp_path: Path) -> None:
     assert not sweep.exists()
 
 
-def test_job_result_is_a_summary_and_the_objective() -> None:
-    done = JobResult(status="completed", final_val_error=12.5, final_test_error=11.0)
+def test_run_result_holds_the_summary_and_the_objective() -> None:
+    done = RunResult.from_summary(
+        dict(status="completed", final_val_error=12.5, final_test_error=11.0)
+    )
     assert float(done) == 12.5  # the validation error, never the test error
     assert pickle.loads(pickle.dumps(done)) == done  # launchers in other processes
-    assert float(JobResult(status="diverged", diverged_at_step=3)) == 100.0
+    assert float(RunResult.from_summary(dict(status="diverged", diverged_at_step=3))) == 100.0
     with pytest.raises(ValueError, match="data.val_size=0"):
-        float(JobResult(status="completed", final_test_error=11.0))
+        float(RunResult.from_summary(dict(status="completed", final_test_error=11.0)))
     with pytest.raises(ValueError, match="failed"):
-        float(JobResult(status="failed", error="UserError: bad lr"))
+        float(RunResult.from_summary(dict(status="failed", error="UserError: bad lr")))

@@ -10,7 +10,7 @@ from typing import Any
 
 from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
 from resnet_exp.report.runs import Run
-from resnet_exp.train.records import Status
+from resnet_exp.train.result import Status
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
 
