@@ -18,8 +18,7 @@ from resnet_exp.data import Dataset, Normalize, TrainLoader, load_dataset
 from resnet_exp.data.imagenet import FileSplit, is_streamed
 from resnet_exp.data.stream import StreamLoader
 from resnet_exp.errors import UserError
-from resnet_exp.models import CifarResNet, build_model, count_params
-from resnet_exp.models.imagenet import family_unit, resolve_family
+from resnet_exp.models import ResNet, build_model, count_params, family_unit, resolve_family
 from resnet_exp.train import distributed
 from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
@@ -48,7 +47,7 @@ class Setup:
     info: dict[str, Any] = field(default_factory=dict)  # what a dry run prints
 
 
-def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
+def model_from_config(cfg: Config, num_classes: int) -> ResNet:
     """The net ``cfg.model`` and ``cfg.depth`` describe (CIFAR or ImageNet family)."""
     family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
     unit = family_unit(family, cfg.depth, cfg.model.unit.value)
