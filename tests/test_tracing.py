@@ -5,8 +5,9 @@ import structure (every module imports alone; no import cycle through the nets).
 from __future__ import annotations
 
 import ast
-import importlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,20 +174,41 @@ def src_modules() -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("module", src_modules())
-def test_every_module_imports_alone(module: str) -> None:
-    """Imported first, with none of the project's modules loaded (torch and the other
-    libraries stay loaded: only the project's own import order is under test)."""
-    ours = ("resnet_exp", "hydra_plugins")
-    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ours}
-    for k in saved:
-        del sys.modules[k]
-    try:
-        importlib.import_module(module)
-    finally:
-        for k in [k for k in sys.modules if k.split(".")[0] in ours]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+# Run in a fresh interpreter that loads the libraries once, then forks a child per
+# module: each child imports its module first, with none of the project loaded, and
+# no registry (OmegaConf resolvers, Hydra's ConfigStore) holds an earlier import's state.
+IMPORT_EACH = """
+import os, sys, traceback
+import torch, torchvision, hydra, omegaconf  # noqa: F401 (loaded once, shared by the forks)
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            __import__(name)
+        except BaseException:
+            traceback.print_exc()
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1]:
+        failed.append(name)
+print("FAILED", *failed)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per module")
+def test_every_module_imports_alone() -> None:
+    modules = src_modules()
+    assert "resnet_exp.models.build" in modules and "resnet_exp.cli" in modules
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_EACH, *modules],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "FAILED", done.stderr[-3000:]
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -128,10 +128,6 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         )
     t = cfg.trainer
     total = t.max_steps if t.max_steps is not None else t.epochs * loader.steps_per_epoch
-    if total < 1:
-        raise UserError(
-            f"the run has {total} steps: trainer.epochs and trainer.max_steps must be positive"
-        )
     warmup = warmup_on(cfg.schedule, cfg.data.name)
     optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg.schedule, total, warmup, loader.steps_per_epoch)
