@@ -154,7 +154,7 @@ class ResidualUnit(nn.Module):
         self.merge = merge if merge is not None else Add()
         self.post = ops(block.after_add, channels)
         # Whether the shortcut reads the pre-activated input (computed once);
-        # the network decides (see CifarResNet).
+        # the network decides (see resnet.py).
         self.share_preact = share_preact
         self.fp32_identity = fp32_identity
 
