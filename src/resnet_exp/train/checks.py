@@ -8,7 +8,7 @@ data set is decoded and the model built, or as a ZeroDivisionError mid-run.
 from __future__ import annotations
 
 from resnet_exp.config import Config
-from resnet_exp.data.imagenet import is_streamed
+from resnet_exp.data.interface import is_streamed
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetOptions, family_unit, resolve_family
 from resnet_exp.train import distributed
