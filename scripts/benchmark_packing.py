@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import cpu_name, data_config, peak_memory_mb  # noqa: E402
+from benchmark import cpu_name, peak_memory_mb  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Short on a CPU: ResNet-20, alone on all cores against 2, 4 and 8 packed runs.
@@ -62,6 +62,17 @@ def parse_pack(text: str, cores: int) -> tuple[int, int]:
 
 
 # --- worker (a subprocess per configuration) -------------------------------------
+
+
+def data_config(args: argparse.Namespace):
+    """--data: synthetic images, or a CIFAR-10 root (a few test images: none are evaluated)."""
+    from resnet_exp.config import DataConfig
+
+    if args.data == "synthetic":
+        return DataConfig(
+            name="synthetic", synthetic_train=args.synthetic_images, synthetic_test=10
+        )
+    return DataConfig(name="cifar10", root=args.data, download=False, test_limit=10)
 
 
 def build_run(args: argparse.Namespace, seed: int, device: Any):
