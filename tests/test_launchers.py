@@ -14,6 +14,7 @@ import submitit
 import torch
 
 from resnet_exp import cli
+from resnet_exp.train.result import RunResult, Status
 from resnet_exp.train.runtime import pick_device
 
 from conftest import TINY, run_main
@@ -129,7 +130,7 @@ def test_each_job_claims_a_gpu_and_releases_it_when_it_ends(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     seen: list[tuple[int, list[bool], torch.device, list[bool]]] = []
 
-    def run(cfg: Any, run_dir: Path, stop: Any = None) -> dict:
+    def run(cfg: Any, run_dir: Path, stop: Any = None) -> RunResult:
         before = [locked(locks, i) for i in range(2)] if locks.exists() else [False, False]
         device = pick_device(cfg.trainer.device)
         seen.append((cfg.seed, before, device, [locked(locks, i) for i in range(2)]))
@@ -139,7 +140,7 @@ def test_each_job_claims_a_gpu_and_releases_it_when_it_ends(
             from resnet_exp.errors import UserError
 
             raise UserError("injected bad value")
-        return {"status": "completed"}
+        return RunResult(Status.completed, {"status": "completed"})
 
     monkeypatch.setattr(cli, "run", run)
     result = run_main(
