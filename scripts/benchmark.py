@@ -29,15 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchtools import compose, device_name, markdown, peak_memory_mb, run_worker, write_results  # noqa: E402
 
 EPOCH_IMAGES = 50_000
 # Synthetic images unless the overrides name a data set; a few test images (no evaluation).
@@ -81,27 +82,7 @@ def variant_overrides(variant: str) -> list[str]:
     return [] if variant in ("", "default") else shlex.split(variant)
 
 
-def compose(overrides: list[str]):
-    """The Config ``resnet-exp`` would build from these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from resnet_exp.cli import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("config", overrides=overrides))
-
-
 # --- workers (run in a subprocess each) ----------------------------------------
-
-
-def peak_memory_mb(device: Any) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(step, device: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -115,7 +96,7 @@ def measure(step, device: Any, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "windows_s": time_windows(step, sync, args.warmup, args.steps, args.repeats),
         "peak_memory_mb": peak_memory_mb(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
     }
 
 
@@ -249,47 +230,24 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU ({os.cpu_count()} cores)"
-
-
 # --- driver ----------------------------------------------------------------------
 
 
-def run_worker(
+def measure_in_subprocess(
     args: argparse.Namespace, model: str, variant: str | None, overrides: list[str]
 ) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
+    kind = "reference" if variant is None else "project"
+    result = run_worker(
         __file__,
-        "--worker",
-        "reference" if variant is None else "project",
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--repeats",
-        str(args.repeats),
-        "--workers",
-        str(args.workers),
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        return {"model": model, "variant": variant or "reference", "error": tail[0]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        [kind, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        + ["--repeats", str(args.repeats), "--workers", str(args.workers), *overrides],
+    )
+    result.update(model=model, variant=variant or "reference")
+    if "error" in result:
+        return result
     step_s = statistics.median(result["windows_s"]) / args.steps
     batch = result["batch"]
     result.update(
-        model=model,
-        variant=variant or "reference",
         images_per_s=batch / step_s,
         ms_per_step=1000 * step_s,
         epoch_s=EPOCH_IMAGES / (batch / step_s),
@@ -297,24 +255,31 @@ def run_worker(
     return result
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| model | variant | precision | channels_last | CUDA graphs | compile | ckpt | images/s "
-        "| ms/step | s/epoch (50k) | peak memory (MB) | vs reference |"
-    )
-    lines = [head, "|" + "---|" * 12]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | {r['variant']} | failed: {r['error']} |" + " |" * 9)
-            continue
-        ratio = f"{r['ratio']:.2f}x" if r.get("ratio") else "—"
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {r['precision']} | {'on' if r['channels_last'] else 'off'} "
-            f"| {'on' if r['cuda_graphs'] else 'off'} | {r['compile']} | {r['checkpointing'] or '—'} "
-            f"| {r['images_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['epoch_s']:.1f} "
-            f"| {r['peak_memory_mb']:,.0f} | {ratio} |"
-        )
-    return "\n".join(lines)
+COLUMNS = [
+    "model", "variant", "precision", "channels_last", "CUDA graphs", "compile", "ckpt",
+    "images/s", "ms/step", "s/epoch (50k)", "peak memory (MB)", "vs reference",
+]  # fmt: skip
+
+
+def cells(r: dict[str, Any]) -> list[str]:
+    return [
+        r["model"],
+        r["variant"],
+        r["precision"],
+        "on" if r["channels_last"] else "off",
+        "on" if r["cuda_graphs"] else "off",
+        r["compile"],
+        str(r["checkpointing"] or "—"),
+        f"{r['images_per_s']:,.0f}",
+        f"{r['ms_per_step']:.1f}",
+        f"{r['epoch_s']:.1f}",
+        f"{r['peak_memory_mb']:,.0f}",
+        f"{r['ratio']:.2f}x" if r.get("ratio") else "—",
+    ]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    return markdown(COLUMNS, rows, cells, keys=["model", "variant"])
 
 
 def main() -> None:
@@ -354,31 +319,24 @@ def main() -> None:
     for model in models:
         common = [*BASE, *shlex.split(model), *args.overrides]
         label = " ".join([*shlex.split(model), *args.overrides]) or "default"
-        ref = None if args.no_reference else run_worker(args, label, None, common)
+        ref = None if args.no_reference else measure_in_subprocess(args, label, None, common)
         group = [ref] if ref else []
         for variant in variants:
-            group.append(run_worker(args, label, variant, [*common, *variant_overrides(variant)]))
+            overrides = [*common, *variant_overrides(variant)]
+            group.append(measure_in_subprocess(args, label, variant, overrides))
         for r in group:
             if ref and "error" not in ref and "error" not in r and r is not ref:
                 r["ratio"] = r["images_per_s"] / ref["images_per_s"]
-            print(markdown([r]).splitlines()[-1], flush=True)
+            print(table([r]).splitlines()[-1], flush=True)
         rows += group
     device = next((r["device_name"] for r in rows if "device_name" in r), "?")
-    table = markdown(rows)
     text = (
         f"Device: {device}; overrides: {' '.join(args.overrides) or 'none'}; median of "
         f"{args.repeats} windows of {args.steps} steps after {args.warmup} warm-up steps.\n\n"
-        f"{table}\n"
+        f"{table(rows)}\n"
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.md").write_text(text)
-    (out / "benchmark.json").write_text(
-        json.dumps({"device": device, "overrides": args.overrides, "rows": rows}, indent=2)
-    )
-    print()
-    print(text)
-    print(f"written: {out / 'benchmark.md'}, {out / 'benchmark.json'}")
+    payload = {"device": device, "overrides": args.overrides, "rows": rows}
+    write_results(Path(args.out), "benchmark", text, payload)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import cpu_name, data_config, peak_memory_mb  # noqa: E402
+from benchtools import compose, device_name, markdown, peak_memory_mb, run_worker, write_results  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Short on a CPU: ResNet-20, alone on all cores against 2, 4 and 8 packed runs.
@@ -64,45 +63,44 @@ def parse_pack(text: str, cores: int) -> tuple[int, int]:
 # --- worker (a subprocess per configuration) -------------------------------------
 
 
+def run_overrides(args: argparse.Namespace, seed: int, device: Any) -> list[str]:
+    """One run of the pack, as Hydra overrides: ``--model``, ``--data``, ``--batch``, its seed."""
+    block, depth = args.model.split(":")
+    if args.data == "synthetic":
+        data = ["dataset=synthetic", f"data.synthetic_train={args.synthetic_images}"]
+        data += ["data.synthetic_test=10"]
+    else:
+        data = ["dataset=cifar10", f"data.root={args.data}", "data.download=false"]
+    return [
+        f"block={block}",
+        f"depth={depth}",
+        *data,
+        "data.test_limit=10",
+        f"data.batch_size={args.batch}",
+        f"seed={seed}",
+        f"trainer.device={device}",
+        "trainer.progress=false",
+    ]
+
+
 def build_run(args: argparse.Namespace, seed: int, device: Any):
-    """One run as the trainer builds it: its model, device-resident data, optimizer, step."""
+    """One run as the trainer builds it (``build_setup``): its model, data, optimizer, step."""
     import torch
 
-    from resnet_exp.config import OptimizerConfig, ScheduleConfig
-    from resnet_exp.data import Normalize, TrainLoader, load_dataset
-    from resnet_exp.models import build_model
-    from resnet_exp.train.optim import build_optimizer, build_scheduler
-    from resnet_exp.train.runtime import pick_precision, seed_everything
-    from resnet_exp.train.step import make_train_step
+    from resnet_exp.train.setup import build_setup
+    from resnet_exp.train.step import CudaGraphStep
 
-    precision = pick_precision("auto", device)
-    seed_everything(seed, deterministic=False)
-    data = load_dataset(data_config(args))
-    block, depth = args.model.split(":")
-    model = build_model(block, int(depth), data.num_classes)
-    model = model.to(device, memory_format=torch.channels_last)
-    loader = TrainLoader(
-        data.train,
-        args.batch,
-        Normalize(data.mean, data.std, device),
-        device,
-        seed,
-        channels_last=True,
-    )
-    optimizer = build_optimizer(model, OptimizerConfig(), fused=device.type == "cuda")
-    scheduler = build_scheduler(optimizer, ScheduleConfig(), 64_000, warmup=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    train_step = make_train_step(model, optimizer, scaler, device, precision)
-    acc = torch.zeros((), device=device)
+    s = build_setup(compose(run_overrides(args, seed, device)))
+    acc = torch.zeros((), device=s.device)
 
     def step() -> None:
         nonlocal acc
-        x, y = loader.next()
-        loss, _ = train_step(x, y)
-        scheduler.step()
+        x, y = s.loader.next()
+        loss, _ = s.train_step(x, y)
+        s.scheduler.step()
         acc += loss.float()  # as the trainer does: metrics stay on the device
 
-    return step, precision, type(train_step).__name__ == "CudaGraphStep"
+    return step, s.precision, isinstance(s.train_step, CudaGraphStep)
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,14 +158,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_graphs": built[0][2],
         "windows_s": windows,
         "peak_memory_mb": peak_memory_mb(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
     }
 
 
 def alternate_worker(args: argparse.Namespace) -> dict[str, Any]:
     """All packs in one process, their windows alternating: on a machine whose load
     changes, neighbouring windows see about the same load, so their ratio holds."""
-    import torch
 
     from resnet_exp import pack
 
@@ -186,7 +183,7 @@ def alternate_worker(args: argparse.Namespace) -> dict[str, Any]:
         "precision": built[0][1],
         "cuda_graphs": built[0][2],
         "peak_memory_mb": peak_memory_mb(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
     }
 
 
@@ -233,31 +230,30 @@ def _sync(device: Any) -> None:
 # --- driver ----------------------------------------------------------------------
 
 
-def run_worker(args: argparse.Namespace, model: str, spec: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", "--model", model, "--pack", spec]
+def worker_args(args: argparse.Namespace, model: str, specs: list[str]) -> list[str]:
+    out = ["--model", model]
+    for spec in specs:
+        out += ["--pack", spec]
     for key in ("batch", "steps", "warmup", "repeats", "device", "data", "synthetic_images"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        return {"model": model, "pack": spec, "error": tail[0]}
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    window = statistics.median(r["windows_s"])
-    r.update(model=model, pack=spec, images_per_s=r["runs"] * args.steps * args.batch / window)
+        out += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return out
+
+
+def measure_pack(args: argparse.Namespace, model: str, spec: str) -> dict[str, Any]:
+    r = run_worker(__file__, worker_args(args, model, [spec]))
+    r.update(model=model, pack=spec)
+    if "error" not in r:
+        window = statistics.median(r["windows_s"])
+        r["images_per_s"] = r["runs"] * args.steps * args.batch / window
     return r
 
 
-def run_alternating(args: argparse.Namespace, model: str, specs: list[str]) -> list[dict[str, Any]]:
-    cmd = [sys.executable, __file__, "--worker", "--alternate", "--model", model]
-    for spec in specs:
-        cmd += ["--pack", spec]
-    for key in ("batch", "steps", "warmup", "repeats", "device", "data", "synthetic_images"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        return [{"model": model, "pack": " ".join(specs), "error": tail[0]}]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+def measure_alternating(
+    args: argparse.Namespace, model: str, specs: list[str]
+) -> list[dict[str, Any]]:
+    r = run_worker(__file__, ["--alternate", *worker_args(args, model, specs)])
+    if "error" in r:
+        return [{"model": model, "pack": " ".join(specs), "error": r["error"]}]
     rows = []
     for spec, windows in r["windows_s"].items():
         n, t = (int(v) for v in spec.split("x"))
@@ -282,23 +278,26 @@ def run_alternating(args: argparse.Namespace, model: str, specs: list[str]) -> l
     return rows
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | round | runs x threads | aggregate images/s | per run | vs alone | peak memory (MB) |",
-        "|---|---|---|---|---|---|---|",
+COLUMNS = [
+    "model", "round", "runs x threads", "aggregate images/s", "per run", "vs alone",
+    "peak memory (MB)",
+]  # fmt: skip
+
+
+def cells(r: dict[str, Any]) -> list[str]:
+    return [
+        r["model"],
+        str(r["round"]),
+        f"{r['runs']}x{r['threads']}",
+        f"{r['images_per_s']:,.0f}",
+        f"{r['images_per_s'] / r['runs']:,.0f}",
+        f"{r['ratio']:.2f}x" if "ratio" in r else "—",
+        f"{r['peak_memory_mb']:,.0f}",
     ]
-    for r in rows:
-        if "error" in r:
-            lines.append(
-                f"| {r['model']} | {r['round']} | {r['pack']} | failed: {r['error']} | | | |"
-            )
-            continue
-        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "—"
-        lines.append(
-            f"| {r['model']} | {r['round']} | {r['runs']}x{r['threads']} | {r['images_per_s']:,.0f} "
-            f"| {r['images_per_s'] / r['runs']:,.0f} | {ratio} | {r['peak_memory_mb']:,.0f} |"
-        )
-    return "\n".join(lines)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    return markdown(COLUMNS, rows, cells, keys=["model", "round", "pack"])
 
 
 def main() -> None:
@@ -346,16 +345,16 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         for model, specs in plan.items():
             if args.alternate:
-                group = run_alternating(args, model, specs)
+                group = measure_alternating(args, model, specs)
             else:
-                group = [run_worker(args, model, spec) for spec in specs]
+                group = [measure_pack(args, model, spec) for spec in specs]
                 alone = next((r for r in group if r.get("runs") == 1 and "error" not in r), None)
                 for r in group:
                     if alone and "error" not in r:
                         r["ratio"] = r["images_per_s"] / alone["images_per_s"]
             for r in group:
                 r["round"] = round_
-                print(markdown([r]).splitlines()[-1], flush=True)
+                print(table([r]).splitlines()[-1], flush=True)
             rows += group
     device = next((r["device_name"] for r in rows if "device_name" in r), "?")
     text = (
@@ -368,15 +367,9 @@ def main() -> None:
             if args.alternate
             else ""
         )
-        + f".\n\n{markdown(rows)}\n"
+        + f".\n\n{table(rows)}\n"
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "packing.md").write_text(text)
-    (out / "packing.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
-    print()
-    print(text)
-    print(f"written: {out / 'packing.md'}, {out / 'packing.json'}")
+    write_results(Path(args.out), "packing", text, {"device": device, "rows": rows})
 
 
 if __name__ == "__main__":

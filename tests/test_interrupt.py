@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import time
@@ -17,7 +16,7 @@ import torch
 
 from resnet_exp.config import Config, flat_config
 from resnet_exp.errors import UserError
-from resnet_exp.train.checkpoint import load_checkpoint, save_checkpoint
+from resnet_exp.train.checkpoint import Checkpoint
 from resnet_exp.train.loop import train
 from resnet_exp.train.records import read_metrics
 from resnet_exp.train.resume import check_resumable, with_inherited_overrides
@@ -195,7 +194,7 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path: Path) ->
     good = {
         k: torch.zeros(1) for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
     }
-    save_checkpoint(path, {**good, "step": 1})
+    Checkpoint(path, {**good, "step": 1}).save()
 
     class SignalWhilePickled:
         def __reduce__(self) -> Any:
@@ -208,52 +207,78 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path: Path) ->
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested and stop.signum == signal.SIGINT
         with pytest.raises(Abort):
-            save_checkpoint(path, {**good, "step": 2, "x": [SignalWhilePickled()] * 100})
+            Checkpoint(path, {**good, "step": 2, "x": [SignalWhilePickled()] * 100}).save()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a third one kills
     assert signal.getsignal(signal.SIGINT) is before  # the handler it found is back
-    assert load_checkpoint(path)["step"] == 1
+    assert Checkpoint.load(path).state["step"] == 1
     assert not (tmp_path / ".last.pt.tmp").exists()
 
 
-def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path: Path) -> None:
+class PauseWhilePickled:
+    """Pickled inside ``torch.save``: tells the parent it is there, then waits to be killed."""
+
+    def __init__(self, ready: int) -> None:
+        self.ready = ready
+
+    def __reduce__(self):
+        os.write(self.ready, b"x")
+        signal.pause()  # until SIGKILL
+        raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize("where", ["pickling", "fsync"])
+def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path: Path, where: str) -> None:
+    """A process killed while it writes a checkpoint, at a point the test chooses (the
+    child says when it is there): while the state is pickled into the temporary file,
+    or once that file is written, before the rename. last.pt is the previous one."""
     path = tmp_path / "last.pt"
     tmp = tmp_path / ".last.pt.tmp"
-    caught_mid_write = 0
-    rng = random.Random(0)
-    for trial in range(6):
-        pid = os.fork()
-        if pid == 0:  # the child rewrites the checkpoint as fast as it can
-            try:
-                for i in range(trial * 1000, trial * 1000 + 1000):
-                    big = torch.full((2_000_000,), float(i))
-                    state = {
-                        k: big
-                        for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
-                    }
-                    save_checkpoint(path, {**state, "step": i})
-            finally:
-                os._exit(0)
-        deadline = time.monotonic() + 60
-        while not (path.exists() and tmp.exists()) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        time.sleep(rng.uniform(0, 0.02))
+
+    def state(step: int) -> dict[str, Any]:
+        big = torch.full((2_000_000,), float(step))
+        return {k: big for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")}
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one complete checkpoint, then one it never finishes
+        try:
+            Checkpoint(path, {**state(1), "step": 1}).save()
+            if where == "pickling":
+                Checkpoint(path, {**state(2), "step": 2, "x": PauseWhilePickled(ready_w)}).save()
+            else:
+
+                def fsync(fd: int) -> None:  # the data is written; the rename comes next
+                    os.write(ready_w, b"x")
+                    signal.pause()
+
+                os.fsync = fsync
+                Checkpoint(path, {**state(2), "step": 2}).save()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"  # the child is inside the write
+    finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        caught_mid_write += tmp.exists()
-        state = load_checkpoint(path)  # never a UserError: always a complete file
-        assert torch.equal(state["model"], torch.full((2_000_000,), float(state["step"])))
-    assert caught_mid_write >= 1  # the kill really did land mid-write
+        os.close(ready_r)
+        os.close(ready_w)
+    assert tmp.exists()  # killed mid-write ...
+    if where == "fsync":
+        assert tmp.stat().st_size > 8_000_000  # (the new checkpoint's data is all there)
+    state_on_disk = Checkpoint.load(path).state  # ... and last.pt is the previous, complete one
+    assert state_on_disk["step"] == 1
+    assert torch.equal(state_on_disk["model"], torch.full((2_000_000,), 1.0))
 
 
 def test_truncated_or_foreign_checkpoints_are_named(tmp_path: Path) -> None:
     good = tmp_path / "good.pt"
-    save_checkpoint(
+    Checkpoint(
         good,
         {
             k: torch.zeros(1000)
             for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step")
         },
-    )
+    ).save()
     data = good.read_bytes()
     cases = {
         "truncated.pt": data[: len(data) // 2],
@@ -268,15 +293,15 @@ def test_truncated_or_foreign_checkpoints_are_named(tmp_path: Path) -> None:
             UserError,
             match=rf"checkpoint {tmp_path / name} is (truncated or corrupt|not a resnet-exp)",
         ):
-            load_checkpoint(tmp_path / name)
+            Checkpoint.load(tmp_path / name)
     with pytest.raises(UserError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.pt")
+        Checkpoint.load(tmp_path / "missing.pt")
 
 
 def test_resume_refuses_model_and_data_changes_and_lists_safe_ones(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train_in(run, [*FLAT, "trainer.max_steps=3"])
-    state = load_checkpoint(run / "last.pt")
+    state = Checkpoint.load(run / "last.pt").state
     path = run / "last.pt"
     for override, key in (
         ("depth=14", "depth"),
@@ -322,7 +347,7 @@ def test_resume_path_inherits_the_runs_overrides(tmp_path: Path) -> None:
         k: torch.zeros(1) for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
     }
     saved = ["depth=8", "dataset=synthetic", "trainer.max_steps=12", "hydra.run.dir=/old"]
-    save_checkpoint(run / "last.pt", {**good, "step": 12, "overrides": saved})
+    Checkpoint(run / "last.pt", {**good, "step": 12, "overrides": saved}).save()
     got = with_inherited_overrides(["trainer.max_steps=20", f"resume={run}"])
     assert got == ["depth=8", "dataset=synthetic", "trainer.max_steps=20", f"resume={run}"]
     assert with_inherited_overrides(["-m", f"resume={run}"]) == ["-m", f"resume={run}"]

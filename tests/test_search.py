@@ -15,11 +15,19 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from resnet_exp.search import JobResult
 from resnet_exp.search_space import parse_space, readable
 from resnet_exp.search_study import JOURNAL
+from resnet_exp.train.result import RunResult
 
-from conftest import ONE_THREAD, TINY, console_script, run_cli, run_main, tb_scalars
+from conftest import (
+    ONE_THREAD,
+    TINY,
+    compose_config,
+    console_script,
+    run_cli,
+    run_main,
+    tb_scalars,
+)
 
 optuna = pytest.importorskip("optuna", reason="pip install '.[optuna]'")
 
@@ -133,15 +141,17 @@ def test_search_on_the_test_set_is_refused(tmp_path: Path) -> None:
     assert not sweep.exists()
 
 
-def test_job_result_is_a_summary_and_the_objective() -> None:
-    done = JobResult(status="completed", final_val_error=12.5, final_test_error=11.0)
+def test_run_result_holds_the_summary_and_the_objective() -> None:
+    done = RunResult.from_summary(
+        dict(status="completed", final_val_error=12.5, final_test_error=11.0)
+    )
     assert float(done) == 12.5  # the validation error, never the test error
     assert pickle.loads(pickle.dumps(done)) == done  # launchers in other processes
-    assert float(JobResult(status="diverged", diverged_at_step=3)) == 100.0
+    assert float(RunResult.from_summary(dict(status="diverged", diverged_at_step=3))) == 100.0
     with pytest.raises(ValueError, match="data.val_size=0"):
-        float(JobResult(status="completed", final_test_error=11.0))
+        float(RunResult.from_summary(dict(status="completed", final_test_error=11.0)))
     with pytest.raises(ValueError, match="failed"):
-        float(JobResult(status="failed", error="UserError: bad lr"))
+        float(RunResult.from_summary(dict(status="failed", error="UserError: bad lr")))
 
 
 def test_search_space_syntax() -> None:
@@ -284,6 +294,34 @@ def test_pruning_stops_the_trial_a_bad_learning_rate_makes_worse(tmp_path: Path)
     assert tb_scalars(bad)["hparams/pruned_at_epoch"] == {s["steps_done"]: 2.0}
     report = (sweep / "report.md").read_text()
     assert f"| `{bad.name}` |" in report and "pruned by the search after epoch 2" in report
+
+
+def test_the_trainer_stops_where_its_evaluation_reporter_says(tmp_path: Path) -> None:
+    """The trainer knows only train/pruning.py's protocol (no study, no Hydra): it
+    reports each scheduled evaluation and ends ``pruned`` after the one it is told to."""
+    from resnet_exp.train.loop import Trainer
+    from resnet_exp.train.result import Status
+
+    class StopAfterEpoch2:
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, float]] = []
+
+        def should_stop(self, epoch: int, val_error: float) -> bool:
+            self.seen.append((epoch, val_error))
+            return epoch == 2
+
+    reporter = StopAfterEpoch2()
+    cfg = compose_config([*TINY, "data.val_size=32", "trainer.epochs=4"])
+    result = Trainer(cfg, tmp_path, pruning=reporter).run()
+    s = summary(tmp_path)
+    assert result.status is Status.pruned and result.ok and result.exit_code == 0
+    assert result.check() is result  # a Python caller gets the result, nothing raised
+    assert [e for e, _ in reporter.seen] == [1, 2]  # asked after each evaluation, until told
+    assert s["status"] == "pruned" and s["pruned_at_epoch"] == 2
+    assert s["final_val_error"] == reporter.seen[-1][1] == result.summary["final_val_error"]
+    assert s["steps_done"] == 2 * s["steps_per_epoch"] < s["steps"]
+    assert s["checkpoint"] == str(tmp_path / "last.pt") and (tmp_path / "last.pt").exists()
+    assert "test_error" not in s  # the test set is for runs trained to their end
 
 
 def _wait_for(pred, proc: subprocess.Popen, timeout: float = 300) -> None:

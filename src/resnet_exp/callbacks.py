@@ -3,9 +3,10 @@
 
 - ``Reporter`` refuses an output directory that cannot be written before Hydra
   tries to create it, and ends a sweep with one line naming the jobs that failed
-  and a non-zero exit. The jobs themselves never raise (cli.py records a failure
-  in the job's directory and returns it): with Hydra's basic sweeper, a raising
-  job stops the sweep after its batch and skips ``on_multirun_end``.
+  and a non-zero exit. It reads each job's ``RunResult`` (train/result.py). The
+  jobs themselves never raise (cli.py records a failure in the job's directory
+  and returns it): with Hydra's basic sweeper, a raising job stops the sweep
+  after its batch and skips ``on_multirun_end``.
 - ``SweepOverlay``: after a sweep of ``mode=diagnose`` runs, one figure overlaying them.
 - ``WriteReport``: report.md, report.csv and figures in the sweep directory.
 - ``RefuseTestSearch``: a search (``hydra/sweeper=search``) needs a validation split.
@@ -26,7 +27,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from resnet_exp.errors import UserError
-from resnet_exp.train.records import SUMMARY, Status, SummaryKey
+from resnet_exp.train.records import SUMMARY
+from resnet_exp.train.result import RunResult, Status
 
 log = logging.getLogger("resnet_exp")
 
@@ -54,7 +56,7 @@ def _refuse(problem: str | None) -> None:
 
 class Reporter(Callback):
     def __init__(self) -> None:
-        self.jobs: list[dict[str, Any]] = []
+        self.jobs: list[tuple[Path, RunResult]] = []
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _refuse(check_writable(Path(config.hydra.run.dir), "hydra.run.dir"))
@@ -65,28 +67,24 @@ class Reporter(Callback):
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
-        job = {"dir": Path(config.hydra.runtime.output_dir), "status": Status.completed}
-        job["error"] = None
         if job_return.status == JobStatus.FAILED:
             e = job_return._return_value  # the property would re-raise it
-            job.update(status=Status.failed, error=f"{type(e).__name__}: {e}")
-        elif isinstance(job_return.return_value, dict):
+            result = RunResult(Status.failed, message=f"{type(e).__name__}: {e}")
+        elif isinstance(job_return.return_value, RunResult):
             result = job_return.return_value
-            job.update(
-                status=Status(result.get(SummaryKey.status, Status.completed)),
-                error=result.get(SummaryKey.error),
-            )
-        self.jobs.append(job)
+        else:  # a task function of another kind that returned
+            result = RunResult(Status.completed)
+        self.jobs.append((Path(config.hydra.runtime.output_dir), result))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         # Launchers that run jobs in other processes call on_job_end there: read the directories.
         jobs = self.jobs or _jobs_on_disk(sweep_dir)
-        failed = [j for j in jobs if j["status"] not in (Status.completed, Status.pruned)]
+        failed = [(d, r) for d, r in jobs if not r.ok]
         if not failed:
             log.info("all %d jobs completed (%s)", len(jobs), sweep_dir)
             return
-        names = ", ".join(f"{j['dir'].name} ({_status_text(j)})" for j in failed)
+        names = ", ".join(f"{d.name} ({_status_text(r)})" for d, r in failed)
         line = (
             f"resnet-exp: {len(failed)} of {len(jobs)} jobs failed: {names}; "
             f"details in their {SUMMARY} and resnet-exp.log under {sweep_dir}"
@@ -95,17 +93,17 @@ class Reporter(Callback):
         raise SystemExit(1)
 
 
-def _status_text(job: dict[str, Any]) -> str:
-    if job["status"] is Status.unfinished:
+def _status_text(result: RunResult) -> str:
+    if result.status is Status.unfinished:
         return f"no {SUMMARY} (killed?)"
-    return job["status"].value
+    return result.status.value
 
 
-def _jobs_on_disk(sweep_dir: Path) -> list[dict[str, Any]]:
+def _jobs_on_disk(sweep_dir: Path) -> list[tuple[Path, RunResult]]:
     jobs = []
     for d in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
         summary = json.loads((d / SUMMARY).read_text()) if (d / SUMMARY).exists() else {}
-        jobs.append({"dir": d, "status": Status.of(summary), "error": summary.get("error")})
+        jobs.append((d, RunResult.from_summary(summary)))
     return jobs
 
 

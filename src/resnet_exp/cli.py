@@ -3,6 +3,8 @@
 Exit status: 0 done; 2 a bad input (one line on stderr, nothing written);
 3 the loss diverged; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM),
 after saving a checkpoint; 1 a sweep with failed jobs, or an internal error.
+A run's result becomes the exit status in one place, :func:`leave`, after the
+table in train/result.py.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,15 +25,16 @@ from omegaconf.errors import OmegaConfBaseException
 from resnet_exp.config import Config, Mode, register_configs
 from resnet_exp.errors import UserError
 from resnet_exp.evaluate import check_eval_args
-from resnet_exp.search import JobResult
 from resnet_exp.train import distributed, gpus
-from resnet_exp.train.records import SUMMARY, Status, SummaryKey, write_json
-from resnet_exp.train.resume import NO_RESUME, run_dir_of, with_inherited_overrides
-from resnet_exp.train.stop import Interrupted, StopRequest, exit_code, requeue, signal_name
+from resnet_exp.train.checkpoint import AUTO, NO_RESUME, Checkpoint
+from resnet_exp.train.records import SUMMARY, write_json
+from resnet_exp.train.result import EXIT_CODES, RunResult, Status
+from resnet_exp.train.resume import with_inherited_overrides
+from resnet_exp.train.stop import StopRequest, exit_code, requeue, signal_name
 
 log = logging.getLogger("resnet_exp")
 
-EXIT_USER_ERROR, EXIT_DIVERGED = 2, 3
+EXIT_USER_ERROR = EXIT_CODES[Status.failed]
 
 
 def config_dir() -> str:
@@ -62,11 +64,11 @@ def _config_subdir(output_dir: str, resume: str | None, mode: str = "train") -> 
         return None
     if not (Path(output_dir) / ".hydra" / "config.yaml").exists():
         return ".hydra"
-    kind = "again" if resume in NO_RESUME or resume == "auto" else "resumed"
+    kind = "again" if resume in NO_RESUME or resume == AUTO else "resumed"
     return f".hydra/{kind}-{distributed.launch_time('%Y-%m-%d_%H-%M-%S')}"
 
 
-OmegaConf.register_new_resolver("run_dir", run_dir_of, replace=True)
+OmegaConf.register_new_resolver("run_dir", Checkpoint.run_dir_of, replace=True)
 OmegaConf.register_new_resolver("config_subdir", _config_subdir, replace=True)
 OmegaConf.register_new_resolver(
     "launch_time", distributed.launch_time, use_cache=True, replace=True
@@ -81,11 +83,14 @@ OmegaConf.register_new_resolver("log_level", lambda: "INFO" if _rank() == 0 else
 register_configs()
 
 
-def run(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict:
+def run(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> RunResult:
     if cfg.mode is Mode.train:
-        from resnet_exp.train.loop import train
+        from resnet_exp.search_study import trial_reporter
+        from resnet_exp.train.loop import Trainer
 
-        return train(cfg, run_dir, stop)
+        # A search's trial reports its evaluations to its study, whose pruner may stop it.
+        pruning = None if cfg.dry_run else trial_reporter(distributed.current().is_main)
+        return Trainer(cfg, run_dir, stop, pruning).run()
     if cfg.mode is Mode.diagnose:
         from resnet_exp.diagnose import diagnose
 
@@ -97,26 +102,14 @@ def run(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict:
     raise UserError(f"mode={cfg.mode.value!r} is not one of {', '.join(m.value for m in Mode)}")
 
 
-def _failed(run_dir: Path, status: Status, message: str) -> dict[str, Any]:
-    """A sweep job's failure, kept in its directory unless a summary is there already
-    (this run's own, e.g. diverged, or an earlier run's, which stays as it was)."""
-    result = {SummaryKey.status: status.value, SummaryKey.error: message}
-    summary = run_dir / SUMMARY
-    if not summary.exists():
-        write_json(summary, result)
-    return JobResult(result)
+def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> RunResult:
+    """One job of the command, with its error handling; every launcher calls this and
+    reads the result it returns (:func:`leave` turns it into the exit status).
 
-
-def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> dict[str, Any]:
-    """One job of the command, with its error handling; every launcher calls this.
-
-    In a sweep a failed job is recorded in its directory and returned (Reporter
-    names it at the end); a stopped one prints where it was saved and exits with
-    128 + N (raising SystemExit, in a packed run's thread too: the packed launcher
-    re-raises it once every run has stopped).
+    A bad input is a ``failed`` result with a one-line message; an internal error
+    raises (the traceback is for a bug report) except in a sweep, where the job is
+    recorded as failed in its directory and the sweep goes on (Reporter names it).
     """
-    from resnet_exp.train.loop import Diverged
-
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -124,41 +117,61 @@ def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> dict[str, Any]
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         if cfg.resume is None and "SUBMITIT_EXECUTOR" in os.environ:
             cfg.resume = "auto"  # a cluster job may be a requeued one: continue its last.pt
-        return JobResult(run(cfg, run_dir, stop))  # a search's sweeper reads float(result)
+        result = run(cfg, run_dir, stop)
     except UserError as e:
-        print(f"resnet-exp: error: {e}", file=sys.stderr)
         log.debug("user error", exc_info=True)
-        diverged = isinstance(e, Diverged)
-        if multirun:  # the sweep goes on; Reporter names the failed jobs at its end
-            return _failed(run_dir, Status.diverged if diverged else Status.failed, str(e))
-        sys.exit(EXIT_DIVERGED if diverged else EXIT_USER_ERROR)
-    except Interrupted as e:
-        print(
-            f"resnet-exp: stopped by {signal_name(e.signum)} after step {e.step}; "
-            f"checkpoint: {e.checkpoint}",
-            file=sys.stderr,
-        )
-        if multirun:
-            hint = f"rerun the same command with resume=auto hydra.sweep.dir={hc.sweep.dir}"
+        result = RunResult(Status.failed, message=str(e))
+    except Exception as e:
+        if not multirun:
+            raise
+        log.error("job failed with an internal error", exc_info=True)
+        result = RunResult(Status.failed, message=f"{type(e).__name__}: {e}")
+        print(f"resnet-exp: error in {run_dir.name}: {result.message}", file=sys.stderr)
+        return _kept(result, run_dir)
+    finally:
+        gpus.release()  # a parallel sweep's next job in this process may take the GPU
+    _tell(result, run_dir, hc.sweep.dir if multirun else None)
+    return _kept(result, run_dir) if multirun else result
+
+
+def _tell(result: RunResult, run_dir: Path, sweep_dir: str | None) -> None:
+    """One line (two for a stop: where it saved, how to continue) for a run that did not complete."""
+    if result.stop_requested:
+        print(f"resnet-exp: {result.message}", file=sys.stderr)
+        if sweep_dir is not None:
+            hint = f"rerun the same command with resume=auto hydra.sweep.dir={sweep_dir}"
         else:
             hint = f"resnet-exp resume={run_dir}"
         print(f"resnet-exp: to continue: {hint}", file=sys.stderr)
-        requeue(e.signum)  # a submitit job on a cluster: requeued, resumes by itself
-        sys.exit(exit_code(e.signum))  # a sweep stops too: the user asked to stop
-    except Exception as e:
-        if not multirun:
-            raise  # an internal error: the traceback is for a bug report
-        message = f"{type(e).__name__}: {e}"
-        log.error("job failed with an internal error", exc_info=True)
-        print(f"resnet-exp: error in {run_dir.name}: {message}", file=sys.stderr)
-        return _failed(run_dir, Status.failed, message)
-    finally:
-        gpus.release()  # a parallel sweep's next job in this process may take the GPU
+    elif not result.ok:
+        print(f"resnet-exp: error: {result.message}", file=sys.stderr)
+
+
+def _kept(result: RunResult, run_dir: Path) -> RunResult:
+    """A sweep job's failure, kept in its directory unless a summary is there already
+    (this run's own, e.g. diverged, or an earlier run's, which stays as it was)."""
+    summary = run_dir / SUMMARY
+    if not result.ok and not result.stop_requested and not summary.exists():
+        write_json(summary, result.summary)
+    return result
+
+
+def leave(result: RunResult, multirun: bool) -> RunResult:
+    """Where a run's result becomes the command's exit status (train/result.py's table),
+    for every launcher. A stop request ends the command, a sweep too (the user asked
+    to stop; a submitit job is requeued first); a single run that did not complete
+    exits with its code; in a sweep the rest is the Reporter's to count."""
+    signum = result.signum
+    if signum is not None:
+        requeue(signum)  # a submitit job on a cluster: requeued, resumes by itself
+    if signum is not None or (not multirun and not result.ok):
+        sys.exit(result.exit_code)
+    return result
 
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
-def _hydra_main(dcfg: DictConfig) -> dict[str, Any]:
-    return run_job(dcfg)
+def _hydra_main(dcfg: DictConfig) -> RunResult:
+    return leave(run_job(dcfg), HydraConfig.get().mode == RunMode.MULTIRUN)
 
 
 def _one_line(e: BaseException) -> str:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from resnet_exp.config import Config, Mode
 from resnet_exp.gradflow import GradFlow, GradFlowProbe
-from resnet_exp.train.records import SUMMARY, RunRecords, Status, SummaryKey
+from resnet_exp.train.records import SUMMARY, RunRecords
+from resnet_exp.train.result import RunResult, Status, SummaryKey
 from resnet_exp.train.setup import build_setup
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ OVERLAY_PNG = "gradflow_overlay.png"
 FIELDS = ["index", "signal", "stage", "std", "grad_norm", "identity_coef", "numel"]
 
 
-def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def diagnose(cfg: Config, run_dir: Path) -> RunResult:
     t_start = time.perf_counter()
     # The model and the first batch training would see (same seed, order, augmentation).
     s = build_setup(cfg, diagnose=True)
@@ -59,7 +60,7 @@ def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
     }
     if cfg.dry_run:
         print(json.dumps(info, indent=2))
-        return info
+        return RunResult(Status.completed, info)
 
     x, y = s.loader.next()
     probe = GradFlowProbe(model)
@@ -68,13 +69,16 @@ def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
     loss.backward()
     flow = probe.result()
 
-    summary = {
-        **info,
-        "loss": loss.item(),
-        **flow.summary(),
-        SummaryKey.status: Status.completed,
-        "wall_time_s": round(time.perf_counter() - t_start, 2),
-    }
+    result = RunResult(
+        Status.completed,
+        {
+            **info,
+            "loss": loss.item(),
+            **flow.summary(),
+            SummaryKey.wall_time_s: round(time.perf_counter() - t_start, 2),
+        },
+    )
+    summary = result.summary
     write_csv(run_dir / CSV_NAME, flow)
     fig = plot([(f"{block} ResNet-{cfg.depth}", flow)], title=_title(summary))
     fig.savefig(run_dir / PNG_NAME, dpi=120)
@@ -92,7 +96,7 @@ def diagnose(cfg: Config, run_dir: Path) -> dict[str, Any]:
             records.writer.add_figure("diagnose/figure", fig, 0)  # closes the figure
         records.summary(summary)
     log.info(summary_line(summary))
-    return summary
+    return result
 
 
 def summary_line(s: dict[str, Any]) -> str:

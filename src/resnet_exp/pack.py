@@ -1,8 +1,8 @@
 """Several runs of a sweep trained at once in one process, one thread each.
 
 The packed launcher (``hydra/launcher=packed``, in ``hydra_plugins/resnet_exp_packed``)
-calls the ordinary per-run entry, ``resnet_exp.cli.run_job`` → ``train(cfg, run_dir,
-stop)``, on one thread per run. What the runs share is the process; this module
+calls the ordinary per-run entry, ``resnet_exp.cli.run_job`` → ``Trainer(cfg, run_dir,
+stop).run()``, on one thread per run, and reads the ``RunResult`` it returns. What the runs share is the process; this module
 keeps each run's view of it its own:
 
 - **Set-up, one run at a time** (:class:`SetupGate`): seeding and model init use
@@ -274,7 +274,7 @@ def run_on(device: torch.device, threads: int) -> Iterator[None]:
 def packed_run(
     gate: SetupGate, stop: PackedStop, device: torch.device, threads: int
 ) -> Iterator[None]:
-    """The context of a packed run's thread, around its ``train(cfg, run_dir, stop)``:
+    """The context of a packed run's thread, around its ``Trainer(cfg, run_dir, stop)``:
     the gate held through set-up and the first step, its device stream or threads."""
     with gate.held() as ready, run_on(device, threads):
         stop.on_ready = ready

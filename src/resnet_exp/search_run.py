@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from resnet_exp.errors import UserError
-from resnet_exp.search import JobResult
+from resnet_exp.search import objective
 from resnet_exp.search_plot import SEARCH_PNG, plot_search
 from resnet_exp.search_space import SearchSpace, parse_space, readable
 from resnet_exp.search_study import (
@@ -30,7 +30,7 @@ from resnet_exp.search_study import (
     open_storage,
     quiet_optuna,
 )
-from resnet_exp.train.records import Status, SummaryKey
+from resnet_exp.train.result import RunResult, Status
 
 log = logging.getLogger("resnet_exp")
 
@@ -257,23 +257,22 @@ class Search:
 
 
 def job_outcome(ret: Any) -> tuple[str, float | None, str | None]:
-    """(state, value, error) of a finished job: ``complete`` with its validation
-    error, ``pruned``, or ``fail`` with why."""
+    """(state, value, error) of a finished job's ``RunResult``: ``complete`` with its
+    validation error (``objective``), ``pruned``, or ``fail`` with why."""
     from hydra.core.utils import JobStatus
 
     if ret.status == JobStatus.FAILED:
         e = ret._return_value  # the property would re-raise it
         return "fail", None, f"{type(e).__name__}: {e}"
-    value = ret.return_value
-    if isinstance(value, dict):
-        if value.get(SummaryKey.status) == Status.pruned:
-            return "pruned", None, None
-        value = JobResult(value)
+    result = ret.return_value
+    if not isinstance(result, RunResult):
+        return "fail", None, f"the job returned {type(result).__name__}, not a run's result"
+    if result.status is Status.pruned:
+        return "pruned", None, None
     try:
-        return "complete", float(value), None
-    except (TypeError, ValueError) as e:
-        error = value.get(SummaryKey.error) if isinstance(value, dict) else None
-        return "fail", None, str(error or e)
+        return "complete", objective(result), None
+    except ValueError as e:
+        return "fail", None, str(result.message or e)
 
 
 def _failures_line(failures: list[tuple[int, str]]) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_exp.errors import UserError
+from resnet_exp.train.pruning import EvaluationReporter, FollowRankZero
 
 log = logging.getLogger("resnet_exp")
 
@@ -149,8 +150,9 @@ def quiet_optuna() -> None:
 
 
 class TrialPruning:
-    """A trial's link to its study: each scheduled evaluation's validation error is
-    reported (step = epoch) and the study's pruner says whether to stop."""
+    """A trial's link to its study (a ``train.pruning.EvaluationReporter``): each
+    scheduled evaluation's validation error is reported (step = epoch) and the
+    study's pruner says whether to stop."""
 
     def __init__(self, trial: Any, number: int) -> None:
         self.trial, self.number = trial, number
@@ -174,16 +176,14 @@ def _search_options() -> tuple[Options, int] | None:
     return None if o.pruner == "none" else (o, int(hc.job.num))
 
 
-def prunes() -> bool:
-    """Whether this job is a trial of a search that prunes (known on every rank)."""
-    return _search_options() is not None
-
-
-def trial_pruning() -> TrialPruning | None:
-    """This job's ``TrialPruning`` when it is a trial of a search that prunes; else None."""
+def trial_reporter(is_main: bool) -> EvaluationReporter | None:
+    """What this job's trainer reports its evaluations to: None unless the job is a
+    trial of a search that prunes; rank 0 reaches the study, the other ranks follow it."""
     found = _search_options()
     if found is None:
         return None
+    if not is_main:
+        return FollowRankZero()
     o, number = found
     import optuna
     from optuna.trial import TrialState
@@ -195,7 +195,7 @@ def trial_pruning() -> TrialPruning | None:
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     if storage.get_trial(trial_id).state != TrialState.RUNNING:
         log.warning("search trial %d is not running in the study; not pruned", number)
-        return None
+        return FollowRankZero()  # never stops; the other ranks hold the same
     return TrialPruning(optuna.trial.Trial(study, trial_id), number)
 
 

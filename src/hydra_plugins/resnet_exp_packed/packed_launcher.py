@@ -4,8 +4,10 @@ in this process, one thread each, on one device (see resnet_exp/pack.py).
 Each job is prepared in the main thread as Hydra's own ``run_job`` does it
 (its config, run directory, ``.hydra/`` files, ``on_job_start``), trained on
 its thread through ``resnet_exp.cli.run_job`` (the same per-job error handling
-as the basic launcher), and reported with a ``JobReturn`` to ``on_job_end`` in
-job order, so the sweep's callbacks see what they see with the basic launcher.
+as the basic launcher), and its ``RunResult`` reported with a ``JobReturn`` to
+``on_job_end`` in job order, so the sweep's callbacks see what they see with
+the basic launcher. A run stopped on request ends the sweep through
+``resnet_exp.cli.leave`` once every packed run has stopped.
 
 (No ``from __future__ import annotations``: Hydra executes plugin modules
 without registering them in sys.modules, where dataclasses look string
@@ -57,7 +59,7 @@ class _Job:
     ret: JobReturn = field(default_factory=JobReturn)
     thread: threading.Thread | None = None
     stop: Any = None  # its PackedStop
-    exit: BaseException | None = None  # SystemExit of a stopped run (Ctrl-C, SIGTERM)
+    result: Any = None  # its RunResult, once trained
     hydra_cfg: Any = None  # what HydraConfig holds for this job, seen from its thread
     run_cfg: Any = None  # the task's config as trained (trainer.device=auto made the pack's)
     reported: bool = False  # on_job_end called (or skipped: a stopped job)
@@ -65,6 +67,11 @@ class _Job:
     @property
     def name(self) -> str:
         return Path(str(self.config.hydra.runtime.output_dir)).name
+
+    @property
+    def stopped(self) -> bool:
+        """Stopped on request (Ctrl-C, SIGTERM): it ends the sweep, without on_job_end."""
+        return self.result is not None and self.result.stop_requested
 
 
 class PackedLauncher(Launcher):
@@ -145,9 +152,11 @@ class PackedLauncher(Launcher):
                 torch.set_num_threads(before_threads)
                 configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         HydraConfig.instance().cfg = hydra_cfg_before
-        stopped = [j.exit for j in jobs if j.exit is not None]
+        stopped = [j.result for j in jobs if j.stopped]
         if stopped:
-            raise stopped[0]  # 128 + N, after every packed run has saved its checkpoint
+            from resnet_exp.cli import leave
+
+            leave(stopped[0], multirun=True)  # 128 + N, after every packed run saved
         return [j.ret for j in jobs]
 
     # --- one job ---------------------------------------------------------------
@@ -213,10 +222,9 @@ class PackedLauncher(Launcher):
         HydraConfig.instance().cfg = job.hydra_cfg  # this thread's own
         try:
             with pack.packed_run(gate, job.stop, device, threads):
-                job.ret.return_value = cli.run_job(job.run_cfg, job.stop)
+                job.result = cli.run_job(job.run_cfg, job.stop)
+                job.ret.return_value = job.result
                 job.ret.status = JobStatus.COMPLETED
-        except SystemExit as e:  # stopped on request (cli.run_job printed where it saved)
-            job.exit = e
         except Exception as e:
             job.ret.return_value = e
             job.ret.status = JobStatus.FAILED
@@ -238,7 +246,7 @@ class PackedLauncher(Launcher):
             if job.reported:
                 continue
             job.reported = True
-            if job.exit is not None:
+            if job.stopped:
                 continue  # a stopped job ends the sweep without on_job_end, as with the basic launcher
             HydraConfig.instance().set_config(job.config)
             job.ret.task_name = JobRuntime.instance().get("name")

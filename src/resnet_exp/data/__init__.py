@@ -1,12 +1,18 @@
+from resnet_exp.data.interface import DataSource, TrainBatches, is_streamed, load_dataset
 from resnet_exp.data.loader import Normalize, TrainLoader, crop_flip, eval_batches
-from resnet_exp.data.sources import Dataset, Split, load_dataset
+from resnet_exp.data.sources import Dataset
+from resnet_exp.data.splits import FileSplit, Split
 
 __all__ = [
+    "DataSource",
     "Dataset",
+    "FileSplit",
     "Normalize",
     "Split",
+    "TrainBatches",
     "TrainLoader",
     "crop_flip",
     "eval_batches",
+    "is_streamed",
     "load_dataset",
 ]

@@ -9,7 +9,7 @@ read, decoded and augmented per batch (``stream.py``).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,32 +17,56 @@ import torch
 
 from resnet_exp.config import DataConfig
 from resnet_exp.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from resnet_exp.data.splits import (
+    SPLIT_SEED,
+    FileSplit,
+    Splits,
+    check_limits,
+    check_same_classes,
+    limit,
+)
+from resnet_exp.data.stream import (
+    StreamLoader,
+    crop_suffix,
+    eval_crops,
+    stream_eval_batches,
+)
 from resnet_exp.errors import UserError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
-# A fixed seed for limits, so every run and seed of a sweep uses the same subset.
-SPLIT_SEED = 0
 
 
-@dataclass
-class FileSplit:
-    root: Path
-    paths: np.ndarray  # relative paths, dtype S (bytes)
-    labels: torch.Tensor  # (N,) int64
+class StreamedDataset(Splits[FileSplit]):
+    """File lists, read and decoded per batch (``stream.py``)."""
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    def train_loader(
+        self,
+        cfg: DataConfig,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        *,
+        channels_last: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ) -> StreamLoader:
+        return StreamLoader(self.train, cfg, batch_size, device, seed, channels_last, rank, world)
 
-    def path(self, i: int) -> str:
-        return os.path.join(self.root, self.paths[i].decode())
+    def eval_names(self, cfg: DataConfig) -> list[str]:
+        crops = eval_crops(cfg)
+        return [crop_suffix(crops, c) for c in range(len(crops))]
 
-    def subset(self, idx: torch.Tensor) -> FileSplit:
-        return FileSplit(self.root, self.paths[idx.numpy()], self.labels[idx])
-
-
-def is_streamed(cfg: DataConfig) -> bool:
-    """ImageNet always streams; any image folder does with ``data.stream=true``."""
-    return cfg.name == "imagenet" or (cfg.name == "imagefolder" and cfg.stream)
+    def eval_batches(
+        self,
+        split: FileSplit,
+        cfg: DataConfig,
+        device: torch.device,
+        *,
+        channels_last: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        return stream_eval_batches(split, cfg, device, channels_last, rank, world)
 
 
 def eval_folder(cfg: DataConfig) -> str:
@@ -72,9 +96,7 @@ def scan(folder: Path) -> tuple[list[str], FileSplit]:
     )
 
 
-def load_streamed(cfg: DataConfig):  # -> sources.Dataset
-    from resnet_exp.data.sources import Dataset
-
+def load_streamed(cfg: DataConfig) -> StreamedDataset:
     root = Path(cfg.root)
     test_name = eval_folder(cfg)
     if cfg.val_size:
@@ -82,23 +104,14 @@ def load_streamed(cfg: DataConfig):  # -> sources.Dataset
             f"data.val_size={cfg.val_size} is not supported for streamed data "
             f"(dataset={cfg.name}): it evaluates on {test_name}/; use data.val_size=0"
         )
-    for key in ("train_limit", "test_limit"):
-        value = getattr(cfg, key)
-        if value is not None and value < 1:
-            raise UserError(
-                f"data.{key}={value} must be a positive number of images (or null for all)"
-            )
+    check_limits(cfg)
     classes, train, test = _on_rank0(_scan_splits, root, test_name)
     gen = torch.Generator().manual_seed(SPLIT_SEED)
-    if cfg.train_limit is not None and cfg.train_limit < len(train):
-        train = train.subset(
-            torch.randperm(len(train), generator=gen)[: cfg.train_limit].sort().values
-        )
-    if cfg.test_limit is not None and cfg.test_limit < len(test):
-        test = test.subset(torch.randperm(len(test), generator=gen)[: cfg.test_limit].sort().values)
+    train = limit(train, cfg.train_limit, gen)
+    test = limit(test, cfg.test_limit, gen)
     # The data set is not read to compute its statistics: fb.resnet.torch's ImageNet ones.
-    return Dataset(
-        train, test, None, classes, IMAGENET_MEAN, IMAGENET_STD,  # type: ignore[arg-type]
+    return StreamedDataset(
+        train, test, None, classes, IMAGENET_MEAN, IMAGENET_STD,
         f"image folders streamed from {root} (train/, {test_name}/)",
     )  # fmt: skip
 
@@ -110,13 +123,7 @@ def _scan_splits(root: Path, test_name: str) -> tuple[list[str], FileSplit, File
             raise UserError(f"data.root={str(root)!r} has no {name}/ folder; expected {layout}")
     classes, train = scan(root / "train")
     test_classes, test = scan(root / test_name)
-    if classes != test_classes:
-        only = sorted(set(classes) ^ set(test_classes))
-        raise UserError(
-            f"train/ and {test_name}/ in {root} have different class folders "
-            f"({len(classes)} vs {len(test_classes)}; in only one: "
-            f"{', '.join(only[:10]) + (' ...' if len(only) > 10 else '') or 'order differs'})"
-        )
+    check_same_classes(classes, test_classes, root, test_name, "class folders")
     return classes, train, test
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from resnet_exp.data.sources import Split
+from resnet_exp.data.splits import Split
 
 
 class Normalize:
@@ -123,6 +123,9 @@ class TrainLoader:
             memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
         )
         return x, self.labels[idx]
+
+    def report(self) -> dict[str, Any]:
+        return {}  # every image is in memory: nothing to report
 
     def state_dict(self) -> dict[str, Any]:
         return {

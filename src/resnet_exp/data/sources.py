@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import urllib.error
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,46 +20,64 @@ import torch
 from PIL import Image
 
 from resnet_exp.config import DataConfig
+from resnet_exp.data.loader import Normalize, TrainLoader, eval_batches
+from resnet_exp.data.splits import (
+    SPLIT_SEED,
+    Split,
+    Splits,
+    check_limits,
+    check_same_classes,
+    limit,
+)
 from resnet_exp.errors import UserError
 
-# A fixed seed for splits and limits, so every run (and every seed of a
-# sweep) sees the same validation set and the same subset.
-SPLIT_SEED = 0
 
+class Dataset(Splits[Split]):
+    """Decoded images, batched on the training device (``loader.py``)."""
 
-@dataclass
-class Split:
-    images: torch.Tensor  # (N, 3, H, W) uint8
-    labels: torch.Tensor  # (N,) int64
+    def train_loader(
+        self,
+        cfg: DataConfig,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        *,
+        channels_last: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ) -> TrainLoader:
+        return TrainLoader(
+            self.train,
+            batch_size,
+            Normalize(self.mean, self.std, device),
+            device,
+            seed,
+            augment=cfg.augment,
+            pad=cfg.pad,
+            pad_value=cfg.pad_value.value,
+            channels_last=channels_last,
+            rank=rank,
+            world=world,
+        )
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    def eval_names(self, cfg: DataConfig) -> list[str]:
+        return [""]  # the original image only (the paper tests on it)
 
-    def subset(self, idx: torch.Tensor) -> Split:
-        return Split(self.images[idx], self.labels[idx])
-
-
-@dataclass
-class Dataset:
-    train: Split
-    test: Split
-    val: Split | None
-    classes: list[str]
-    mean: tuple[float, ...]  # per channel, in [0, 1] units, from the training images
-    std: tuple[float, ...]
-    source: str
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def eval_name(self) -> str:
-        return "val" if self.val is not None else "test"
-
-    @property
-    def eval_split(self) -> Split:
-        return self.val if self.val is not None else self.test
+    def eval_batches(
+        self,
+        split: Split,
+        cfg: DataConfig,
+        device: torch.device,
+        *,
+        channels_last: bool = True,
+        rank: int = 0,
+        world: int = 1,
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        if world > 1:
+            split = split.subset(torch.arange(rank, len(split), world))
+        normalize = Normalize(self.mean, self.std, device)
+        for x, y in eval_batches(split, cfg.eval_batch_size, normalize, device, channels_last):
+            yield {"": x}, y
 
 
 # torchvision is imported only where a data set needs it: importing it takes
@@ -71,12 +89,8 @@ CIFAR = {
 SOURCES = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """The data set; streamed ones (ImageNet) hold file lists (``imagenet.FileSplit``)."""
-    from resnet_exp.data.imagenet import is_streamed, load_streamed
-
-    if is_streamed(cfg):
-        return load_streamed(cfg)
+def load_in_memory(cfg: DataConfig) -> Dataset:
+    """The data set, decoded: CIFAR, an image folder or synthetic images."""
     if cfg.name in CIFAR:
         train, test, classes, source = _load_cifar(cfg)
     elif cfg.name == "imagefolder":
@@ -91,12 +105,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 
 def _finish(train: Split, test: Split, classes: list[str], source: str, cfg: DataConfig) -> Dataset:
-    for key in ("train_limit", "test_limit"):
-        value = getattr(cfg, key)
-        if value is not None and value < 1:
-            raise UserError(
-                f"data.{key}={value} must be a positive number of images (or null for all)"
-            )
+    check_limits(cfg)
     if cfg.val_size < 0 or cfg.val_size >= len(train):
         raise UserError(
             f"data.val_size={cfg.val_size} must be in [0, {len(train) - 1}] for {len(train)} training images"
@@ -108,8 +117,7 @@ def _finish(train: Split, test: Split, classes: list[str], source: str, cfg: Dat
     if cfg.train_limit is not None:
         keep = keep[: cfg.train_limit]
     train = train.subset(keep.sort().values)
-    if cfg.test_limit is not None and cfg.test_limit < len(test):
-        test = test.subset(torch.randperm(len(test), generator=gen)[: cfg.test_limit].sort().values)
+    test = limit(test, cfg.test_limit, gen)
     mean, std = channel_stats(train.images)
     return Dataset(train, test, val, classes, mean, std, source)
 
@@ -191,12 +199,7 @@ def _load_folder_splits(root: Path, cfg: DataConfig) -> tuple[Split, Split, list
         )
     train, classes = load_folder(root / "train", cfg.image_size, cfg.cache_dir)
     test, test_classes = load_folder(root / "test", cfg.image_size, cfg.cache_dir)
-    if classes != test_classes:
-        only = sorted(set(classes) ^ set(test_classes))
-        raise UserError(
-            f"train/ and test/ in {root} have different classes "
-            f"({len(classes)} vs {len(test_classes)}; in only one: {', '.join(only) or 'order differs'})"
-        )
+    check_same_classes(classes, test_classes, root, "test", "classes")
     return train, test, classes
 
 

@@ -1,6 +1,7 @@
-"""Batches streamed from image files: the ImageNet data path.
+"""Batches streamed from image files: the ImageNet data path's loaders.
 
-Two ways to decode, one augmentation (``augment.py``):
+Two ways to decode (reading and decoding: ``decode.py``), one augmentation
+(``augment.py``):
 
 - ``data.decode=workers`` (CPU runs): DataLoader worker processes each build
   a whole batch: read, decode (torchvision.io), crop and resize every image,
@@ -25,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from resnet_exp.config import BadImage, DataConfig, Decode
+from resnet_exp.config import DataConfig, Decode
 from resnet_exp.data.augment import (
     ColourNormalize,
     TrainParams,
@@ -44,58 +44,17 @@ from resnet_exp.data.augment import (
     image_rng,
     sample_train,
 )
-from resnet_exp.data.imagenet import FileSplit
+from resnet_exp.data.decode import (
+    Bad,
+    decode_on_device,
+    policy_check,
+    read_all,
+    substitute,
+)
+from resnet_exp.data.splits import FileSplit
 from resnet_exp.errors import UserError
 
 log = logging.getLogger("resnet_exp")
-# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they
-# are what this path is built on (decode_jpeg on CUDA included), so say it once, here.
-warnings.filterwarnings(
-    "ignore",
-    message="The image decoding and encoding capabilities of TorchVision",
-    category=DeprecationWarning,
-)
-
-JPEG_MAGIC = b"\xff\xd8"
-Bad = tuple[str, str]  # (path, reason)
-
-
-def decode_file(path: str) -> torch.Tensor:
-    """uint8 CHW RGB (greyscale and CMYK JPEGs, PNGs and the like converted)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
-
-
-def _try(fn, path: str) -> tuple[Any, Bad | None]:
-    try:
-        return fn(path), None
-    except (RuntimeError, OSError, ValueError) as e:
-        return None, (path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-
-
-def _read_raw(path: str) -> torch.Tensor:
-    """A JPEG's bytes (decoded later, on the device); any other file decoded here."""
-    from torchvision.io import read_file
-
-    data = read_file(path)
-    if bytes(data[:2].tolist()) == JPEG_MAGIC:
-        return data
-    return decode_file(path)
-
-
-def _substitute(items: list, labels: torch.Tensor) -> torch.Tensor:
-    """Fill each failed image's place with the next good one (same batch size);
-    returns the labels to train on."""
-    good = [i for i, it in enumerate(items) if it is not None]
-    if not good:
-        return labels
-    labels = labels.clone()
-    for i, it in enumerate(items):
-        if it is None:
-            j = next((g for g in good if g > i), good[0])
-            items[i], labels[i] = items[j], labels[j]
-    return labels
 
 
 def _quiet_worker(_: int) -> None:
@@ -105,13 +64,15 @@ def _quiet_worker(_: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def default_workers(world: int) -> int:
+def loader_workers(cfg: DataConfig, world: int) -> int:
+    """``data.workers``, or by default this rank's share of the CPU cores."""
+    if cfg.workers is not None:
+        if cfg.workers < 0:
+            raise UserError(f"data.workers={cfg.workers} must be >= 0 (0: read in this process)")
+        return cfg.workers
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return max(
-        1,
-        (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-        // max(1, local),
-    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, local))
 
 
 def resolve_decode(cfg: DataConfig, device: torch.device) -> bool:
@@ -163,15 +124,8 @@ class _TrainBatches(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> _Batch:
         epoch, pos = key
         index = self.indices(epoch, pos)
-        labels = self.split.labels[index]
-        read = _read_raw if self.raw else decode_file
-        items, bad = [], []
-        for i in index:
-            img, err = _try(read, self.split.path(int(i)))
-            items.append(img)
-            if err:
-                bad.append(err)
-        labels = _substitute(items, labels)
+        items, bad = read_all([self.split.path(int(i)) for i in index], self.raw)
+        labels = substitute(items, self.split.labels[index])
         if self.raw or len(bad) == len(items):
             return _Batch(key, items, None, labels, index, bad)
         x, colour = augment_batch(items, index, self.seed, epoch, self.size)
@@ -205,36 +159,6 @@ class _Keys(Sampler):
             pos += 1
 
 
-def decode_on_device(items: list, device: torch.device) -> tuple[list, list[int]]:
-    """JPEG bytes -> uint8 images on ``device`` in one batched call (nvjpeg on CUDA);
-    already decoded images are moved. Returns the images and the failed positions."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    out: list[torch.Tensor | None] = [None] * len(items)
-    jpeg = [i for i, it in enumerate(items) if it is not None and it.dim() == 1]
-    for i, it in enumerate(items):
-        if it is not None and it.dim() == 3:
-            out[i] = it.to(device, non_blocking=True)
-    failed: list[int] = [i for i, it in enumerate(items) if it is None]
-    if jpeg:
-        try:
-            decoded = decode_jpeg([items[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
-            for i, img in zip(jpeg, decoded):
-                out[i] = img
-        except RuntimeError:  # one bad file fails the batch: decode one by one, CPU as fallback
-            for i in jpeg:
-                try:
-                    out[i] = decode_jpeg(items[i], mode=ImageReadMode.RGB, device=device)
-                except RuntimeError:
-                    try:
-                        from torchvision.io import decode_image
-
-                        out[i] = decode_image(items[i], mode=ImageReadMode.RGB).to(device)
-                    except RuntimeError:
-                        failed.append(i)
-    return out, failed
-
-
 class StreamLoader:
     """Endless training batches from files; the CIFAR ``TrainLoader``'s interface:
     ``next()``, ``steps_per_epoch``, ``epoch``/``pos``, ``state_dict``."""
@@ -260,9 +184,7 @@ class StreamLoader:
                 f"data.batch_size={batch_size * world} is larger than the {len(split)} training images"
             )
         self.on_device = resolve_decode(cfg, device)
-        self.workers = cfg.workers if cfg.workers is not None else default_workers(world)
-        if self.workers < 0:
-            raise UserError(f"data.workers={self.workers} must be >= 0 (0: read in this process)")
+        self.workers = loader_workers(cfg, world)
         self.colour = ColourNormalize(device=device)
         self.batches = _TrainBatches(
             split, batch_size, cfg.image_size, self.seed, rank, world, raw=self.on_device
@@ -285,9 +207,8 @@ class StreamLoader:
         self.pos += 1
         labels = b.labels
         if self.on_device:
-            images, failed = decode_on_device(b.images, self.device)
-            b.bad += [(self.split.path(int(b.index[i])), "cannot decode") for i in failed]
-            labels = _substitute(images, labels)
+            images = _decode_here(self.split, b.images, b.index, b.bad, self.device)
+            labels = substitute(images, labels)
             self._check(b.bad, len(images))
             x, colour = augment_batch(images, b.index, self.seed, self.epoch, self.cfg.image_size)
         else:
@@ -322,16 +243,6 @@ class StreamLoader:
         self._it = None  # the workers restart at the saved position
 
 
-def policy_check(bad: list[Bad], policy: BadImage, n: int) -> None:
-    if policy is BadImage.fail or len(bad) == n:
-        path, reason = bad[0]
-        hint = (
-            "every image of a batch failed" if policy is BadImage.skip else
-            "remove or replace it, or pass data.bad_images=skip to go on without it (logged and counted)"
-        )  # fmt: skip
-        raise UserError(f"cannot decode image {path} ({reason}); {hint}")
-
-
 def _data_loader(dataset, keys, workers: int, device: torch.device) -> DataLoader:
     return DataLoader(
         dataset,
@@ -347,6 +258,16 @@ def _data_loader(dataset, keys, workers: int, device: torch.device) -> DataLoade
 
 def _as_is(batch: Any) -> Any:
     return batch
+
+
+def _decode_here(
+    split: FileSplit, items: list, index: np.ndarray, bad: list[Bad], device: torch.device
+) -> list:
+    """A batch read raw by the workers, decoded on ``device``; failures are added to ``bad``
+    and their places hold ``None``."""
+    images, failed = decode_on_device(items, device)
+    bad += [(split.path(int(index[i])), "cannot decode") for i in failed]
+    return images
 
 
 # --- evaluation --------------------------------------------------------------
@@ -382,18 +303,19 @@ class _EvalBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, b: int) -> _EvalBatch:
         index = self.batches[b]
-        labels = self.split.labels[index].clone()
-        read = _read_raw if self.raw else decode_file
-        items, bad = [], []
-        for k, i in enumerate(index):
-            img, err = _try(read, self.split.path(int(i)))
-            items.append(img)
-            if err:
-                bad.append(err)
-                labels[k] = -1  # not counted
+        items, bad = read_all([self.split.path(int(i)) for i in index], self.raw)
+        labels = _uncounted(items, self.split.labels[index].clone())
         if self.raw:
             return _EvalBatch(items, labels, index, bad)
         return _EvalBatch(eval_views(items, self.crops, self.ratio), labels, index, bad)
+
+
+def _uncounted(items: list, labels: torch.Tensor) -> torch.Tensor:
+    """-1 (not counted) in place of each failed image's label."""
+    for k, item in enumerate(items):
+        if item is None:
+            labels[k] = -1
+    return labels
 
 
 def eval_views(items: list, crops: list[int], ratio: float) -> list[torch.Tensor]:
@@ -440,17 +362,15 @@ def stream_eval_batches(
     size = cfg.eval_batch_size
     batches = [mine[i : i + size] for i in range(0, len(mine), size)]
     on_device = resolve_decode(cfg, device)
-    workers = cfg.workers if cfg.workers is not None else default_workers(world)
+    workers = loader_workers(cfg, world)
     dataset = _EvalBatches(split, batches, crops, cfg.eval_crop_ratio, raw=on_device)
     norm = ColourNormalize(device=device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for b in _data_loader(dataset, range(len(batches)), workers, device):
         labels = b.labels
         if on_device:
-            images, failed = decode_on_device(b.views, device)
-            for i in failed:
-                b.bad.append((split.path(int(b.index[i])), "cannot decode"))
-                labels[i] = -1
+            images = _decode_here(split, b.views, b.index, b.bad, device)
+            labels = _uncounted(images, labels)
             views = eval_views(images, crops, cfg.eval_crop_ratio)
         else:
             views = b.views

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
 
 from resnet_exp.report.tables import Row
-from resnet_exp.train.records import Status
+from resnet_exp.train.result import Status
 
 PANEL_FACETS = ("dataset", "net")
 

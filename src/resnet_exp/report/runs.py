@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from resnet_exp.config import flatten
 from resnet_exp.errors import UserError
-from resnet_exp.train.records import METRICS, SUMMARY, Status, SummaryKey, read_metrics
+from resnet_exp.train.records import METRICS, SUMMARY, read_metrics
+from resnet_exp.train.result import Status, SummaryKey
 
 CONFIG = Path(".hydra") / "config.yaml"
 # Keys that do not change what a run computes: runs that differ only in these
@@ -45,7 +46,9 @@ class Run:
 
     @property
     def seed(self) -> Any:
-        return self.config.get("seed")
+        """The seed the run used: its summary's, as the config may hold an interpolation
+        this process cannot resolve (``seed=${hydra:job.num}``)."""
+        return self.summary.get("seed", self.config.get("seed"))
 
     @property
     def eval_name(self) -> str:

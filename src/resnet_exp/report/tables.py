@@ -10,7 +10,7 @@ from typing import Any
 
 from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
 from resnet_exp.report.runs import NOT_CONFIGURATION, Run
-from resnet_exp.train.records import Status
+from resnet_exp.train.result import Status, SummaryKey
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
 
@@ -142,13 +142,13 @@ def group_rows(runs: list[Run]) -> list[Row]:
 
 def _stopped_at(r: Run) -> str:
     """Where a run that did not complete stopped."""
-    s = r.summary
-    if "diverged_at_step" in s:
-        return f"non-finite loss at step {s['diverged_at_step']}"
-    if s.get("pruned_at_epoch") is not None:
-        err = s.get(f"final_{r.eval_name}_error")
+    s, k = r.summary, SummaryKey
+    if k.diverged_at_step in s:
+        return f"non-finite loss at step {s[k.diverged_at_step]}"
+    if s.get(k.pruned_at_epoch) is not None:
+        err = s.get(k.final(r.eval_name, "error"))
         shown = f", {r.eval_name} error {err:.2f}%" if isinstance(err, (int, float)) else ""
-        return f"pruned by the search after epoch {s['pruned_at_epoch']}{shown}"
+        return f"pruned by the search after epoch {s[k.pruned_at_epoch]}{shown}"
     return f"{len(r.metrics)} evaluations written"
 
 

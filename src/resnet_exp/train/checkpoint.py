@@ -1,62 +1,330 @@
-"""Checkpoints written atomically: a crash mid-write never leaves a broken last.pt."""
+"""A run's checkpoint, ``last.pt``: where it is, what it holds, whether a config may use it.
+
+``Checkpoint`` is the one place that knows the file's keys. The trainer writes
+one (atomically: a crash mid-write never leaves a broken last.pt); a resume, an
+evaluation and ``load_run`` read one. A checkpoint keeps the config it was
+trained with, and ``check_config`` holds another config against it by one rule:
+
+- the keys of ``NET_AND_DATA`` (what the net computes, which images its splits
+  hold) and ``TRAINING`` (what else the weights and the data order depend on)
+  must match, except those the caller allows to differ: a resume allows none,
+  an evaluation allows ``TRAINING`` (it trains nothing);
+- ``HOW_TO_RUN`` keys never need to: ``model.checkpointing`` recomputes
+  activations in the backward pass with the same gradients and batch-norm
+  statistics (tests/test_models.py), a trade of speed for memory like the
+  device, so a resume may change it (the change is logged) and so may an
+  evaluation;
+- ``load_run`` compares nothing: it takes the saved config as it is.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+from torch import nn
 
+from resnet_exp.config import Config, flatten
 from resnet_exp.errors import UserError
+from resnet_exp.models import resolve_unit
 
 CHECKPOINT = "last.pt"
 # What a checkpoint needs for an exact continuation (see train/loop.py, train/resume.py).
 REQUIRED = ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step")
+# ``resume=`` values that mean "start a new run"; ``auto`` continues this run
+# directory's last.pt when there is one.
+NO_RESUME = (None, "", "none", "null")
+AUTO = "auto"
+
+# What the net computes and which images its splits hold. (A prefix covers every key below it.)
+NET_AND_DATA = (
+    "model",
+    "depth",
+    "data.name",
+    "data.image_size",
+    "data.train_limit",
+    "data.val_size",
+    "data.num_classes",
+    "data.synthetic_train",
+    "data.stream",
+)
+# What the weights and the data order depend on besides: changing one makes a
+# continuation another experiment, but not the net that is evaluated.
+TRAINING = (
+    "seed",
+    "mode",
+    "data.batch_size",
+    "data.augment",
+    "data.pad",
+    "data.pad_value",
+    "optimizer.name",
+    "schedule.name",
+)
+HOW_TO_RUN = ("model.checkpointing",)  # under a matched prefix, but never matched
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
-
-    The rename is atomic, so ``path`` always holds either the previous complete
-    checkpoint or the new one, whenever the process dies (SIGKILL, power loss).
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+def matches(key: str, names: tuple[str, ...]) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in names)
 
 
-def load_checkpoint(
-    path: Path, map_location: str | torch.device = "cpu", mmap: bool = False
-) -> dict[str, Any]:
-    """Load a checkpoint; a missing, truncated or foreign file is a UserError naming it.
+def fingerprint(flat: dict[str, Any], allow: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The part of a config a checkpoint's use depends on, but for the keys in ``allow``."""
+    return {
+        k: v
+        for k, v in flat.items()
+        if matches(k, (*NET_AND_DATA, *TRAINING)) and not matches(k, (*HOW_TO_RUN, *allow))
+    }
 
-    ``mmap=True`` maps the tensors instead of reading them: cheap when only the
-    small entries (config, step) are needed.
-    """
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        # The checkpoint holds RNG states and plain containers besides tensors.
-        state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-    except Exception as e:  # unpickling a damaged file can fail in many ways
-        raise UserError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); cannot resume from it"
-        ) from e
-    if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
-        raise UserError(f"checkpoint {path} is not a resnet-exp training checkpoint")
-    return state
+
+def fingerprint_hash(fp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, str] | None:
+    """``("key=old, ...", "key=new, ...")`` over the keys whose values differ; None if none."""
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        return None
+    return (
+        ", ".join(f"{k}={old.get(k)}" for k in keys),
+        ", ".join(f"{k}={new.get(k)}" for k in keys),
+    )
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint: its file and its state (the owners' state dicts side by side,
+    the step, the process count, the config and the overrides it was trained with)."""
+
+    path: Path
+    state: dict[str, Any]
+
+    # --- where it is ----------------------------------------------------------------
+
+    @staticmethod
+    def locate(
+        run: str | Path, named: str, accepts: str = "a run directory or its last.pt"
+    ) -> Path:
+        """A checkpoint file, or a run directory's last.pt; a missing one is a UserError
+        that says who ``named`` it and what it ``accepts``."""
+        path = Path(run)
+        if path.is_dir():
+            path = path / CHECKPOINT
+        if not path.is_file():
+            raise UserError(f"{named}: {path} does not exist (pass {accepts})")
+        return path
+
+    @staticmethod
+    def of_resume(resume: str) -> Path:
+        """The checkpoint a ``resume=PATH`` names."""
+        return Checkpoint.locate(
+            resume, f"resume={resume!r}", "a last.pt, its run directory, or auto"
+        )
+
+    @staticmethod
+    def resolve(resume: str | None, run_dir: Path) -> Path | None:
+        """``resume=``'s checkpoint: None for a new run; ``auto``: this run directory's
+        last.pt if there is one; a directory: its last.pt."""
+        if resume in NO_RESUME:
+            return None
+        if resume == AUTO:
+            path = run_dir / CHECKPOINT
+            return path if path.exists() else None
+        return Checkpoint.of_resume(str(resume))
+
+    @staticmethod
+    def run_dir_of(resume: str | None, default: str) -> str:
+        """A run resumed from a checkpoint continues in that checkpoint's directory."""
+        if resume in NO_RESUME or resume == AUTO:
+            return default
+        path = Path(str(resume))
+        if path.is_dir():
+            return str(path)
+        if path.is_file():
+            return str(path.parent)
+        return default  # a missing path is reported by the trainer, with its name
+
+    # --- writing ----------------------------------------------------------------------
+
+    @classmethod
+    def of_run(
+        cls,
+        path: Path,
+        owners: dict[str, Any],
+        *,
+        step: int,
+        world: int,
+        ranks: list[dict[str, Any]] | None,
+        cfg: Config,
+        overrides: list[str],
+    ) -> Checkpoint:
+        """A run's checkpoint: its owners' state dicts (``ranks``: each rank's own, in a
+        data-parallel run) with what a resume checks them against."""
+        config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+        fp = fingerprint(flatten(config))  # type: ignore[arg-type]
+        state = {
+            **owners,
+            "step": step,
+            "world": world,
+            **({"ranks": ranks} if ranks is not None else {}),
+            "fingerprint": fp,
+            "fingerprint_hash": fingerprint_hash(fp),
+            "config": config,
+            "overrides": overrides,
+        }
+        return cls(path, state)
+
+    def save(self) -> None:
+        """Write to a temporary file in the same directory, fsync, then rename over the path.
+
+        The rename is atomic, so the path always holds either the previous complete
+        checkpoint or the new one, whenever the process dies (SIGKILL, power loss).
+        """
+        path = self.path
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(self.state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+
+    # --- reading ----------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls, path: Path, map_location: str | torch.device = "cpu", mmap: bool = False
+    ) -> Checkpoint:
+        """Load a checkpoint; a missing, truncated or foreign file is a UserError naming it.
+
+        ``mmap=True`` maps the tensors instead of reading them: cheap when only the
+        small entries (config, step, overrides) are needed.
+        """
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} does not exist")
+        try:
+            # The checkpoint holds RNG states and plain containers besides tensors.
+            state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except Exception as e:  # unpickling a damaged file can fail in many ways
+            raise UserError(
+                f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); cannot resume from it"
+            ) from e
+        if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
+            raise UserError(f"checkpoint {path} is not a resnet-exp training checkpoint")
+        return cls(path, state)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def world(self) -> int:
+        return int(self.state.get("world", 1))
+
+    @property
+    def overrides(self) -> list[str]:
+        """The command-line overrides the run was started with."""
+        return list(self.state.get("overrides", []))
+
+    def owner_states(self, rank: int | None = None) -> dict[str, Any]:
+        """Each owner's state; ``rank``: a data-parallel run's own rank, whose data
+        position, RNG and running sums differ from the others'."""
+        return {**self.state, **self.state["ranks"][rank]} if rank is not None else self.state
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The saved config, as dotted keys; None if the checkpoint keeps none."""
+        saved = self.state.get("config")
+        return flatten(saved) if isinstance(saved, dict) and saved else None
+
+    def run_config(self) -> Config:
+        """The saved config, as the run's ``Config``."""
+        saved = self.state.get("config")
+        if not isinstance(saved, dict):
+            raise UserError(
+                f"{self.path} keeps no config (written by an older resnet-exp); cannot load it"
+            )
+        tree = OmegaConf.merge(OmegaConf.structured(Config), saved)
+        return OmegaConf.to_object(tree)  # type: ignore[return-value]
+
+    def load_weights(self, model: nn.Module, cfg: Config) -> None:
+        """Load the weights into ``model``; weights of another net are a one-line UserError."""
+        weights = self.state["model"]
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:  # torch lists every key over many lines
+            ours = model.state_dict()
+            missing = [k for k in ours if k not in weights]
+            extra = [k for k in weights if k not in ours]
+            shaped = [k for k in ours if k in weights and ours[k].shape != weights[k].shape]
+            first = (shaped or missing or extra or ["?"])[0]
+            raise UserError(
+                f"{self.path} holds weights of another net than its config describes "
+                f"(depth={cfg.depth}, block={cfg.model.block.value}, "
+                f"unit={resolve_unit(cfg.depth, cfg.model.unit.value)[0]}): "
+                f"{len(missing)} tensors missing, {len(extra)} unexpected, {len(shaped)} of "
+                f"another shape (first: {first}); was the checkpoint replaced or written by "
+                f"another net?"
+            ) from e
+
+    # --- the one rule -----------------------------------------------------------------
+
+    def check_config(
+        self,
+        flat: dict[str, Any],
+        *,
+        doing: str,
+        asker: str,
+        hint: str,
+        allow: tuple[str, ...] = (),
+    ) -> None:
+        """Refuse ``flat`` (dotted keys) if it changes what this checkpoint's use depends on
+        (see the module's doc); ``allow``: the matched keys this use lets differ.
+
+        The one-line error reads "cannot {doing} {path}: it was trained with ..., {asker}
+        asks for ...; {hint}". A checkpoint that
+        keeps no config is held against its hash of the matched keys: nothing may differ.
+        """
+        saved = self.config
+        if saved is None:
+            if self.state.get("fingerprint_hash") != fingerprint_hash(fingerprint(flat)):
+                raise UserError(
+                    f"cannot {doing} {self.path}: it was trained with another model or data "
+                    f"config (its config hash differs); {hint}"
+                )
+            return
+        changed = differences(fingerprint(saved, allow), fingerprint(flat, allow))
+        if changed:
+            was, now = changed
+            raise UserError(
+                f"cannot {doing} {self.path}: it was trained with {was}, {asker} asks for {now}; "
+                f"{hint}"
+            )
+
+    def changes(self, flat: dict[str, Any], ignore: tuple[str, ...]) -> list[str]:
+        """The config's other differences from the saved one, ``key: old -> new``
+        (none known without a saved config)."""
+        saved = self.config
+        if saved is None:
+            return []
+        return [
+            f"{k}: {saved.get(k)} -> {flat.get(k)}"
+            for k in sorted(set(saved) | set(flat))
+            if not matches(k, ignore) and saved.get(k) != flat.get(k)
+        ]

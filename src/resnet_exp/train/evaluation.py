@@ -8,14 +8,10 @@ are added.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
-from resnet_exp.data import Split, eval_batches
-from resnet_exp.data.imagenet import FileSplit
-from resnet_exp.data.stream import crop_suffix, eval_crops, stream_eval_batches
+from resnet_exp.data import FileSplit, Split
 from resnet_exp.train import distributed
 from resnet_exp.train.runtime import autocast
 from resnet_exp.train.setup import Setup
@@ -32,13 +28,21 @@ def evaluate(
     (of the first crop).
     """
     s.model.eval()
-    crops = eval_crops(s.cfg.data) if isinstance(split, FileSplit) else [0]
-    suffixes = [crop_suffix(crops, c) for c in range(len(crops))]
+    suffixes = s.data.eval_names(s.cfg.data)
     # per crop: loss, top-1 wrong, top-5 wrong, images (every rank has every crop)
-    sums = torch.zeros(len(crops), 4, device=s.device, dtype=torch.float64)
+    sums = torch.zeros(len(suffixes), 4, device=s.device, dtype=torch.float64)
     classes = s.data.num_classes
     counts = torch.zeros(2, classes, device=s.device, dtype=torch.int64) if per_class else None
-    for views, y in _views(s, split):
+    dist = distributed.current()
+    batches = s.data.eval_batches(
+        split,
+        s.cfg.data,
+        s.device,
+        channels_last=s.cfg.trainer.channels_last,
+        rank=dist.rank,
+        world=dist.world,
+    )
+    for views, y in batches:  # ({crop suffix: images}, labels) of this rank's share
         valid = y >= 0  # a streamed image that could not be read is not counted
         for c, suffix in enumerate(suffixes):
             with autocast(s.device, s.precision):
@@ -63,20 +67,3 @@ def evaluate(
         out[f"error{suffix}"] = 100.0 * wrong / n
         out[f"top5_error{suffix}"] = 100.0 * wrong5 / n
     return out, (counts.cpu() if counts is not None else None)
-
-
-def _views(
-    s: Setup, split: Split | FileSplit
-) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """``({crop suffix: images}, labels)`` batches of this rank's share of a split."""
-    dist = distributed.current()
-    if isinstance(split, FileSplit):
-        yield from stream_eval_batches(
-            split, s.cfg.data, s.device, s.cfg.trainer.channels_last, dist.rank, dist.world
-        )
-        return
-    shard = split.subset(torch.arange(dist.rank, len(split), dist.world)) if dist.enabled else split
-    for x, y in eval_batches(
-        shard, s.cfg.data.eval_batch_size, s.normalize, s.device, s.cfg.trainer.channels_last
-    ):
-        yield {"": x}, y

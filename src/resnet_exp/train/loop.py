@@ -3,7 +3,9 @@
 ``Trainer`` holds one run: its set-up (train/setup.py), the owners of its state
 (model, optimizer, schedule, scaler, loader, RNG, running metrics), its records
 and its stop flag. Nothing lives in module globals, so several runs can share a
-process. ``train(cfg, run_dir)`` is the entry point the CLI calls.
+process. ``Trainer.run`` returns the run's ``RunResult`` (train/result.py), which
+the CLI and the launchers read; ``train(cfg, run_dir)`` is the entry for Python
+callers, which raises for a run that did not complete.
 """
 
 from __future__ import annotations
@@ -12,57 +14,44 @@ import json
 import logging
 import math
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from resnet_exp.config import Config, flat_config
-from resnet_exp.errors import UserError
 from resnet_exp.gradflow import GradFlowMonitor
-from resnet_exp.search_study import prunes, trial_pruning
 from resnet_exp.train import distributed
-from resnet_exp.train.checkpoint import CHECKPOINT, save_checkpoint
+from resnet_exp.train.checkpoint import CHECKPOINT, Checkpoint
 from resnet_exp.train.evaluation import evaluate
 from resnet_exp.train.metrics import Mean, RunningMetrics
 from resnet_exp.train.progress import Progress
-from resnet_exp.train.records import SUMMARY, RunRecords, Status, SummaryKey
-from resnet_exp.train.resume import (
-    Resume,
-    Stateful,
-    fingerprint,
-    fingerprint_hash,
-    resumable_overrides,
-)
+from resnet_exp.train.pruning import EvaluationReporter
+from resnet_exp.train.records import SUMMARY, RunRecords
+from resnet_exp.train.result import RunResult, Status, SummaryKey
+from resnet_exp.train.resume import Resume, Stateful, resumable_overrides
 from resnet_exp.train.runtime import GlobalRNG
 from resnet_exp.train.setup import Setup, build_setup
-from resnet_exp.train.stop import Interrupted, StopRequest, signal_name
+from resnet_exp.train.stop import StopRequest, signal_name
 
 log = logging.getLogger("resnet_exp")
 
 
-class Diverged(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> RunResult:
+    """Train (or continue) one run in ``run_dir``; SIGINT/SIGTERM stop it cleanly (train/stop.py).
 
-
-class Outcome(Enum):
-    """How a step ends: decided in one place, ``Trainer.finish_step``."""
-
-    go = "go"
-    completed = "completed"
-    stop = "stop"  # requested (a signal, a preemption notice)
-    diverged = "diverged"
-    pruned = "pruned"  # a search's pruner stopped this trial after an evaluation
-
-
-def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> dict[str, Any]:
-    """Train (or continue) one run in ``run_dir``; SIGINT/SIGTERM stop it cleanly (train/stop.py)."""
-    return Trainer(cfg, run_dir, stop).run()
+    Returns the completed run's result; a stopped run raises ``Interrupted``, a
+    diverged one ``Diverged`` (``RunResult.check``).
+    """
+    return Trainer(cfg, run_dir, stop).run().check()
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        stop: StopRequest | None = None,
+        pruning: EvaluationReporter | None = None,
+    ) -> None:
         self.t_start = time.perf_counter()
         self.cfg, self.run_dir, self.stop = cfg, run_dir, stop or StopRequest()
         self.flat = flat_config(cfg)
@@ -78,16 +67,16 @@ class Trainer:
         self.step = 0
         self.ckpt_step: int | None = None  # the last checkpoint written (or resumed from)
         self.diverged_at: int | None = None
-        # A search's trial reports each scheduled evaluation to its study (rank 0).
-        self.prunes = prunes() and not cfg.dry_run
-        self.pruning = trial_pruning() if self.prunes and self.dist.is_main else None
-        self.pruned_at: int | None = None  # the epoch the pruner stopped it after
+        # A search's trial: each scheduled evaluation is reported, and the pruner may
+        # stop the run after it (train/pruning.py; every rank holds one, or none does).
+        self.pruning = pruning
+        self.pruned_at: int | None = None  # the epoch after which the pruner stopped it
         self.t_mark, self.images = time.perf_counter(), 0  # the throughput window
         self.records = RunRecords(run_dir, enabled=False)  # opened by run()
 
     # --- the run, top to bottom ---------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunResult:
         s, info = self.s, self.s.info
         log.info(
             "%s ResNet-%d (%s units), %s params | %s: %d train images | %d steps on %s, %s",
@@ -101,13 +90,14 @@ class Trainer:
         )
         if self.cfg.dry_run:
             print(json.dumps(info, indent=2))
-            return info
+            return RunResult(Status.completed, info)
         if self.resume is not None:
             done = self.apply_resume()
             if done is not None:
                 return done
 
-        outcome, summary = Outcome.go, dict(info)
+        ended: Status | None = None
+        measured: dict[str, Any] = {}
         progress = Progress(
             self.step,
             s.total_steps,
@@ -125,20 +115,18 @@ class Trainer:
                     self.train_step()
                     self.gradflow.log(self.records, step)
                     progress.step(step)
-                    outcome = self.finish_step(step, progress)
-                    if outcome is not Outcome.go:
+                    ended = self.finish_step(step, progress)
+                    if ended is not None:
                         break
-                if outcome is Outcome.completed:
-                    summary.update(self.final_summary())
+                if ended is Status.completed:
+                    measured = self.final_summary()
             except Exception as e:  # an internal error: the summary says so
-                summary.update(
-                    {SummaryKey.status: Status.failed, "error": f"{type(e).__name__}: {e}"}
-                )
+                self.record(RunResult(Status.failed, dict(s.info), f"{type(e).__name__}: {e}"))
                 raise
-            finally:
+            finally:  # a second signal (Abort) leaves at once: nothing more is written
                 progress.close()
-                self.write_summary(outcome, summary)
-        return self.leave(outcome, summary)
+            assert ended is not None
+            return self.record(self.result(ended, measured))
 
     def train_step(self) -> None:
         """One optimisation step and its metrics (device ops only, no host sync)."""
@@ -151,8 +139,9 @@ class Trainer:
         self.metrics.update(loss, logits, y)
         self.images += len(y) * self.dist.world
 
-    def finish_step(self, step: int, progress: Progress) -> Outcome:
-        """Logging, end-of-epoch work, stop and divergence: where every step's outcome is decided."""
+    def finish_step(self, step: int, progress: Progress) -> Status | None:
+        """Logging, end-of-epoch work, stop, divergence and pruning: where every step's outcome is
+        decided; None: go on, else how the run ends."""
         total, m = self.s.total_steps, self.metrics
         logs = step % self.cfg.trainer.log_every == 0 or step == total
         closes_epoch = step % self.steps_per_epoch == 0 or step == total
@@ -165,21 +154,23 @@ class Trainer:
             if closes_epoch:
                 self.end_of_epoch(step, epoch)  # evaluate, record, checkpoint
         if step == total:
-            return Outcome.completed
-        if closes_epoch and self.prunes and distributed.any_rank(self.pruned_at is not None):
-            return Outcome.pruned  # checkpointed at this step by end_of_epoch
+            return Status.completed
+        # Every rank asks (a collective); only rank 0's pruner can have said stop.
+        asks = closes_epoch and self.pruning is not None
+        if asks and distributed.any_rank(self.pruned_at is not None):
+            return Status.pruned  # checkpointed at this step by end_of_epoch
         if not self.stop_agreed():
-            return Outcome.go
+            return None
         if self.ckpt_step != step:  # stopped mid-epoch: checkpoint here, if finite
             bad, _, _ = m.reduce()
             if bad is not None:
                 return self.diverge(bad)
             self.checkpoint(step)
-        return Outcome.stop
+        return Status.interrupted
 
     # --- the pieces ---------------------------------------------------------------
 
-    def apply_resume(self) -> dict[str, Any] | None:
+    def apply_resume(self) -> RunResult | None:
         """Continue from the checkpoint; a run already at its end returns its summary."""
         r, s = self.resume, self.s
         assert r is not None
@@ -192,7 +183,9 @@ class Trainer:
         if self.step == s.total_steps:
             log.info("%s is already at the run's last step %d; nothing to do", r.path, self.step)
             path = self.run_dir / SUMMARY
-            return json.loads(path.read_text()) if path.exists() else s.info
+            if not path.exists():
+                return RunResult(Status.completed, s.info)
+            return RunResult.from_summary(json.loads(path.read_text()))
         log.info(
             "resumed from %s at step %d (epoch %d)",
             r.path,
@@ -275,9 +268,9 @@ class Trainer:
             self.stop.request()  # no-op on the rank that asked; the others take the same stop
         return agreed
 
-    def diverge(self, step: int) -> Outcome:
+    def diverge(self, step: int) -> Status:
         self.diverged_at = step
-        return Outcome.diverged
+        return Status.diverged
 
     # --- state and its checkpoint -------------------------------------------------
 
@@ -302,21 +295,16 @@ class Trainer:
         ranks = distributed.gather_to_main(own)
         if not self.dist.is_main:
             return
-        fp = fingerprint(self.flat)
-        state = {
-            **{name: owner.state_dict() for name, owner in self.shared_state().items()},
-            **own,
-            "step": step,
-            "world": self.dist.world,
-            **({"ranks": ranks} if self.dist.enabled else {}),
-            "fingerprint": fp,
-            "fingerprint_hash": fingerprint_hash(fp),
-            "config": OmegaConf.to_container(
-                OmegaConf.structured(self.cfg), resolve=True, enum_to_str=True
-            ),
-            "overrides": _run_overrides(),
-        }
-        save_checkpoint(self.run_dir / CHECKPOINT, state)
+        shared = {name: owner.state_dict() for name, owner in self.shared_state().items()}
+        Checkpoint.of_run(
+            self.run_dir / CHECKPOINT,
+            {**shared, **own},
+            step=step,
+            world=self.dist.world,
+            ranks=ranks if self.dist.enabled else None,
+            cfg=self.cfg,
+            overrides=_run_overrides(),
+        ).save()
 
     # --- the end ------------------------------------------------------------------
 
@@ -325,74 +313,59 @@ class Trainer:
         out: dict[str, Any] = {}
         if data.val is not None:  # the test set, once, at the end
             out.update({f"test_{k}": v for k, v in evaluate(self.s, data.test)[0].items()})
-        name = data.eval_name
-        out.update({SummaryKey.final(name, k.split("_", 1)[1]): v for k, v in m.last_eval.items()})
-        out[SummaryKey.best(name)] = min(m.best, m.last_eval.get(f"{name}_error", m.best))
+        out.update(self.last_evaluation())
         out[SummaryKey.final_train_loss] = m.train.loss
         out[SummaryKey.final_train_error] = m.train.error
         out[SummaryKey.train_images_per_s] = m.steady_throughput()
-        out.update(getattr(self.s.loader, "report", dict)())  # streamed data: skipped images
+        out.update(self.s.loader.report())  # streamed data: skipped images
         return out
 
-    def pruned_summary(self) -> dict[str, Any]:
-        """Where a pruned trial stopped: its epoch and last evaluation (no test set)."""
+    def last_evaluation(self) -> dict[str, Any]:
+        """The last evaluation on the evaluated split, and its best error."""
         m, name = self.metrics, self.s.data.eval_name
-        out: dict[str, Any] = {SummaryKey.pruned_at_epoch: self.pruned_at}
-        out.update({SummaryKey.final(name, k.split("_", 1)[1]): v for k, v in m.last_eval.items()})
-        out[SummaryKey.best(name)] = m.best
-        out[SummaryKey.checkpoint] = str(self.run_dir / CHECKPOINT)
-        log.info(
-            "pruned after epoch %s (%s error %.2f%%): behind the search's other trials; "
-            "checkpoint: %s",
-            self.pruned_at,
-            name,
-            m.last_eval.get(f"{name}_error", math.nan),
-            self.run_dir / CHECKPOINT,
-        )
+        out = {SummaryKey.final(name, k.split("_", 1)[1]): v for k, v in m.last_eval.items()}
+        out[SummaryKey.best(name)] = min(m.best, m.last_eval.get(f"{name}_error", m.best))
         return out
 
-    def write_summary(self, outcome: Outcome, summary: dict[str, Any]) -> None:
-        """summary.json, once, however the run ended (an abort writes nothing more)."""
-        k = SummaryKey
-        if outcome is Outcome.completed:
-            status = Status.completed
-        elif outcome is Outcome.stop:
-            status = Status.interrupted
-            assert self.stop.signum is not None
-            summary[k.signal] = signal_name(self.stop.signum)
-            summary[k.checkpoint] = str(self.run_dir / CHECKPOINT)
-        elif outcome is Outcome.diverged:
-            status = Status.diverged
+    def result(self, ended: Status, measured: dict[str, Any]) -> RunResult:
+        """How the run ended, from how its last step ended: decided here alone."""
+        k, path = SummaryKey, self.run_dir / CHECKPOINT
+        summary, message = {**self.s.info, **measured}, None
+        if ended is Status.diverged:
             summary[k.diverged_at_step] = self.diverged_at
-        elif outcome is Outcome.pruned:
-            status = Status.pruned
-            summary.update(self.pruned_summary())
-        elif summary.get(k.status) == Status.failed:
-            status = Status.failed
-        else:
-            return  # a second signal (Abort): stop at once
-        summary[k.status] = status
-        summary[k.steps_done] = self.step
-        if status is not Status.interrupted:
-            summary[k.wall_time_s] = round(time.perf_counter() - self.t_start, 2)
-        # HPARAMS for a run that ended; an interrupted one writes them when it does.
-        self.records.summary(summary, None if status is Status.interrupted else self.flat)
-
-    def leave(self, outcome: Outcome, summary: dict[str, Any]) -> dict[str, Any]:
-        """Return the summary, or raise what the CLI turns into an exit status."""
-        if outcome is Outcome.diverged:
             kept = (
-                f"last good checkpoint: {self.run_dir / CHECKPOINT} (step {self.ckpt_step})"
+                f"last good checkpoint: {path} (step {self.ckpt_step})"
                 if self.ckpt_step is not None
                 else "no checkpoint was written before it"
             )
-            raise Diverged(
-                f"loss became non-finite at step {self.diverged_at}; training stopped, {kept}"
+            message = f"loss became non-finite at step {self.diverged_at}; training stopped, {kept}"
+        if ended is Status.pruned:  # where it stopped; no test set (it was not trained to the end)
+            summary.update(self.last_evaluation())
+            summary[k.pruned_at_epoch] = self.pruned_at
+            error = summary.get(k.final(self.s.data.eval_name, "error"), math.nan)
+            message = (
+                f"pruned after epoch {self.pruned_at} ({self.s.data.eval_name} error "
+                f"{error:.2f}%): behind the search's other trials; checkpoint: {path}"
             )
-        if outcome is Outcome.stop or self.stop.requested:  # a stop during the last evaluation
-            assert self.stop.signum is not None  # ends a sweep too, the run being complete
-            raise Interrupted(self.stop.signum, self.step, self.run_dir / CHECKPOINT)
-        return summary
+            log.info("%s", message)
+        # A stop asked for during the last evaluation ends a sweep too, the run being complete.
+        stop = None
+        if self.stop.signum is not None and ended is not Status.diverged:
+            stop = signal_name(self.stop.signum)
+            message = f"stopped by {stop} after step {self.step}; checkpoint: {path}"
+        if ended in (Status.interrupted, Status.pruned):
+            summary[k.checkpoint] = str(path)
+        return RunResult(ended, summary, message, reason=stop)
+
+    def record(self, result: RunResult) -> RunResult:
+        """summary.json, once, however the run ended (an abort writes nothing)."""
+        summary = result.summary
+        summary[SummaryKey.steps_done] = self.step
+        if result.status is not Status.interrupted:
+            summary[SummaryKey.wall_time_s] = round(time.perf_counter() - self.t_start, 2)
+        # HPARAMS for a run that ended; an interrupted one writes them when it does.
+        self.records.summary(summary, None if result.status is Status.interrupted else self.flat)
+        return result
 
 
 def _run_overrides() -> list[str]:

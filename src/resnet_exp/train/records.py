@@ -1,7 +1,7 @@
 """What a run leaves in its directory: TensorBoard events, metrics.jsonl, summary.json.
 
-summary.json's keys are named here once (``Status``, ``SummaryKey``); the trainer,
-the CLI, the Hydra callbacks and the report all use these names.
+summary.json's content is a run's ``RunResult`` (train/result.py, which names
+its keys once); this module writes it.
 """
 
 from __future__ import annotations
@@ -17,52 +17,10 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from resnet_exp.train.result import Status, SummaryKey
+
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
-
-
-class Status(str, Enum):
-    """How a run ended: summary.json's ``status``."""
-
-    completed = "completed"
-    interrupted = "interrupted"  # stopped on request after a checkpoint; resumable
-    diverged = "diverged"  # the loss became NaN/inf; the last good checkpoint is kept
-    pruned = "pruned"  # a search's trial stopped behind the others; checkpoint kept, exit 0
-    failed = "failed"  # a bad input or an internal error (a sweep job's summary)
-    unfinished = "unfinished"  # no summary: killed, or still running
-
-    @classmethod
-    def of(cls, summary: dict[str, Any]) -> Status:
-        return cls(summary.get(SummaryKey.status, cls.unfinished))
-
-
-class SummaryKey:
-    """summary.json's keys beyond the run's description (block, depth, params, ...).
-
-    The split evaluated during training is ``test``, or ``val`` with data.val_size > 0.
-    """
-
-    status = "status"
-    error = "error"  # a failed job's one-line message
-    signal = "signal"  # interrupted: the signal's name
-    checkpoint = "checkpoint"  # interrupted: the last.pt to resume from
-    diverged_at_step = "diverged_at_step"
-    pruned_at_epoch = "pruned_at_epoch"  # pruned: the last epoch it trained and evaluated
-    steps_done = "steps_done"
-    test_loss, test_error = "test_loss", "test_error"  # with a val split: the test set at the end
-    final_train_loss, final_train_error = "final_train_loss", "final_train_error"
-    train_images_per_s = "train_images_per_s"
-    wall_time_s = "wall_time_s"
-
-    @staticmethod
-    def final(split: str, what: str) -> str:
-        """The last evaluation on ``split`` (``loss`` or ``error``)."""
-        return f"final_{split}_{what}"
-
-    @staticmethod
-    def best(split: str) -> str:
-        """The lowest scheduled-evaluation error on ``split``."""
-        return f"best_{split}_error"
 
 
 # Config keys shown as hyperparameters in TensorBoard's HPARAMS tab (dotted; a

@@ -13,13 +13,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from resnet_exp.config import Config, model_options
-from resnet_exp.data import Dataset, Normalize, TrainLoader, load_dataset
-from resnet_exp.data.imagenet import FileSplit, is_streamed
-from resnet_exp.data.stream import StreamLoader
+from resnet_exp.config import Config, TrainerConfig, model_options
+from resnet_exp.data import DataSource, TrainBatches, is_streamed, load_dataset
 from resnet_exp.errors import UserError
-from resnet_exp.models import CifarResNet, build_model, count_params
-from resnet_exp.models.imagenet import family_unit, resolve_family
+from resnet_exp.models import ResNet, build_model, count_params, family_unit, resolve_family
 from resnet_exp.train import distributed
 from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
@@ -34,11 +31,10 @@ class Setup:
     cfg: Config
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
-    data: Dataset
+    data: DataSource  # in memory or streamed: its loaders hide which
     model: nn.Module  # the network itself (checkpoints, evaluation)
     train_model: nn.Module  # what the step calls: the network, or DDP around it
-    normalize: Normalize
-    loader: TrainLoader | StreamLoader
+    loader: TrainBatches
     optimizer: Optimizer
     scheduler: LRScheduler
     scaler: torch.amp.GradScaler
@@ -48,7 +44,7 @@ class Setup:
     info: dict[str, Any] = field(default_factory=dict)  # what a dry run prints
 
 
-def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
+def model_from_config(cfg: Config, num_classes: int) -> ResNet:
     """The net ``cfg.model`` and ``cfg.depth`` describe (CIFAR or ImageNet family)."""
     family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
     unit = family_unit(family, cfg.depth, cfg.model.unit.value)
@@ -89,54 +85,22 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         raise UserError(f"{key}={batch} is larger than the {len(data.train)} training images")
     model = model_from_config(cfg, data.num_classes)
     params = count_params(model)
-    fmt = torch.channels_last if cfg.trainer.channels_last else torch.preserve_format
-    model = model.to(device, memory_format=fmt)
-    train_model: nn.Module = model
-    if dist.enabled:
-        if cfg.trainer.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # Every rank starts from rank 0's weights (DDP broadcasts them) and
-        # keeps BN running statistics in step with rank 0's (broadcast_buffers).
-        train_model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    normalize = Normalize(data.mean, data.std, device)
-    loader: TrainLoader | StreamLoader
-    if isinstance(data.train, FileSplit):  # too large to hold: read from disk per batch
-        loader = StreamLoader(
-            data.train,
-            cfg.data,
-            batch // dist.world,
-            device,
-            cfg.seed,
-            cfg.trainer.channels_last,
-            dist.rank,
-            dist.world,
-        )
-    else:
-        loader = TrainLoader(
-            data.train,
-            batch // dist.world,
-            normalize,
-            device,
-            cfg.seed,
-            augment=cfg.data.augment,
-            pad=cfg.data.pad,
-            pad_value=cfg.data.pad_value.value,
-            channels_last=cfg.trainer.channels_last,
-            rank=dist.rank,
-            world=dist.world,
-        )
-    t = cfg.trainer
-    total = t.max_steps if t.max_steps is not None else t.epochs * loader.steps_per_epoch
-    if total < 1:
-        raise UserError(
-            f"the run has {total} steps: trainer.epochs and trainer.max_steps must be positive"
-        )
+    model, train_model = _place(model, cfg.trainer, device, dist.enabled)
+    loader = data.train_loader(  # in memory or streamed from files: the data set's own
+        cfg.data,
+        batch // dist.world,
+        device,
+        cfg.seed,
+        channels_last=cfg.trainer.channels_last,
+        rank=dist.rank,
+        world=dist.world,
+    )
+    total = _total_steps(cfg.trainer, loader.steps_per_epoch)
     warmup = warmup_on(cfg.schedule, cfg.data.name)
     optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg.schedule, total, warmup, loader.steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    t = cfg.trainer
     train_step = make_train_step(
         train_model,
         optimizer,
@@ -148,36 +112,13 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         t.cuda_graphs,
         hooks=t.log_gradflow_every > 0,
     )
-    info = {
-        "block": cfg.model.block.value,
-        "depth": cfg.depth,
-        "family": family,
-        "unit": unit,
-        "shortcut": cfg.model.shortcut.describe(),
-        "params": params,
-        "dataset": cfg.data.name,
-        "data_source": data.source,
-        "train_images": len(data.train),
-        f"{data.eval_name}_images": len(data.eval_split),
-        "optimizer": cfg.optimizer.name.value,
-        "schedule": cfg.schedule.name.value,
-        "device": str(device),
-        "precision": precision,
-        "seed": cfg.seed,
-        "processes": dist.world,
-        "steps": total,
-        "steps_per_epoch": loader.steps_per_epoch,
-        "batch_size": batch,
-        "warmup": warmup,
-    }
-    return Setup(
+    s = Setup(
         cfg=cfg,
         device=device,
         precision=precision,
         data=data,
         model=model,
         train_model=train_model,
-        normalize=normalize,
         loader=loader,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -185,8 +126,59 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         train_step=train_step,
         total_steps=total,
         warmup=warmup,
-        info=info,
     )
+    s.info = _info(s, family, unit, params, batch, dist.world)
+    return s
+
+
+def _place(
+    model: nn.Module, t: TrainerConfig, device: torch.device, data_parallel: bool
+) -> tuple[nn.Module, nn.Module]:
+    """The net on its device and memory format, and what the step calls (DDP around it)."""
+    fmt = torch.channels_last if t.channels_last else torch.preserve_format
+    model = model.to(device, memory_format=fmt)
+    if not data_parallel:
+        return model, model
+    if t.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Every rank starts from rank 0's weights (DDP broadcasts them) and
+    # keeps BN running statistics in step with rank 0's (broadcast_buffers).
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    return model, ddp
+
+
+def _total_steps(t: TrainerConfig, steps_per_epoch: int) -> int:
+    """The run's length in steps (trainer.epochs and max_steps are checked in train/checks.py)."""
+    return t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
+
+
+def _info(s: Setup, family: str, unit: str, params: int, batch: int, world: int) -> dict[str, Any]:
+    """What a dry run prints."""
+    cfg = s.cfg
+    return {
+        "block": cfg.model.block.value,
+        "depth": cfg.depth,
+        "family": family,
+        "unit": unit,
+        "shortcut": cfg.model.shortcut.describe(),
+        "params": params,
+        "dataset": cfg.data.name,
+        "data_source": s.data.source,
+        "train_images": len(s.data.train),
+        f"{s.data.eval_name}_images": len(s.data.eval_split),
+        "optimizer": cfg.optimizer.name.value,
+        "schedule": cfg.schedule.name.value,
+        "device": str(s.device),
+        "precision": s.precision,
+        "seed": cfg.seed,
+        "processes": world,
+        "steps": s.total_steps,
+        "steps_per_epoch": s.loader.steps_per_epoch,
+        "batch_size": batch,
+        "warmup": s.warmup,
+    }
 
 
 def _check_batches(

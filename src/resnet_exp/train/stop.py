@@ -2,7 +2,8 @@
 
 The first signal only sets a flag; the training loop reads it once per step
 (a Python attribute, no device sync), finishes that step, writes a checkpoint
-and raises :class:`Interrupted`; the command exits with 128 + the signal number.
+and returns an ``interrupted`` result (train/result.py); the command exits with
+128 + the signal number.
 A second signal raises :class:`Abort` at once (checkpoints are written
 atomically, so that cannot corrupt ``last.pt``), and a third one gets the
 operating system's default action, in case Python code never runs again.
@@ -58,7 +59,8 @@ def exit_code(signum: int) -> int:
 
 
 class Interrupted(Exception):
-    """Training stopped on request after saving a checkpoint."""
+    """Training stopped on request after saving a checkpoint: what ``train()`` raises
+    for a Python caller (``RunResult.check``)."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
         super().__init__(signum, step, checkpoint)

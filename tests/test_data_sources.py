@@ -1,0 +1,144 @@
+"""Both data paths behind one interface: the trainer's set-up and evaluation use
+each through ``DataSource``/``TrainBatches`` alone, and the data modules keep
+their layering (no import cycle, no split-type test outside ``data/``)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_imagenet import write_folder
+
+from resnet_exp.data import DataSource, Split, TrainBatches, load_dataset
+from resnet_exp.data.sources import Dataset
+from resnet_exp.data.stream import stream_eval_batches
+from resnet_exp.train.evaluation import evaluate
+from resnet_exp.train.setup import build_setup
+
+from conftest import REPO, TINY, compose_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
+DATA = REPO / "src" / "resnet_exp" / "data"
+
+
+@pytest.fixture(scope="module")
+def streamed_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    root = write_folder(tmp_path_factory.mktemp("streamed"), {"train": 4, "val": 3})
+    return [
+        "dataset=imagenet",
+        f"data.root={root}",
+        "depth=18",
+        "model.width=8",
+        "data.image_size=32",
+        "data.eval_crops=[32,48]",
+        "data.batch_size=6",
+        "data.eval_batch_size=4",
+        "data.workers=0",
+        "trainer.device=cpu",
+        "trainer.progress=false",
+    ]
+
+
+def _direct_batches(s, split):
+    """The source's own batches, called without the interface."""
+    cpu = torch.device("cpu")
+    if isinstance(s.data, Dataset):
+        from resnet_exp.data import Normalize, eval_batches
+
+        norm = Normalize(s.data.mean, s.data.std, cpu)
+        for x, y in eval_batches(split, s.cfg.data.eval_batch_size, norm, cpu, True):
+            yield {"": x}, y
+    else:
+        yield from stream_eval_batches(split, s.cfg.data, cpu)
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "streamed"])
+def test_each_source_trains_and_evaluates_through_the_interface(
+    kind: str, streamed_overrides: list[str]
+) -> None:
+    overrides = TINY if kind == "in_memory" else streamed_overrides
+    s = build_setup(compose_config(overrides))
+    assert isinstance(s.data, DataSource) and isinstance(s.loader, TrainBatches)
+    assert type(s.data).__name__ == ("Dataset" if kind == "in_memory" else "StreamedDataset")
+    x, y = s.loader.next()
+    size = 16 if kind == "in_memory" else 32
+    assert x.shape == (s.cfg.data.batch_size, 3, size, size) and y.shape == (x.shape[0],)
+    assert s.loader.report() == {}  # every image was read
+
+    result, counts = evaluate(s, s.data.eval_split, per_class=True)
+    names = s.data.eval_names(s.cfg.data)
+    assert names == ([""] if kind == "in_memory" else ["", "_48"])
+    assert set(result) == {f"{k}{n}" for k in ("loss", "error", "top5_error") for n in names}
+    # The evaluation saw the same images as the source's own batches, once each.
+    assert counts is not None and int(counts[1].sum()) == len(s.data.eval_split)
+    s.model.eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for views, y in _direct_batches(s, s.data.eval_split):
+            logits.append(s.model(views[""]))
+            labels.append(y)
+    logits_t, labels_t = torch.cat(logits), torch.cat(labels)
+    expected = 100.0 * (logits_t.argmax(1) != labels_t).float().mean().item()
+    assert result["error"] == pytest.approx(expected)
+    loss = F.cross_entropy(logits_t, labels_t).item()
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_the_interface_is_not_met_by_a_bare_split() -> None:
+    data = load_dataset(compose_config(TINY).data)
+    assert isinstance(data, DataSource)
+    assert not isinstance(data.train, DataSource) and not isinstance(object(), TrainBatches)
+
+    class NoEval(Dataset):
+        eval_batches = None  # type: ignore[assignment]
+
+    assert isinstance(data.train, Split)
+    assert not isinstance(NoEval(**vars(data)), DataSource)
+
+
+def _data_imports(path: Path) -> set[str]:
+    """The ``resnet_exp.data`` modules a file imports, at any level of it."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resnet_exp.data."):
+            out.add(node.module.rsplit(".", 1)[1])  # type: ignore[union-attr]
+        elif isinstance(node, ast.Import):
+            out |= {
+                a.name.rsplit(".", 1)[1]
+                for a in node.names
+                if a.name.startswith("resnet_exp.data.")
+            }
+    return out
+
+
+def test_data_modules_import_no_cycle() -> None:
+    graph = {p.stem: _data_imports(p) for p in DATA.glob("*.py") if p.stem != "__init__"}
+    assert "imagenet" not in graph["sources"] and "sources" not in graph["imagenet"]
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for dep in graph.get(module, ()):
+            visit(dep, (*path, module))
+        done.add(module)
+
+    for module in graph:
+        visit(module, ())
+
+
+def test_no_split_type_is_tested_outside_data() -> None:
+    """Which data path a run takes is the data source's business, not its callers'."""
+    for path in (REPO / "src").rglob("*.py"):
+        if DATA in path.parents:
+            continue
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
+                names = ast.unparse(node.args[1])
+                assert "Split" not in names, f"{path.relative_to(REPO)}:{node.lineno}: {names}"
+        assert 'getattr(self.s.loader, "report"' not in text
