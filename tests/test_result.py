@@ -27,12 +27,13 @@ def test_exit_codes() -> None:
     assert RunResult(Status.completed).exit_code == 0
     assert RunResult(Status.failed, message="bad").exit_code == 2
     assert RunResult(Status.diverged, message="nan").exit_code == 3
+    assert RunResult(Status.pruned, {"pruned_at_epoch": 2}).exit_code == 0
     assert stopped(signal.SIGINT).exit_code == 130
     assert stopped(signal.SIGTERM).exit_code == 143
     # A stop asked for while the last evaluation ran: complete, yet the command stops.
     assert stopped(signal.SIGTERM, Status.completed).exit_code == 143
     # Every ending but a stop has its entry in the one table; a stop's is 128 + N.
-    assert set(EXIT_CODES) == {Status.completed, Status.failed, Status.diverged}
+    assert set(EXIT_CODES) == {Status.completed, Status.pruned, Status.failed, Status.diverged}
 
 
 def test_the_summary_holds_the_status_and_reads_back() -> None:
@@ -48,6 +49,8 @@ def test_the_summary_holds_the_status_and_reads_back() -> None:
 def test_check_raises_what_a_python_caller_expects() -> None:
     done = RunResult(Status.completed, {"final_val_error": 1.0})
     assert done.check() is done
+    pruned = RunResult(Status.pruned, {"final_val_error": 60.0, "pruned_at_epoch": 1})
+    assert pruned.ok and pruned.check() is pruned  # a search's pruner stopped it: not a failure
     with pytest.raises(Interrupted) as info:
         stopped(signal.SIGINT).check()
     assert (info.value.signum, info.value.step) == (signal.SIGINT, 21)
@@ -71,6 +74,8 @@ def test_leave_is_where_the_command_exits(monkeypatch: pytest.MonkeyPatch) -> No
         assert info.value.code == code
     done = RunResult(Status.completed)
     assert cli.leave(done, multirun=False) is done
+    pruned = RunResult(Status.pruned, {"pruned_at_epoch": 1})
+    assert cli.leave(pruned, multirun=False) is pruned  # exit 0
     # In a sweep a failure is the Reporter's to count; a stop ends the sweep.
     failed = RunResult(Status.failed, message="bad")
     assert cli.leave(failed, multirun=True) is failed

@@ -9,7 +9,7 @@
   after its batch and skips ``on_multirun_end``.
 - ``SweepOverlay``: after a sweep of ``mode=diagnose`` runs, one figure overlaying them.
 - ``WriteReport``: report.md, report.csv and figures in the sweep directory.
-- ``RefuseTestSearch``: an Optuna search (``hydra/sweeper=search``) needs a validation split.
+- ``RefuseTestSearch``: a search (``hydra/sweeper=search``) needs a validation split.
 """
 
 from __future__ import annotations
@@ -136,16 +136,14 @@ class WriteReport(Callback):
         print(f"resnet-exp: report in {written[0]}")
 
 
-def is_optuna(config: DictConfig) -> bool:
-    return "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower()
-
-
 class RefuseTestSearch(Callback):
     """A search minimises the validation error; without a validation split it would
     select hyper-parameters on the test set, so it is refused before any trial runs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not is_optuna(config) or config.get("dry_run") or config.mode != "train":
+        from resnet_exp.search_study import is_search
+
+        if not is_search(config.hydra.sweeper) or config.get("dry_run") or config.mode != "train":
             return
         if config.data.val_size == 0:
             print(

@@ -85,9 +85,12 @@ register_configs()
 
 def run(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> RunResult:
     if cfg.mode is Mode.train:
+        from resnet_exp.search_study import trial_reporter
         from resnet_exp.train.loop import Trainer
 
-        return Trainer(cfg, run_dir, stop).run()
+        # A search's trial reports its evaluations to its study, whose pruner may stop it.
+        pruning = None if cfg.dry_run else trial_reporter(distributed.current().is_main)
+        return Trainer(cfg, run_dir, stop, pruning).run()
     if cfg.mode is Mode.diagnose:
         from resnet_exp.diagnose import diagnose
 

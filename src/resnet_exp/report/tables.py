@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
-from resnet_exp.report.runs import Run
-from resnet_exp.train.result import Status
+from resnet_exp.report.runs import NOT_CONFIGURATION, Run
+from resnet_exp.train.result import Status, SummaryKey
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
 
@@ -126,6 +126,7 @@ def group_rows(runs: list[Run]) -> list[Row]:
         k
         for k in set().union(*firsts)
         if k not in covered
+        and k not in NOT_CONFIGURATION
         and not k.startswith("model.shortcut.")
         and len({repr(c.get(k)) for c in firsts}) > 1
     )
@@ -134,9 +135,27 @@ def group_rows(runs: list[Run]) -> list[Row]:
     rows = []
     for group in groups.values():
         c = group[0].config
-        parts = {k: facets(c)[k] for k in named} | {k: f"{k}={c.get(k)}" for k in others}
+        parts = {k: facets(c)[k] for k in named} | {k: f"{k}={_readable(c.get(k))}" for k in others}
         rows.append(Row(parts, group))
     return rows
+
+
+def _stopped_at(r: Run) -> str:
+    """Where a run that did not complete stopped."""
+    s, k = r.summary, SummaryKey
+    if k.diverged_at_step in s:
+        return f"non-finite loss at step {s[k.diverged_at_step]}"
+    if s.get(k.pruned_at_epoch) is not None:
+        err = s.get(k.final(r.eval_name, "error"))
+        shown = f", {r.eval_name} error {err:.2f}%" if isinstance(err, (int, float)) else ""
+        return f"pruned by the search after epoch {s[k.pruned_at_epoch]}{shown}"
+    return f"{len(r.metrics)} evaluations written"
+
+
+def _readable(v: Any) -> str:
+    """A searched value to 3 significant digits (0.0513, not 0.05130612337); the CSV's
+    full-precision values are in each run's .hydra/config.yaml."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _num(v: float | None, digits: int = 2) -> str:
@@ -302,11 +321,7 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
         lines += ["", "## Runs not completed", "", "| run | configuration | status | detail |"]
         lines.append("|---|---|---|---|")
         for row, r in missing:
-            detail = r.summary.get("error") or (
-                f"non-finite loss at step {r.summary['diverged_at_step']}"
-                if "diverged_at_step" in r.summary
-                else f"{len(r.metrics)} evaluations written"
-            )
+            detail = r.summary.get("error") or _stopped_at(r)
             lines.append(f"| `{r.path.name}` | {row.label} | {r.status.value} | {detail} |")
     if figures:
         lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]

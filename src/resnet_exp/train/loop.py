@@ -24,6 +24,7 @@ from resnet_exp.train.checkpoint import CHECKPOINT, Checkpoint
 from resnet_exp.train.evaluation import evaluate
 from resnet_exp.train.metrics import Mean, RunningMetrics
 from resnet_exp.train.progress import Progress
+from resnet_exp.train.pruning import EvaluationReporter
 from resnet_exp.train.records import SUMMARY, RunRecords
 from resnet_exp.train.result import RunResult, Status, SummaryKey
 from resnet_exp.train.resume import Resume, Stateful, resumable_overrides
@@ -44,7 +45,13 @@ def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> RunRes
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        stop: StopRequest | None = None,
+        pruning: EvaluationReporter | None = None,
+    ) -> None:
         self.t_start = time.perf_counter()
         self.cfg, self.run_dir, self.stop = cfg, run_dir, stop or StopRequest()
         self.flat = flat_config(cfg)
@@ -60,6 +67,10 @@ class Trainer:
         self.step = 0
         self.ckpt_step: int | None = None  # the last checkpoint written (or resumed from)
         self.diverged_at: int | None = None
+        # A search's trial: each scheduled evaluation is reported, and the pruner may
+        # stop the run after it (train/pruning.py; every rank holds one, or none does).
+        self.pruning = pruning
+        self.pruned_at: int | None = None  # the epoch after which the pruner stopped it
         self.t_mark, self.images = time.perf_counter(), 0  # the throughput window
         self.records = RunRecords(run_dir, enabled=False)  # opened by run()
 
@@ -129,7 +140,7 @@ class Trainer:
         self.images += len(y) * self.dist.world
 
     def finish_step(self, step: int, progress: Progress) -> Status | None:
-        """Logging, end-of-epoch work, stop and divergence: where every step's outcome is
+        """Logging, end-of-epoch work, stop, divergence and pruning: where every step's outcome is
         decided; None: go on, else how the run ends."""
         total, m = self.s.total_steps, self.metrics
         logs = step % self.cfg.trainer.log_every == 0 or step == total
@@ -144,6 +155,10 @@ class Trainer:
                 self.end_of_epoch(step, epoch)  # evaluate, record, checkpoint
         if step == total:
             return Status.completed
+        # Every rank asks (a collective); only rank 0's pruner can have said stop.
+        asks = closes_epoch and self.pruning is not None
+        if asks and distributed.any_rank(self.pruned_at is not None):
+            return Status.pruned  # checkpointed at this step by end_of_epoch
         if not self.stop_agreed():
             return None
         if self.ckpt_step != step:  # stopped mid-epoch: checkpoint here, if finite
@@ -214,6 +229,8 @@ class Trainer:
             loss, err = ev["loss"], ev["error"]
             if scheduled:
                 m.best = min(m.best, err)
+                if self.pruning is not None and self.pruning.should_stop(epoch + 1, err):
+                    self.pruned_at = epoch + 1
             m.last_eval = {f"{name}_{k}": v for k, v in ev.items()}
             self.records.scalars(step, {f"{name}/{k}": v for k, v in ev.items()})
             self.records.evaluation(
@@ -296,13 +313,18 @@ class Trainer:
         out: dict[str, Any] = {}
         if data.val is not None:  # the test set, once, at the end
             out.update({f"test_{k}": v for k, v in evaluate(self.s, data.test)[0].items()})
-        name = data.eval_name
-        out.update({SummaryKey.final(name, k.split("_", 1)[1]): v for k, v in m.last_eval.items()})
-        out[SummaryKey.best(name)] = min(m.best, m.last_eval.get(f"{name}_error", m.best))
+        out.update(self.last_evaluation())
         out[SummaryKey.final_train_loss] = m.train.loss
         out[SummaryKey.final_train_error] = m.train.error
         out[SummaryKey.train_images_per_s] = m.steady_throughput()
         out.update(self.s.loader.report())  # streamed data: skipped images
+        return out
+
+    def last_evaluation(self) -> dict[str, Any]:
+        """The last evaluation on the evaluated split, and its best error."""
+        m, name = self.metrics, self.s.data.eval_name
+        out = {SummaryKey.final(name, k.split("_", 1)[1]): v for k, v in m.last_eval.items()}
+        out[SummaryKey.best(name)] = min(m.best, m.last_eval.get(f"{name}_error", m.best))
         return out
 
     def result(self, ended: Status, measured: dict[str, Any]) -> RunResult:
@@ -317,12 +339,21 @@ class Trainer:
                 else "no checkpoint was written before it"
             )
             message = f"loss became non-finite at step {self.diverged_at}; training stopped, {kept}"
+        if ended is Status.pruned:  # where it stopped; no test set (it was not trained to the end)
+            summary.update(self.last_evaluation())
+            summary[k.pruned_at_epoch] = self.pruned_at
+            error = summary.get(k.final(self.s.data.eval_name, "error"), math.nan)
+            message = (
+                f"pruned after epoch {self.pruned_at} ({self.s.data.eval_name} error "
+                f"{error:.2f}%): behind the search's other trials; checkpoint: {path}"
+            )
+            log.info("%s", message)
         # A stop asked for during the last evaluation ends a sweep too, the run being complete.
         stop = None
         if self.stop.signum is not None and ended is not Status.diverged:
             stop = signal_name(self.stop.signum)
             message = f"stopped by {stop} after step {self.step}; checkpoint: {path}"
-        if ended is Status.interrupted:
+        if ended in (Status.interrupted, Status.pruned):
             summary[k.checkpoint] = str(path)
         return RunResult(ended, summary, message, reason=stop)
 

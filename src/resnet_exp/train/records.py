@@ -50,6 +50,7 @@ HPARAM_METRICS = (
     SummaryKey.test_error,
     SummaryKey.final_train_loss,
     SummaryKey.final_train_error,
+    SummaryKey.pruned_at_epoch,
 )
 
 

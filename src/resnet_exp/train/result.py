@@ -12,6 +12,7 @@ Exit status of a run (``RunResult.exit_code``):
 status                exit status
 ====================  ==========================================================
 completed             0
+pruned                0 (a search's pruner stopped the trial; its checkpoint is kept)
 failed                2 (a bad input; an internal error is a traceback: 1)
 diverged              3
 stopped by signal N   128 + N, whatever the status (the shell's convention)
@@ -40,6 +41,7 @@ class Status(str, Enum):
     completed = "completed"
     interrupted = "interrupted"  # stopped on request after a checkpoint; resumable
     diverged = "diverged"  # the loss became NaN/inf; the last good checkpoint is kept
+    pruned = "pruned"  # a search's trial stopped behind the others; checkpoint kept, exit 0
     failed = "failed"  # a bad input or an internal error (a sweep job's summary)
     unfinished = "unfinished"  # no summary: killed, or still running
 
@@ -51,11 +53,12 @@ class Status(str, Enum):
 # The command's exit status for each ending (a stop by signal N: 128 + N, see RunResult).
 EXIT_CODES: dict[Status, int] = {
     Status.completed: 0,
+    Status.pruned: 0,
     Status.failed: 2,
     Status.diverged: 3,
 }
 # The statuses with which a run did what it was asked: a sweep counts the others as failed.
-OK = (Status.completed,)
+OK = (Status.completed, Status.pruned)
 
 
 class SummaryKey:
@@ -67,8 +70,9 @@ class SummaryKey:
     status = "status"
     error = "error"  # a failed job's one-line message
     signal = "signal"  # interrupted: the signal's name
-    checkpoint = "checkpoint"  # interrupted: the last.pt to resume from
+    checkpoint = "checkpoint"  # interrupted or pruned: the last.pt to resume from
     diverged_at_step = "diverged_at_step"
+    pruned_at_epoch = "pruned_at_epoch"  # pruned: the last epoch it trained and evaluated
     steps_done = "steps_done"
     test_loss, test_error = "test_loss", "test_error"  # with a val split: the test set at the end
     final_train_loss, final_train_error = "final_train_loss", "final_train_error"

@@ -1,0 +1,1 @@
+"""resnet-exp's search sweeper: Optuna's ask/tell behind hydra/sweeper=search."""
