@@ -105,7 +105,7 @@ class PackedStop(StopRequest):
         if self._training and self.on_ready is not None:
             ready, self.on_ready = self.on_ready, None
             ready()
-        return self.signum is not None
+        return super().requested
 
 
 class ForwardingStop(StopRequest):
