@@ -183,3 +183,38 @@ def test_paper_numbers_are_keyed_by_the_net_a_run_stands_for() -> None:
     ]  # fmt: skip
     for config, expect in cases:
         assert paper_error({**base, **config}) == expect, config
+
+
+def test_unfinished_runs_are_listed_with_their_progress_apart_from_failures(
+    sweep: Path, tmp_path: Path
+) -> None:
+    """Of two seeds of one configuration, one stopped at its time limit after its first
+    evaluation: it is listed with its progress and last evaluation, out of the median."""
+    import shutil
+
+    from resnet_exp.report import write_report
+
+    done, cut = (shutil.copytree(d, tmp_path / d.name) for d in runs_by_label(sweep)["identity"])
+    failed = shutil.copytree(runs_by_label(sweep)["dropout"][0], tmp_path / "failed")
+    summary = json.loads((cut / "summary.json").read_text())
+    for key in ("final_test_error", "final_test_loss", "wall_time_s"):
+        summary.pop(key)
+    summary.update(status="interrupted", reason="time_limit", steps_done=6)
+    (cut / "summary.json").write_text(json.dumps(summary))
+    first = (cut / "metrics.jsonl").read_text().splitlines()[0]
+    (cut / "metrics.jsonl").write_text(first + "\n")
+
+    write_report([tmp_path], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    done_error = json.loads((done / "summary.json").read_text())["final_test_error"]
+    row = read_csv(tmp_path / "out" / "report.csv")["identity"]
+    assert (row["runs"], row["completed"]) == ("2", "1")
+    assert float(row["median_error"]) == pytest.approx(done_error)  # the stopped one is out
+    unfinished = md.split("## Runs not finished")[1].split("## Runs not completed")[0]
+    first_error = json.loads(first)["test_error"]
+    assert (
+        f"| `{cut.name}` | identity | interrupted (time limit) | step 6 of 10 (60%) "
+        f"| test error {first_error:.2f}% at step 6 (epoch 1) |"
+    ) in unfinished
+    assert "failed" not in unfinished
+    assert "| `failed` | dropout(p=1.5) | failed |" in md.split("## Runs not completed")[1]
