@@ -195,7 +195,7 @@ def test_unfinished_runs_are_listed_with_their_progress_apart_from_failures(
     from resnet_exp.report import write_report
 
     done, cut = (shutil.copytree(d, tmp_path / d.name) for d in runs_by_label(sweep)["identity"])
-    failed = shutil.copytree(runs_by_label(sweep)["dropout"][0], tmp_path / "failed")
+    shutil.copytree(runs_by_label(sweep)["dropout"][0], tmp_path / "failed")
     summary = json.loads((cut / "summary.json").read_text())
     for key in ("final_test_error", "final_test_loss", "wall_time_s"):
         summary.pop(key)
@@ -218,3 +218,29 @@ def test_unfinished_runs_are_listed_with_their_progress_apart_from_failures(
     ) in unfinished
     assert "failed" not in unfinished
     assert "| `failed` | dropout(p=1.5) | failed |" in md.split("## Runs not completed")[1]
+
+
+def test_each_ordering_against_the_original_with_a_bootstrap_interval() -> None:
+    from resnet_exp.report.compare import against_original, markdown, median_difference_interval
+    from resnet_exp.report.runs import Run
+    from resnet_exp.report.tables import group_rows
+
+    low, high = median_difference_interval([7.0, 7.2, 7.1], [6.0, 6.2, 6.1])
+    assert -1.21 < low <= high < -0.79  # every resample: preact lower by about a point
+    low, high = median_difference_interval([7.0, 6.0, 8.0], [7.5, 6.5, 6.8])
+    assert low < 0 < high
+
+    def run(block: str, seed: int, error: float) -> Run:
+        config = {"model.block": block, "depth": 20, "data.name": "cifar10", "seed": seed}
+        summary = {"status": "completed", "final_test_error": error}
+        return Run(Path(f"{block}{seed}"), config, summary, [])
+
+    runs = [run("original", s, e) for s, e in ((1, 7.0), (2, 7.2), (3, 7.1))]
+    runs += [run("preact", s, e) for s, e in ((1, 6.0), (2, 6.2), (3, 6.1))]
+    runs += [run("bn_after_add", s, e) for s, e in ((1, 7.4), (2, 6.8))]
+    (preact, bn) = against_original(group_rows(runs))
+    assert preact.row.label == "preact" and preact.difference == pytest.approx(-1.0)
+    assert preact.resolved and not bn.resolved
+    md = "\n".join(markdown([preact, bn]))
+    assert "| preact | 3 (3) | -1.00 | [-1.20, -0.80] | yes |" in md
+    assert "| bn_after_add | 2 (3) |" in md and bn.difference == pytest.approx(0.0)

@@ -122,7 +122,9 @@ def _last_evaluation(run: Run) -> str:
     if not rows:
         return "none yet"
     last = rows[-1]
-    return f"{run.eval_name} error {last[key]:.2f}% at step {last['step']:,} (epoch {last['epoch']})"
+    return (
+        f"{run.eval_name} error {last[key]:.2f}% at step {last['step']:,} (epoch {last['epoch']})"
+    )
 
 
 def facets(config: dict[str, Any]) -> dict[str, str]:
@@ -326,6 +328,9 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
         "(fail: above 20%); runs: completed/all; images/s and wall time: per run, median.",
     ]
     lines += imagenet_table(rows)
+    from resnet_exp.report import compare  # it reads rows: imported late, no cycle
+
+    lines += compare.markdown(compare.against_original(rows))
     missing = [(row, r) for row in rows for r in row.not_completed]
     left = [(row, r) for row, r in missing if _resumable(r)]
     if left:
