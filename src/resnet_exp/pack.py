@@ -89,8 +89,8 @@ class PackedStop(StopRequest):
     the first read after that follows the first step.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, started: float | None = None) -> None:
+        super().__init__(started)
         self.on_ready: Callable[[], None] | None = None
         self._training = False
 
