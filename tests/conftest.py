@@ -197,3 +197,49 @@ def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
             assert_same_tensors(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+# --- process-wide torch modes, left as each test found them ------------------------
+
+
+@contextlib.contextmanager
+def torch_modes_restored():
+    """A run with ``trainer.deterministic=true`` turns on
+    ``torch.use_deterministic_algorithms`` (and sets CUBLAS_WORKSPACE_CONFIG), any run
+    sets ``cudnn.benchmark``, the GPU tests set cuDNN flags: all process-wide. Restored
+    on exit, so an in-process test runs in the same mode alone or after another."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        cudnn.benchmark,
+        cudnn.deterministic,
+        cudnn.allow_tf32,
+        matmul.allow_tf32,
+        torch.get_float32_matmul_precision(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+    try:
+        yield
+    finally:
+        det, warn, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32, tf32, prec, ws = saved
+        torch.use_deterministic_algorithms(det, warn_only=warn)
+        matmul.allow_tf32 = tf32
+        torch.set_float32_matmul_precision(prec)
+        if ws is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = ws
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_modes():
+    with torch_modes_restored():
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_modes_after_module():
+    """Module-scoped fixtures (a module's reference runs) train outside any one test."""
+    with torch_modes_restored():
+        yield

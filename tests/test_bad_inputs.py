@@ -222,7 +222,7 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_
         ("schedule.warmup_factor=2", "schedule.warmup_factor=2.0 must be in [0, 1]"),
         ("schedule.gamma=0", "schedule.gamma=0.0 must be positive"),
         ("schedule.milestones=[0.5,1.5]", "schedule.milestones=[0.5, 1.5] must be fractions"),
-        ("optimizer.momentum=-1", "Invalid momentum value: -1.0"),
+        ("optimizer.momentum=-1", "optimizer.momentum=-1.0 must be >= 0"),
         ("schedule.warmup=maybe", "schedule.warmup='maybe' is not one of auto, true, false"),
     ],
 )

@@ -268,8 +268,12 @@ def test_crop_padding_colour(pad_value: str) -> None:
     pixels = x.permute(0, 2, 3, 1).reshape(-1, 3)
     is_border = (pixels == border).all(1)
     assert is_border.any() and ((pixels == inside).all(1) | is_border).all()
-    if pad_value == "mean":  # fb.resnet.torch: normalise, then zero-pad
-        assert torch.equal(border, torch.zeros(3))
+    # The other mode's border colour is nowhere: the two modes pad differently
+    # (mean: normalise, then zero-pad, as fb.resnet.torch; zero: black, then normalise).
+    other = norm(torch.zeros(1, 3, 1, 1, dtype=torch.uint8)).flatten()
+    if pad_value == "zero":
+        other = torch.zeros(3)
+    assert not torch.equal(border, other) and not (pixels == other).all(1).any()
     assert DataConfig().pad_value.value == "mean"  # the default
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import subprocess
 import time
@@ -215,34 +214,60 @@ def test_second_signal_stops_at_once_and_keeps_the_checkpoint(tmp_path: Path) ->
     assert not (tmp_path / ".last.pt.tmp").exists()
 
 
-def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path: Path) -> None:
+class PauseWhilePickled:
+    """Pickled inside ``torch.save``: tells the parent it is there, then waits to be killed."""
+
+    def __init__(self, ready: int) -> None:
+        self.ready = ready
+
+    def __reduce__(self):
+        os.write(self.ready, b"x")
+        signal.pause()  # until SIGKILL
+        raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize("where", ["pickling", "fsync"])
+def test_sigkill_mid_write_never_leaves_a_broken_checkpoint(tmp_path: Path, where: str) -> None:
+    """A process killed while it writes a checkpoint, at a point the test chooses (the
+    child says when it is there): while the state is pickled into the temporary file,
+    or once that file is written, before the rename. last.pt is the previous one."""
     path = tmp_path / "last.pt"
     tmp = tmp_path / ".last.pt.tmp"
-    caught_mid_write = 0
-    rng = random.Random(0)
-    for trial in range(6):
-        pid = os.fork()
-        if pid == 0:  # the child rewrites the checkpoint as fast as it can
-            try:
-                for i in range(trial * 1000, trial * 1000 + 1000):
-                    big = torch.full((2_000_000,), float(i))
-                    state = {
-                        k: big
-                        for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")
-                    }
-                    Checkpoint(path, {**state, "step": i}).save()
-            finally:
-                os._exit(0)
-        deadline = time.monotonic() + 60
-        while not (path.exists() and tmp.exists()) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        time.sleep(rng.uniform(0, 0.02))
+
+    def state(step: int) -> dict[str, Any]:
+        big = torch.full((2_000_000,), float(step))
+        return {k: big for k in ("model", "optimizer", "scheduler", "scaler", "loader", "rng")}
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one complete checkpoint, then one it never finishes
+        try:
+            Checkpoint(path, {**state(1), "step": 1}).save()
+            if where == "pickling":
+                Checkpoint(path, {**state(2), "step": 2, "x": PauseWhilePickled(ready_w)}).save()
+            else:
+
+                def fsync(fd: int) -> None:  # the data is written; the rename comes next
+                    os.write(ready_w, b"x")
+                    signal.pause()
+
+                os.fsync = fsync
+                Checkpoint(path, {**state(2), "step": 2}).save()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"  # the child is inside the write
+    finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        caught_mid_write += tmp.exists()
-        state = Checkpoint.load(path).state  # never a UserError: always a complete file
-        assert torch.equal(state["model"], torch.full((2_000_000,), float(state["step"])))
-    assert caught_mid_write >= 1  # the kill really did land mid-write
+        os.close(ready_r)
+        os.close(ready_w)
+    assert tmp.exists()  # killed mid-write ...
+    if where == "fsync":
+        assert tmp.stat().st_size > 8_000_000  # (the new checkpoint's data is all there)
+    state_on_disk = Checkpoint.load(path).state  # ... and last.pt is the previous, complete one
+    assert state_on_disk["step"] == 1
+    assert torch.equal(state_on_disk["model"], torch.full((2_000_000,), 1.0))
 
 
 def test_truncated_or_foreign_checkpoints_are_named(tmp_path: Path) -> None:

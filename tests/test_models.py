@@ -10,7 +10,7 @@ from torch import nn
 from resnet_exp import build_model, count_params
 from resnet_exp.errors import UserError
 from resnet_exp.models import resolve_unit
-from resnet_exp.models.shortcuts import PadShortcut, Projection
+from resnet_exp.models.shortcuts import PadShortcut, Projection, float_under_autocast
 
 # PAPER.md: ResNet-20 0.27M, -56 0.85M, -110 1.7M, -1202 19.4M (original units,
 # option A); ResNet-164 1.7M, -1001 10.2M (bottleneck, pre-act).
@@ -139,8 +139,12 @@ def trace(unit: nn.Module) -> tuple[str, fx.Graph, fx.GraphModule]:
 
 
 def identity_input(graph: fx.Graph) -> fx.Node:
+    """What the addition's shortcut operand reads, through the shortcut module and the
+    fp32 cast under autocast (a call in the graph: it runs only under autocast)."""
     add = next(n for n in graph.nodes if n.op == "call_function" and "add" in str(n.target))
     shortcut = add.args[0]
+    if shortcut.op == "call_function" and shortcut.target is float_under_autocast:
+        shortcut = shortcut.args[0]
     return shortcut.args[0] if shortcut.op == "call_module" else shortcut
 
 

@@ -334,3 +334,29 @@ def test_wheel_carries_the_packed_launcher(tmp_path: Path) -> None:
     assert (site / "hydra_plugins" / "resnet_exp_packed" / "packed_launcher.py").exists()
     assert "hydra_plugins.resnet_exp_packed.packed_launcher.PackedLauncher" in proc.stdout
     assert "runs_per_device: 3" in proc.stdout
+
+
+def test_packed_sweep_report_holds_what_the_basic_launchers_holds(
+    basic_and_packed: tuple[Path, Path, str],
+) -> None:
+    """The sweep's report.csv: one row per run, each with its errors, equal to the
+    basic launcher's (the runs are bit-identical) but for the wall-clock columns."""
+    import csv
+
+    basic, packed, _ = basic_and_packed
+
+    def rows(sweep_dir: Path) -> list[dict[str, str]]:
+        with open(sweep_dir / "report.csv", newline="") as f:
+            return [
+                {k: v for k, v in r.items() if k not in ("images_per_s", "wall_time_s")}
+                for r in csv.DictReader(f)
+            ]
+
+    got = rows(packed)
+    assert [(r["block"], r["completed"], r["seeds"]) for r in got] == [
+        ("original", "1", "0"),
+        ("preact", "1", "1"),
+    ]
+    assert all(0 <= float(r["median_error"]) <= 100 for r in got)
+    assert got == rows(basic)
+    assert "original" in (packed / "report.md").read_text()

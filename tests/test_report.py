@@ -7,6 +7,7 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
@@ -123,6 +124,11 @@ def test_figures_open(sweep: Path) -> None:
             im.verify()
         with Image.open(sweep / name) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 150
+            # Not blank: the axes' greys and the data in colour (lines, markers, bars).
+            rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+        saturation = rgb.max(axis=2) - rgb.min(axis=2)
+        assert (rgb.min(axis=2) < 100).sum() > 500, name  # dark pixels: axes, ticks, text
+        assert (saturation > 80).sum() > 200, name  # coloured pixels: the plotted data
 
 
 def test_report_command_on_run_directories(sweep: Path, tmp_path: Path, capsys) -> None:

@@ -10,43 +10,15 @@ does not list), so a typo in an override fails before anything is built.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from resnet_exp.models.units import Block
+from resnet_exp.models.options import Block, Downsample, Family, NetOptions, Unit
 from resnet_exp.models.variants import ShortcutSpec
-
-
-class Unit(str, Enum):
-    auto = "auto"
-    basic = "basic"
-    bottleneck = "bottleneck"
-    single = "single"
-
-
-class Downsample(str, Enum):
-    auto = "auto"
-    A = "A"  # zero-padding identity
-    B = "B"  # strided 1x1 projection
-
-
-class StrideAt(str, Enum):
-    first = "first"  # a downsampling unit's first conv (the bottleneck's 1x1): the authors' code
-    conv3x3 = "conv3x3"  # its first 3x3 conv: fb.resnet.torch
-
-
-class PreactShortcut(str, Enum):
-    shared = "shared"  # a reshaping shortcut reads the unit's BN-ReLU (the authors' Torch code)
-    raw = "raw"  # it reads the unit's raw input
-
-
-class BnStats(str, Enum):
-    first = "first"  # running statistics of the first group (rank 0's under DDP)
-    mean = "mean"  # the mean of the groups' updates
 
 
 class PadValue(str, Enum):
@@ -57,12 +29,6 @@ class PadValue(str, Enum):
 class MilestoneUnit(str, Enum):
     fraction = "fraction"  # of the run's steps
     epoch = "epoch"  # completed epochs (fb.resnet.torch's 1-based epochs 81, 122 are 80, 121)
-
-
-class Family(str, Enum):
-    auto = "auto"  # imagenet for streamed data, cifar otherwise
-    cifar = "cifar"  # 3x3 stem, three stages (the paper's CIFAR nets)
-    imagenet = "imagenet"  # 7x7 stem and max-pool, four stages (depths 18-200)
 
 
 class Decode(str, Enum):
@@ -129,18 +95,16 @@ def default_cache_dir() -> str:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(NetOptions):
+    """The net: its shape here, the fidelity options (``stride_at``, ``preact_shortcut``,
+    ``bn_group``, ``bn_stats``, ``fp32_identity``) with their defaults in ``NetOptions``."""
+
     block: Block = Block.preact  # set by the `block` group
     unit: Unit = Unit.auto  # auto: basic for 6n+2 depths, bottleneck for 164/1001 and 9n+2
     downsample: Downsample = Downsample.auto  # auto: A for basic, B for bottleneck units
     family: Family = Family.auto  # auto: imagenet for streamed data (dataset=imagenet), else cifar
     width: int | None = None  # stem width (stages double it); null: 16 CIFAR, 64 ImageNet
     checkpointing: int = 0  # activation-checkpoint segments (0: off)
-    stride_at: StrideAt = StrideAt.first  # where a downsampling unit's stride sits
-    preact_shortcut: PreactShortcut = PreactShortcut.shared  # input of pre-act reshaping shortcuts
-    bn_group: int | None = None  # BN statistics per group of this many images (null: whole batch)
-    bn_stats: BnStats = BnStats.first  # with bn_group: which group's running statistics are kept
-    fp32_identity: bool = True  # under autocast: identity path, gates, classifier in fp32
     shortcut: ShortcutSpec = field(default_factory=ShortcutSpec)  # set by the `shortcut` group
 
 
@@ -286,15 +250,9 @@ def parse_duration(value: Any, key: str = "trainer.time_limit") -> float | None:
     return seconds
 
 
-def model_options(m: ModelConfig) -> dict:
+def model_options(m: ModelConfig) -> dict[str, Any]:
     """The fidelity options of ``build_model`` (docs/fidelity.md) from the model config."""
-    return {
-        "stride_at": m.stride_at.value,
-        "preact_shortcut": m.preact_shortcut.value,
-        "bn_group": m.bn_group,
-        "bn_stats": m.bn_stats.value,
-        "fp32_identity": m.fp32_identity,
-    }
+    return {f.name: getattr(m, f.name) for f in fields(NetOptions)}
 
 
 def linear_lr(lr: float, batch: int, global_batch: int) -> float:

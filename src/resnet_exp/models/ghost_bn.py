@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_STATS = ("first", "mean")
+from resnet_exp.models.options import BnStats, choose
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -34,16 +34,18 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     Same parameters and buffers as ``BatchNorm2d`` (checkpoints load either way).
     """
 
-    def __init__(self, num_features: int, group: int, stats: str = "first", **kw) -> None:
+    def __init__(
+        self, num_features: int, group: int, stats: BnStats | str = BnStats.first, **kw
+    ) -> None:
         super().__init__(num_features, **kw)
-        if stats not in BN_STATS:
-            raise ValueError(f"stats={stats!r} is not one of {', '.join(BN_STATS)}")
-        self.group, self.stats = group, stats
+        self.group, self.stats = group, choose(BnStats, stats, "model.bn_stats").value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ghost_batch_norm(self, x)
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """Training on more than ``group`` images: one batch norm per group."""
         n, c = x.shape[:2]
-        if not self.training or n <= self.group:
-            return super().forward(x)
         if n % self.group:
             raise ValueError(f"a batch of {n} images does not split into groups of {self.group}")
         g = n // self.group
@@ -74,7 +76,16 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         return f"{super().extra_repr()}, group={self.group}, stats={self.stats}"
 
 
-def convert_ghost_bn(module: nn.Module, group: int, stats: str = "first") -> nn.Module:
+@torch.fx.wrap  # the batch's size picks the path: a call in a traced graph, decided per call
+def ghost_batch_norm(bn: GhostBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    if not bn.training or x.shape[0] <= bn.group:
+        return nn.BatchNorm2d.forward(bn, x)
+    return bn.grouped(x)
+
+
+def convert_ghost_bn(
+    module: nn.Module, group: int, stats: BnStats | str = BnStats.first
+) -> nn.Module:
     """Replace every ``BatchNorm2d`` in ``module`` by a ``GhostBatchNorm2d`` with its state."""
     if type(module) is nn.BatchNorm2d:
         ghost = GhostBatchNorm2d(

@@ -5,11 +5,15 @@ an identity shortcut merged by addition; when a unit changes the map size or
 width, the shortcut is either parameter-free zero padding (option A, the
 original CIFAR nets) or a strided 1x1 projection (option B, the pre-act
 reference code).
+
+The fp32 identity path under autocast is kept by two functions that look at
+the autocast state (and a tensor's dtype) when they run. ``torch.fx`` cannot
+trace such a branch, so the modules that call them register them with
+``torch.fx.wrap``: a traced net calls them as they are, at run time, and
+behaves as the eager net under autocast and without it.
 """
 
 from __future__ import annotations
-
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +25,18 @@ def autocast_on() -> bool:
     return torch.is_autocast_enabled("cuda") or torch.is_autocast_enabled("cpu")
 
 
-def fp32_like(t: torch.Tensor) -> AbstractContextManager:
-    """Autocast off when ``t`` (the identity path) is fp32 under autocast: ops in
-    this context (a gate, the classifier) then run in fp32 like the path."""
-    if t.dtype == torch.float32 and autocast_on():
-        return torch.autocast(t.device.type, enabled=False)
-    return nullcontext()
+def float_under_autocast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 under autocast (the identity path), as it is otherwise."""
+    return x.float() if autocast_on() else x
+
+
+def call_at_precision_of(ref: torch.Tensor, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with autocast off when ``ref`` (the identity path) is fp32 under
+    autocast: a gate or the classifier then runs in fp32 like the path."""
+    if ref.dtype == torch.float32 and autocast_on():
+        with torch.autocast(ref.device.type, enabled=False):
+            return module(x)
+    return module(x)
 
 
 class Merge(nn.Module):

@@ -19,14 +19,14 @@ code: resnet-pre-act.lua's "common BN, ReLU", fb.resnet.torch's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 from torch import nn
 
-from resnet_exp.models.shortcuts import Add, Merge, autocast_on
+from resnet_exp.models.options import Block, StrideAt, choose
+from resnet_exp.models.shortcuts import Add, Merge, float_under_autocast
 
-STRIDE_AT = ("first", "conv3x3")
+torch.fx.wrap(float_under_autocast)  # a call in the traced graph, as it checks autocast per call
 
 
 @dataclass(frozen=True)
@@ -48,21 +48,34 @@ class BlockSpec:
         return bool(self.pre)
 
 
-class Block(str, Enum):
-    original = "original"
-    bn_after_add = "bn_after_add"
-    relu_before_add = "relu_before_add"
-    relu_only_preact = "relu_only_preact"
-    preact = "preact"
-
-
 BLOCKS: dict[str, BlockSpec] = {
-    #                       each conv,  last conv,  after the addition
-    "original": BlockSpec("cbr", "cb", "r"),  # (a) conv-BN-ReLU-conv-BN, add, ReLU
-    "bn_after_add": BlockSpec("cbr", "c", "br"),  # (b) ... conv, add, BN-ReLU
-    "relu_before_add": BlockSpec("cbr", "cbr", ""),  # (c) ... conv-BN-ReLU, add
-    "relu_only_preact": BlockSpec("rcb", "rcb", ""),  # (d) ReLU-conv-BN ..., add
-    "preact": BlockSpec("brc", "brc", ""),  # (e) BN-ReLU-conv ..., add
+    #                           each conv,  last conv,  after the addition
+    Block.original: BlockSpec("cbr", "cb", "r"),  # (a) conv-BN-ReLU-conv-BN, add, ReLU
+    Block.bn_after_add: BlockSpec("cbr", "c", "br"),  # (b) ... conv, add, BN-ReLU
+    Block.relu_before_add: BlockSpec("cbr", "cbr", ""),  # (c) ... conv-BN-ReLU, add
+    Block.relu_only_preact: BlockSpec("rcb", "rcb", ""),  # (d) ReLU-conv-BN ..., add
+    Block.preact: BlockSpec("brc", "brc", ""),  # (e) BN-ReLU-conv ..., add
+}
+
+
+@dataclass(frozen=True)
+class UnitType:
+    kernels: tuple[int, ...]  # the branch's convolutions
+    expansion: int  # output width / inner width
+    form: str  # how a CIFAR depth counts layers
+
+    @property
+    def layers_per_unit(self) -> int:
+        return len(self.kernels)
+
+    def widths(self, inner: int) -> tuple[int, ...]:
+        return (inner,) * (len(self.kernels) - 1) + (inner * self.expansion,)
+
+
+UNIT_TYPES = {
+    "basic": UnitType((3, 3), 1, "6n+2"),
+    "bottleneck": UnitType((1, 3, 1), 4, "9n+2"),
+    "single": UnitType((3,), 1, "3n+2"),  # the paper's "1-layer skip" ResNet-110
 }
 
 
@@ -98,7 +111,9 @@ class ResidualUnit(nn.Module):
 
     ``fp32_identity``: under autocast the shortcut is cast to fp32 before the
     merge, so the sum (the identity path) stays fp32 while the convolutions
-    run in bf16/fp16. Outside autocast it does nothing.
+    run in bf16/fp16. Outside autocast it does nothing. ``skip_pre``: the unit
+    has no pre-activation of its own, its input is already activated (the
+    first unit of an ImageNet pre-activation net, after the stem's BN-ReLU).
     """
 
     def __init__(
@@ -111,19 +126,21 @@ class ResidualUnit(nn.Module):
         shortcut: nn.Module,
         merge: Merge | None = None,
         share_preact: bool = False,
-        stride_at: str = "first",
+        stride_at: StrideAt | str = StrideAt.first,
         fp32_identity: bool = True,
+        skip_pre: bool = False,
     ) -> None:
         super().__init__()
-        if stride_at not in STRIDE_AT:
-            raise ValueError(f"stride_at={stride_at!r} is not one of {', '.join(STRIDE_AT)}")
+        stride_at = choose(StrideAt, stride_at, "model.stride_at")
         pre = block.pre
         # The unit's input is only overwritten in place where no identity
         # path reads it afterwards.
-        self.pre = ops(pre, cin, inplace=False)
+        self.pre = ops("" if skip_pre else pre, cin, inplace=False)
         layers: list[nn.Module] = []
         channels = cin
-        strided = 0 if stride_at == "first" else next(i for i, k in enumerate(kernels) if k == 3)
+        strided = (
+            0 if stride_at is StrideAt.first else next(i for i, k in enumerate(kernels) if k == 3)
+        )
         for i, (spec, k, width) in enumerate(zip(block.branch(len(kernels)), kernels, widths)):
             if i == 0:
                 spec = spec[len(pre) :]  # the pre-activation already ran
@@ -137,13 +154,13 @@ class ResidualUnit(nn.Module):
         self.merge = merge if merge is not None else Add()
         self.post = ops(block.after_add, channels)
         # Whether the shortcut reads the pre-activated input (computed once);
-        # the network decides (see CifarResNet).
+        # the network decides (see resnet.py).
         self.share_preact = share_preact
         self.fp32_identity = fp32_identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre(x)
         identity = self.shortcut(pre if self.share_preact else x)
-        if self.fp32_identity and autocast_on():
-            identity = identity.float()  # the merge then adds (and gates) in fp32
+        if self.fp32_identity:
+            identity = float_under_autocast(identity)  # the merge then adds (and gates) in fp32
         return self.post(self.merge(identity, self.branch(pre), x))

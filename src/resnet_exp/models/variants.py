@@ -24,7 +24,16 @@ import torch
 from torch import nn
 
 from resnet_exp.errors import UserError
-from resnet_exp.models.shortcuts import Add, Merge, Projection, downsample_shortcut, fp32_like
+from resnet_exp.models.options import choose
+from resnet_exp.models.shortcuts import (
+    Add,
+    Merge,
+    Projection,
+    call_at_precision_of,
+    downsample_shortcut,
+)
+
+torch.fx.wrap(call_at_precision_of)  # a call in the traced graph: it checks autocast per call
 
 
 class ShortcutName(str, Enum):
@@ -50,11 +59,7 @@ class ShortcutSpec:
     dropout: float = 0.5  # dropout: probability of dropping a shortcut element
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, ShortcutName):
-            allowed = ", ".join(n.value for n in ShortcutName)
-            if self.name not in ShortcutName._value2member_map_:
-                raise UserError(f"model.shortcut.name={self.name!r} is not one of {allowed}")
-            self.name = ShortcutName(self.name)
+        self.name = choose(ShortcutName, self.name, "model.shortcut.name")
 
     def check(self) -> None:
         if self.name is ShortcutName.dropout and not 0.0 <= self.dropout < 1.0:
@@ -110,8 +115,8 @@ class Gate(Merge):
     def forward(
         self, shortcut: torch.Tensor, branch: torch.Tensor, x: torch.Tensor
     ) -> torch.Tensor:
-        with fp32_like(shortcut):
-            g = torch.sigmoid(self.gate(x.to(shortcut.dtype)))
+        # sigmoid runs in its input's dtype under autocast: fp32 here when the path is
+        g = torch.sigmoid(call_at_precision_of(shortcut, self.gate, x.to(shortcut.dtype)))
         return (1 - g) * shortcut + (g * branch if self.exclusive else branch)
 
     def extra_repr(self) -> str:

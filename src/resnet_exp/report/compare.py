@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from resnet_exp.report.tables import Row
+
+class Row(Protocol):
+    """What is read of a report row (report/tables.py's ``Row``, which uses this module)."""
+
+    runs: list[Any]
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def config(self) -> dict[str, Any]: ...
+    @property
+    def errors(self) -> list[float]: ...
+
 
 ORIGINAL = "original"
 RESAMPLES = 10_000

@@ -47,7 +47,9 @@ class Run:
 
     @property
     def seed(self) -> Any:
-        return self.config.get("seed")
+        """The seed the run used: its summary's, as the config may hold an interpolation
+        this process cannot resolve (``seed=${hydra:job.num}``)."""
+        return self.summary.get("seed", self.config.get("seed"))
 
     @property
     def eval_name(self) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from resnet_exp.report import compare
 from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
 from resnet_exp.report.runs import Run
 from resnet_exp.train.result import Status, SummaryKey
@@ -328,8 +329,6 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
         "(fail: above 20%); runs: completed/all; images/s and wall time: per run, median.",
     ]
     lines += imagenet_table(rows)
-    from resnet_exp.report import compare  # it reads rows: imported late, no cycle
-
     lines += compare.markdown(compare.against_original(rows))
     missing = [(row, r) for row in rows for r in row.not_completed]
     left = [(row, r) for row, r in missing if _resumable(r)]

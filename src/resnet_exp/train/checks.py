@@ -1,20 +1,22 @@
-"""Checks of settings that are used only late in a run, done before any data is loaded.
+"""Every setting checked in one pass, before any data is loaded or anything is built.
 
-A bad learning rate or logging interval would otherwise surface after the
+Each check is the one its owner keeps (the net's in ``models``, the optimizer's
+and the schedule's in ``optim.py``); a bad value would otherwise surface after the
 data set is decoded and the model built, or as a ZeroDivisionError mid-run.
 """
 
 from __future__ import annotations
 
-from torch import nn
-
 from resnet_exp.config import Config, parse_duration
+from resnet_exp.data.interface import is_streamed
 from resnet_exp.errors import UserError
+from resnet_exp.models import NetOptions, family_unit, resolve_family
 from resnet_exp.train import distributed
-from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
+from resnet_exp.train.optim import check_optimizer, check_schedule
 
 
 def check_settings(cfg: Config) -> None:
+    """Every setting, each by the one check that owns it; nothing is built."""
     t = cfg.trainer
     for key in ("log_every", "eval_every"):
         value = getattr(t, key)
@@ -25,23 +27,19 @@ def check_settings(cfg: Config) -> None:
         raise UserError(f"trainer.max_steps={t.max_steps} must be at least 1 (or null)")
     if t.max_steps is None and t.epochs < 1:
         raise UserError(f"trainer.epochs={t.epochs} must be at least 1")
+    check_model(cfg)
+    check_optimizer(cfg.optimizer)
+    check_schedule(cfg.schedule)
+
+
+def check_model(cfg: Config) -> None:
+    """The net ``build_model`` would build: depth, unit, options, shortcut, width."""
+    family_unit(resolve_family(cfg.model.family, is_streamed(cfg.data)), cfg.depth, cfg.model.unit)
+    NetOptions.of(cfg.model)
+    cfg.model.shortcut.check()
     if cfg.model.width is not None and cfg.model.width < 1:
         raise UserError(f"model.width={cfg.model.width} must be at least 1")
     check_bn_group(cfg)
-    sch = cfg.schedule
-    if not 0 <= sch.warmup_factor <= 1:
-        raise UserError(f"schedule.warmup_factor={sch.warmup_factor} must be in [0, 1]")
-    if not sch.gamma > 0:
-        raise UserError(f"schedule.gamma={sch.gamma} must be positive")
-    # The optimizer and the schedule check their own settings when built: build
-    # them on a stand-in parameter now. torch's own messages name the value.
-    try:
-        opt = build_optimizer(nn.Linear(1, 1), cfg.optimizer)
-        build_scheduler(opt, sch, 10**6, warmup_on(sch, cfg.data.name), steps_per_epoch=1)
-    except ValueError as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"optimizer/schedule settings rejected by torch: {e}") from e
 
 
 def check_bn_group(cfg: Config) -> None:
@@ -49,8 +47,6 @@ def check_bn_group(cfg: Config) -> None:
     group = cfg.model.bn_group
     if group is None:
         return
-    if group < 1:
-        raise UserError(f"model.bn_group={group} must be at least 1 (or null: the whole batch)")
     if cfg.trainer.sync_bn:
         raise UserError(
             f"model.bn_group={group} and trainer.sync_bn=true contradict each other "

@@ -27,21 +27,30 @@ CIFAR = ("cifar10", "cifar100")
 log = logging.getLogger("resnet_exp")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False) -> Optimizer:
-    """SGD with momentum (the paper; weight decay on every parameter) or AdamW."""
+def check_optimizer(cfg: OptimizerConfig) -> None:
+    """Every value torch's optimizers would refuse, as one line naming the setting."""
+    _choice(OptimizerName, cfg.name, "optimizer.name")
     if not cfg.lr > 0:
         raise UserError(f"optimizer.lr={cfg.lr} must be a positive number")
     if cfg.weight_decay < 0:
         raise UserError(f"optimizer.weight_decay={cfg.weight_decay} must be >= 0")
+    if cfg.momentum < 0:
+        raise UserError(f"optimizer.momentum={cfg.momentum} must be >= 0")
+    if cfg.nesterov and cfg.momentum <= 0:
+        raise UserError(
+            f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {cfg.momentum})"
+        )
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise UserError(f"optimizer.betas={list(cfg.betas)} must be two numbers in [0, 1)")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False) -> Optimizer:
+    """SGD with momentum (the paper; weight decay on every parameter) or AdamW."""
+    check_optimizer(cfg)
     # One fused kernel per step on a GPU, else one multi-tensor (foreach) kernel per op.
     kernel = {"fused": True} if fused else {"foreach": True}
     params = model.parameters()
-    name = _choice(OptimizerName, cfg.name, "optimizer.name")
-    if name == OptimizerName.sgd:
-        if cfg.nesterov and cfg.momentum <= 0:
-            raise UserError(
-                f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {cfg.momentum})"
-            )
+    if _choice(OptimizerName, cfg.name, "optimizer.name") == OptimizerName.sgd:
         return torch.optim.SGD(
             params,
             lr=cfg.lr,
@@ -75,6 +84,28 @@ def warmup_on(cfg: ScheduleConfig, dataset: str) -> bool:
     return dataset in CIFAR
 
 
+def check_schedule(cfg: ScheduleConfig) -> None:
+    """Every schedule value that would fail (or mislead) later, as one line."""
+    _choice(ScheduleName, cfg.name, "schedule.name")
+    Switch.of(cfg.warmup, "schedule.warmup")
+    if not 0 <= cfg.warmup_factor <= 1:
+        raise UserError(f"schedule.warmup_factor={cfg.warmup_factor} must be in [0, 1]")
+    if not cfg.gamma > 0:
+        raise UserError(f"schedule.gamma={cfg.gamma} must be positive")
+    if cfg.warmup_steps < 0:
+        raise UserError(f"schedule.warmup_steps={cfg.warmup_steps} must be >= 0")
+    if getattr(cfg.milestone_unit, "value", cfg.milestone_unit) == "epoch":
+        if any(m <= 0 for m in cfg.milestones):
+            raise UserError(
+                f"schedule.milestones={list(cfg.milestones)} must be positive epoch counts"
+            )
+    elif any(not 0 < m < 1 for m in cfg.milestones):
+        raise UserError(
+            f"schedule.milestones={list(cfg.milestones)} must be fractions of the run in (0, 1) "
+            "(or set schedule.milestone_unit=epoch)"
+        )
+
+
 def milestone_steps(
     cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int | None
 ) -> list[int]:
@@ -83,10 +114,6 @@ def milestone_steps(
     if unit == "epoch":
         if steps_per_epoch is None:
             raise ValueError("milestones in epochs need the run's steps_per_epoch")
-        if any(m <= 0 for m in cfg.milestones):
-            raise UserError(
-                f"schedule.milestones={list(cfg.milestones)} must be positive epoch counts"
-            )
         steps = sorted(round(m * steps_per_epoch) for m in cfg.milestones)
         if steps and steps[-1] >= total_steps:
             log.warning(
@@ -96,11 +123,6 @@ def milestone_steps(
                 total_steps,
             )
         return steps
-    if any(not 0 < m < 1 for m in cfg.milestones):
-        raise UserError(
-            f"schedule.milestones={list(cfg.milestones)} must be fractions of the run in (0, 1) "
-            "(or set schedule.milestone_unit=epoch)"
-        )
     return sorted(round(m * total_steps) for m in cfg.milestones)
 
 
@@ -112,6 +134,7 @@ def build_scheduler(
     steps_per_epoch: int | None = None,
 ) -> LRScheduler:
     """Per-step schedule; ``steps_per_epoch`` places milestones given in epochs."""
+    check_schedule(cfg)
     warm = min(cfg.warmup_steps, total_steps) if warmup else 0
     name = _choice(ScheduleName, cfg.name, "schedule.name")
     if name == ScheduleName.paper:

@@ -28,6 +28,7 @@ command with ``resume=auto`` continues it.
 
 from __future__ import annotations
 
+import math
 import signal
 from dataclasses import dataclass, field
 from enum import Enum
@@ -182,6 +183,28 @@ class RunResult:
 
     def __float__(self) -> float:
         """The value a search minimises (search.py); Hydra's sweepers call ``float()``."""
-        from resnet_exp.search import objective
-
         return objective(self)
+
+
+# The value a search minimises: the final error on the held-out training images.
+OBJECTIVE = "final_val_error"
+
+
+def objective(result: RunResult) -> float:
+    """What a search minimises for one job.
+
+    A diverged run counts as 100% error (as bad as a net gets), so the sampler
+    learns to avoid its region; a job that failed otherwise has no value (Optuna
+    records the trial as failed and goes on).
+    """
+    value = result.summary.get(OBJECTIVE)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    if result.status is Status.diverged:
+        return 100.0
+    why = (
+        "no validation split: data.val_size=0"
+        if result.status is Status.completed
+        else result.status.value
+    )
+    raise ValueError(f"the job has no {OBJECTIVE} to minimise ({why}: {result.message})")

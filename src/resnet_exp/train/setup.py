@@ -16,8 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from resnet_exp.config import Config, TrainerConfig, model_options
 from resnet_exp.data import DataSource, TrainBatches, is_streamed, load_dataset
 from resnet_exp.errors import UserError
-from resnet_exp.models import CifarResNet, build_model, count_params
-from resnet_exp.models.imagenet import family_unit, resolve_family
+from resnet_exp.models import ResNet, build_model, count_params, family_unit, resolve_family
 from resnet_exp.train import distributed
 from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
@@ -45,7 +44,7 @@ class Setup:
     info: dict[str, Any] = field(default_factory=dict)  # what a dry run prints
 
 
-def model_from_config(cfg: Config, num_classes: int) -> CifarResNet:
+def model_from_config(cfg: Config, num_classes: int) -> ResNet:
     """The net ``cfg.model`` and ``cfg.depth`` describe (CIFAR or ImageNet family)."""
     family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
     unit = family_unit(family, cfg.depth, cfg.model.unit.value)
@@ -151,12 +150,8 @@ def _place(
 
 
 def _total_steps(t: TrainerConfig, steps_per_epoch: int) -> int:
-    total = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
-    if total < 1:
-        raise UserError(
-            f"the run has {total} steps: trainer.epochs and trainer.max_steps must be positive"
-        )
-    return total
+    """The run's length in steps (trainer.epochs and max_steps are checked in train/checks.py)."""
+    return t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
 
 
 def _info(s: Setup, family: str, unit: str, params: int, batch: int, world: int) -> dict[str, Any]:
