@@ -75,6 +75,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 20,
         "warmup": 10,
     },
+    # scripts/gpu_check.py: the paper's nets at batch 64, the default path against the reference.
+    "gpu-check": {
+        "models": [
+            "block=original depth=20",
+            "block=original depth=110",
+            "block=preact depth=164",
+            "block=preact depth=1001",
+        ],
+        "variants": ["default"],
+        "steps": 20,
+        "warmup": 10,
+    },
+    # gpu_check.py --dry: the same table with tiny nets on the CPU.
+    "dry": {
+        "models": ["block=original depth=8", "block=preact depth=11"],
+        "variants": ["default"],
+        "steps": 2,
+        "warmup": 1,
+    },
 }
 
 

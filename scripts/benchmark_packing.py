@@ -45,6 +45,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 30,
         "warmup": 10,
     },
+    # scripts/gpu_check.py: ResNet-20 x 1, 4, 8 and ResNet-110 x 1, 2, 4
+    "gpu-check": {
+        "models": {"original:20": ["1", "4", "8"], "original:110": ["1", "2", "4"]},
+        "steps": 20,
+        "warmup": 5,
+    },
+    # gpu_check.py --dry: ResNet-8 alone and two at once on the CPU
+    "dry": {"models": {"original:8": ["1x1", "2x1"]}, "steps": 2, "warmup": 1},
 }
 
 

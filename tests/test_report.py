@@ -189,3 +189,64 @@ def test_paper_numbers_are_keyed_by_the_net_a_run_stands_for() -> None:
     ]  # fmt: skip
     for config, expect in cases:
         assert paper_error({**base, **config}) == expect, config
+
+
+def test_unfinished_runs_are_listed_with_their_progress_apart_from_failures(
+    sweep: Path, tmp_path: Path
+) -> None:
+    """Of two seeds of one configuration, one stopped at its time limit after its first
+    evaluation: it is listed with its progress and last evaluation, out of the median."""
+    import shutil
+
+    from resnet_exp.report import write_report
+
+    done, cut = (shutil.copytree(d, tmp_path / d.name) for d in runs_by_label(sweep)["identity"])
+    shutil.copytree(runs_by_label(sweep)["dropout"][0], tmp_path / "failed")
+    summary = json.loads((cut / "summary.json").read_text())
+    for key in ("final_test_error", "final_test_loss", "wall_time_s"):
+        summary.pop(key)
+    summary.update(status="interrupted", reason="time_limit", steps_done=6)
+    (cut / "summary.json").write_text(json.dumps(summary))
+    first = (cut / "metrics.jsonl").read_text().splitlines()[0]
+    (cut / "metrics.jsonl").write_text(first + "\n")
+
+    write_report([tmp_path], tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    done_error = json.loads((done / "summary.json").read_text())["final_test_error"]
+    row = read_csv(tmp_path / "out" / "report.csv")["identity"]
+    assert (row["runs"], row["completed"]) == ("2", "1")
+    assert float(row["median_error"]) == pytest.approx(done_error)  # the stopped one is out
+    unfinished = md.split("## Runs not finished")[1].split("## Runs not completed")[0]
+    first_error = json.loads(first)["test_error"]
+    assert (
+        f"| `{cut.name}` | identity | interrupted (time limit) | step 6 of 10 (60%) "
+        f"| test error {first_error:.2f}% at step 6 (epoch 1) |"
+    ) in unfinished
+    assert "failed" not in unfinished
+    assert "| `failed` | dropout(p=1.5) | failed |" in md.split("## Runs not completed")[1]
+
+
+def test_each_ordering_against_the_original_with_a_bootstrap_interval() -> None:
+    from resnet_exp.report.compare import against_original, markdown, median_difference_interval
+    from resnet_exp.report.runs import Run
+    from resnet_exp.report.tables import group_rows
+
+    low, high = median_difference_interval([7.0, 7.2, 7.1], [6.0, 6.2, 6.1])
+    assert -1.21 < low <= high < -0.79  # every resample: preact lower by about a point
+    low, high = median_difference_interval([7.0, 6.0, 8.0], [7.5, 6.5, 6.8])
+    assert low < 0 < high
+
+    def run(block: str, seed: int, error: float) -> Run:
+        config = {"model.block": block, "depth": 20, "data.name": "cifar10", "seed": seed}
+        summary = {"status": "completed", "final_test_error": error}
+        return Run(Path(f"{block}{seed}"), config, summary, [])
+
+    runs = [run("original", s, e) for s, e in ((1, 7.0), (2, 7.2), (3, 7.1))]
+    runs += [run("preact", s, e) for s, e in ((1, 6.0), (2, 6.2), (3, 6.1))]
+    runs += [run("bn_after_add", s, e) for s, e in ((1, 7.4), (2, 6.8))]
+    (preact, bn) = against_original(group_rows(runs))
+    assert preact.row.label == "preact" and preact.difference == pytest.approx(-1.0)
+    assert preact.resolved and not bn.resolved
+    md = "\n".join(markdown([preact, bn]))
+    assert "| preact | 3 (3) | -1.00 | [-1.20, -0.80] | yes |" in md
+    assert "| bn_after_add | 2 (3) |" in md and bn.difference == pytest.approx(0.0)

@@ -32,8 +32,19 @@ def test_exit_codes() -> None:
     assert stopped(signal.SIGTERM).exit_code == 143
     # A stop asked for while the last evaluation ran: complete, yet the command stops.
     assert stopped(signal.SIGTERM, Status.completed).exit_code == 143
-    # Every ending but a stop has its entry in the one table; a stop's is 128 + N.
-    assert set(EXIT_CODES) == {Status.completed, Status.pruned, Status.failed, Status.diverged}
+    # A time limit's stop is resumable: 75, not a signal's 128 + N.
+    limited = RunResult(Status.interrupted, {"steps_done": 21}, reason="time_limit")
+    assert limited.exit_code == 75 and limited.resumable and limited.signum is None
+    assert RunResult(Status.not_started, reason="time_limit").exit_code == 75
+    # Every ending but a stop by signal has its entry in the one table; a signal's is 128 + N.
+    assert set(EXIT_CODES) == {
+        Status.completed,
+        Status.pruned,
+        Status.failed,
+        Status.diverged,
+        Status.interrupted,
+        Status.not_started,
+    }
 
 
 def test_the_summary_holds_the_status_and_reads_back() -> None:

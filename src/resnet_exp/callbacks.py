@@ -3,7 +3,9 @@
 
 - ``Reporter`` refuses an output directory that cannot be written before Hydra
   tries to create it, and ends a sweep with one line naming the jobs that failed
-  and a non-zero exit. It reads each job's ``RunResult`` (train/result.py). The
+  and a non-zero exit (1), or, when none failed but some were left at the time
+  limit (stopped, or not started), one line naming those and how to continue
+  (exit 75). It reads each job's ``RunResult`` (train/result.py). The
   jobs themselves never raise (cli.py records a failure in the job's directory
   and returns it): with Hydra's basic sweeper, a raising job stops the sweep
   after its batch and skips ``on_multirun_end``.
@@ -28,7 +30,7 @@ from omegaconf import DictConfig
 
 from resnet_exp.errors import UserError
 from resnet_exp.train.records import SUMMARY
-from resnet_exp.train.result import RunResult, Status
+from resnet_exp.train.result import EXIT_CODES, RunResult, Status, SummaryKey
 
 log = logging.getLogger("resnet_exp")
 
@@ -80,23 +82,35 @@ class Reporter(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         # Launchers that run jobs in other processes call on_job_end there: read the directories.
         jobs = self.jobs or _jobs_on_disk(sweep_dir)
-        failed = [(d, r) for d, r in jobs if not r.ok]
-        if not failed:
+        failed = [(d, r) for d, r in jobs if not r.ok and not r.resumable]
+        left = [(d, r) for d, r in jobs if r.resumable]
+        if not failed and not left:
             log.info("all %d jobs completed (%s)", len(jobs), sweep_dir)
             return
-        names = ", ".join(f"{d.name} ({_status_text(r)})" for d, r in failed)
-        line = (
-            f"resnet-exp: {len(failed)} of {len(jobs)} jobs failed: {names}; "
-            f"details in their {SUMMARY} and resnet-exp.log under {sweep_dir}"
-        )
-        print(line, file=sys.stderr)
-        raise SystemExit(1)
+        if left:
+            names = ", ".join(f"{d.name} ({_status_text(r)})" for d, r in left)
+            print(
+                f"resnet-exp: {len(left)} of {len(jobs)} jobs left at the time limit: {names}; "
+                f"to continue: rerun the same command with resume=auto hydra.sweep.dir={sweep_dir}",
+                file=sys.stderr,
+            )
+        if failed:
+            names = ", ".join(f"{d.name} ({_status_text(r)})" for d, r in failed)
+            line = (
+                f"resnet-exp: {len(failed)} of {len(jobs)} jobs failed: {names}; "
+                f"details in their {SUMMARY} and resnet-exp.log under {sweep_dir}"
+            )
+            print(line, file=sys.stderr)
+        raise SystemExit(1 if failed else EXIT_CODES[Status.interrupted])
 
 
 def _status_text(result: RunResult) -> str:
     if result.status is Status.unfinished:
         return f"no {SUMMARY} (killed?)"
-    return result.status.value
+    if result.status is Status.interrupted and result.resumable:
+        s = result.summary
+        return f"step {s.get(SummaryKey.steps_done)} of {s.get(SummaryKey.steps)}"
+    return result.status.value.replace("_", " ")
 
 
 def _jobs_on_disk(sweep_dir: Path) -> list[tuple[Path, RunResult]]:

@@ -1,8 +1,10 @@
 """The `resnet-exp` command: compose the config with Hydra, dispatch on `mode`.
 
 Exit status: 0 done; 2 a bad input (one line on stderr, nothing written);
-3 the loss diverged; 128 + N stopped by signal N (130 Ctrl-C, 143 SIGTERM),
-after saving a checkpoint; 1 a sweep with failed jobs, or an internal error.
+3 the loss diverged; 75 stopped at ``trainer.time_limit`` after saving a
+checkpoint, or a sweep left unfinished by it (resumable); 128 + N stopped by
+signal N (130 Ctrl-C, 143 SIGTERM), after saving a checkpoint; 1 a sweep with
+failed jobs, or an internal error.
 A run's result becomes the exit status in one place, :func:`leave`, after the
 table in train/result.py.
 """
@@ -22,7 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resnet_exp.config import Config, Mode, register_configs
+from resnet_exp.config import Config, Mode, parse_duration, register_configs
 from resnet_exp.errors import UserError
 from resnet_exp.evaluate import check_eval_args
 from resnet_exp.train import distributed, gpus
@@ -30,7 +32,15 @@ from resnet_exp.train.checkpoint import AUTO, NO_RESUME, Checkpoint
 from resnet_exp.train.records import SUMMARY, write_json
 from resnet_exp.train.result import EXIT_CODES, RunResult, Status
 from resnet_exp.train.resume import with_inherited_overrides
-from resnet_exp.train.stop import StopRequest, exit_code, requeue, signal_name
+from resnet_exp.train.stop import (
+    TIME_LIMIT,
+    StopRequest,
+    exit_code,
+    process_started,
+    requeue,
+    signal_name,
+    start_margin,
+)
 
 log = logging.getLogger("resnet_exp")
 
@@ -117,7 +127,10 @@ def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> RunResult:
         cfg: Config = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         if cfg.resume is None and "SUBMITIT_EXECUTOR" in os.environ:
             cfg.resume = "auto"  # a cluster job may be a requeued one: continue its last.pt
-        result = run(cfg, run_dir, stop)
+        stop = stop or StopRequest(started=process_started())  # the limit counts from here
+        trains = cfg.mode is Mode.train and not cfg.dry_run
+        late = too_late(cfg.trainer.time_limit, stop) if trains else None
+        result = late if late is not None else run(cfg, run_dir, stop)
     except UserError as e:
         log.debug("user error", exc_info=True)
         result = RunResult(Status.failed, message=str(e))
@@ -134,9 +147,28 @@ def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> RunResult:
     return _kept(result, run_dir) if multirun else result
 
 
+def too_late(time_limit: str | None, stop: StopRequest) -> RunResult | None:
+    """A training run that would start with (nearly) none of its time limit left does
+    not start (a sweep's later jobs, every launcher): ``not_started``; None: it may."""
+    limit = parse_duration(time_limit)
+    if limit is None:
+        return None
+    left = stop.started + limit - stop.clock()
+    if left > start_margin(limit):
+        return None
+    message = (
+        f"not started: {max(0.0, left):.0f} s of trainer.time_limit={time_limit} "
+        f"left (a run starts with more than {start_margin(limit):.0f} s)"
+    )
+    return RunResult(Status.not_started, message=message, reason=TIME_LIMIT)
+
+
 def _tell(result: RunResult, run_dir: Path, sweep_dir: str | None) -> None:
     """One line (two for a stop: where it saved, how to continue) for a run that did not complete."""
-    if result.stop_requested:
+    if result.status is Status.not_started:
+        if sweep_dir is None:  # a sweep's Reporter lists its jobs not started
+            print(f"resnet-exp: {result.message}", file=sys.stderr)
+    elif result.stop_requested or result.resumable:
         print(f"resnet-exp: {result.message}", file=sys.stderr)
         if sweep_dir is not None:
             hint = f"rerun the same command with resume=auto hydra.sweep.dir={sweep_dir}"

@@ -179,6 +179,9 @@ class TrainerConfig:
     log_every: int = 50  # steps between train-loss points (TensorBoard, progress line)
     progress: bool = True  # a bar on a terminal, one line per log_every steps otherwise
     log_gradflow_every: int = 0  # steps between per-unit gradient norms in TensorBoard (0: off)
+    # Stop cleanly (checkpoint, status interrupted, exit 75) before this much wall-clock
+    # time since the command started: 90s, 25m, 2h or seconds; null: no limit (train/stop.py)
+    time_limit: str | None = None
 
 
 @dataclass
@@ -221,6 +224,30 @@ class Config:
     resume: str | None = None
     dry_run: bool = False  # build model and data, print what would run, exit
     mode: Mode = Mode.train  # train | diagnose (gradient flow at initialisation)
+
+
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, key: str = "trainer.time_limit") -> float | None:
+    """``90s``, ``25m``, ``2h``, ``1.5h`` or plain seconds, as seconds; None for no limit.
+    Anything else, zero or negative is a one-line UserError naming ``key``."""
+    from resnet_exp.errors import UserError
+
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    text = str(value).strip().lower()
+    unit = text[-1] if text[-1:] in _DURATION_UNITS else ""
+    try:
+        seconds = float(text[: len(text) - len(unit)]) * _DURATION_UNITS[unit]
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise UserError(
+            f"{key}={value!r} is not a positive duration: pass seconds or a number "
+            f"with s, m or h (90s, 25m, 2h), or null for no limit"
+        )
+    return seconds
 
 
 def model_options(m: ModelConfig) -> dict[str, Any]:

@@ -89,8 +89,8 @@ class PackedStop(StopRequest):
     the first read after that follows the first step.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, started: float | None = None) -> None:
+        super().__init__(started)
         self.on_ready: Callable[[], None] | None = None
         self._training = False
 
@@ -105,7 +105,7 @@ class PackedStop(StopRequest):
         if self._training and self.on_ready is not None:
             ready, self.on_ready = self.on_ready, None
             ready()
-        return self.signum is not None
+        return super().requested
 
 
 class ForwardingStop(StopRequest):

@@ -9,6 +9,12 @@ as the basic launcher), and its ``RunResult`` reported with a ``JobReturn`` to
 the basic launcher. A run stopped on request ends the sweep through
 ``resnet_exp.cli.leave`` once every packed run has stopped.
 
+``trainer.time_limit`` is the sweep's deadline: it counts from the process's
+start for every run (each stops on its own, with a checkpoint), and a job
+still pending when too little of it is left does not start: it is reported
+``not_started`` (no directory is made for it), and ``resume=auto`` starts it
+later.
+
 (No ``from __future__ import annotations``: Hydra executes plugin modules
 without registering them in sys.modules, where dataclasses look string
 annotations up.)
@@ -97,6 +103,7 @@ class PackedLauncher(Launcher):
         from hydra.core.hydra_config import HydraConfig
 
         from resnet_exp import pack
+        from resnet_exp.train.stop import process_started
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -114,6 +121,7 @@ class PackedLauncher(Launcher):
         log.info(f"Packing {len(jobs)} jobs, {self.runs_per_device} at a time on {where}")
 
         pending, running, finished = deque(jobs), [], []
+        started = process_started()  # the time limit is the sweep's: the process's start
         gate, logs, changed = pack.SetupGate(), pack.RunLogs(), threading.Event()
         stop = pack.ForwardingStop(lambda: [j.stop for j in running])
         before_threads = torch.get_num_threads()
@@ -127,7 +135,10 @@ class PackedLauncher(Launcher):
                             pending and len(running) < self.runs_per_device and not stop.requested
                         ):
                             job = pending.popleft()
-                            self._prepare(job, logs, device)
+                            if _too_late(job, started):
+                                finished.append(job)
+                                continue
+                            self._prepare(job, logs, device, started)
                             job.thread = threading.Thread(
                                 target=self._train,
                                 args=(job, gate, device, threads, changed),
@@ -179,7 +190,7 @@ class PackedLauncher(Launcher):
             config.hydra.runtime.output_dir = os.path.abspath(output_dir)
         return _Job(idx, config)
 
-    def _prepare(self, job: _Job, logs: Any, device: Any) -> None:
+    def _prepare(self, job: _Job, logs: Any, device: Any, started: float) -> None:
         """What hydra.core.utils.run_job does before calling the task, in the main thread."""
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import _save_config
@@ -210,7 +221,7 @@ class PackedLauncher(Launcher):
         job.hydra_cfg = HydraConfig.instance().cfg
         from resnet_exp.pack import PackedStop
 
-        job.stop = PackedStop()
+        job.stop = PackedStop(started=started)
 
     @staticmethod
     def _train(job: _Job, gate: Any, device: Any, threads: int, changed: threading.Event) -> None:
@@ -251,6 +262,24 @@ class PackedLauncher(Launcher):
             HydraConfig.instance().set_config(job.config)
             job.ret.task_name = JobRuntime.instance().get("name")
             self.hydra_context.callbacks.on_job_end(config=job.config, job_return=job.ret)
+
+
+def _too_late(job: _Job, started: float) -> bool:
+    """Too little of the job's time limit is left to start it: it gets a ``not_started``
+    result (reported to on_job_end in its turn) and no directory."""
+    from resnet_exp.cli import too_late
+    from resnet_exp.train.stop import StopRequest
+
+    c = job.config
+    if c.mode != "train" or c.dry_run:
+        return False
+    late = too_late(c.trainer.time_limit, StopRequest(started=started))
+    if late is None:
+        return False
+    job.result = job.ret.return_value = late
+    job.ret.status = JobStatus.COMPLETED
+    log.info(f"#{job.idx} {job.name}: {late.message}")
+    return True
 
 
 def _check_packable(runs: int, threads: int, jobs: list[_Job]) -> None:

@@ -28,6 +28,7 @@ NOT_CONFIGURATION = {
     "data.download",
     "trainer.progress",
     "trainer.log_every",
+    "trainer.time_limit",  # each window of a run may have its own
 }
 
 

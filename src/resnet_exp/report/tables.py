@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from resnet_exp.report import compare
 from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
 from resnet_exp.report.runs import NOT_CONFIGURATION, Run
 from resnet_exp.train.result import Status, SummaryKey
@@ -94,6 +95,37 @@ class Row:
 
 def _done(run: Run) -> bool:
     return run.status is Status.completed and run.test_error is not None
+
+
+def _resumable(run: Run) -> bool:
+    """Stopped with a checkpoint (a time limit, a signal) or not started: to be continued."""
+    return run.status in (Status.interrupted, Status.not_started)
+
+
+def _status_text(run: Run) -> str:
+    reason = run.summary.get(SummaryKey.reason) or run.summary.get(SummaryKey.signal)
+    text = run.status.value.replace("_", " ")
+    return f"{text} ({reason.replace('_', ' ')})" if reason else text
+
+
+def _progress(run: Run) -> str:
+    """``step x of y (z%)``."""
+    done, total = run.summary.get(SummaryKey.steps_done), run.summary.get(SummaryKey.steps)
+    if not done or not total:
+        return "step 0"
+    return f"step {done:,} of {total:,} ({100 * done / total:.0f}%)"
+
+
+def _last_evaluation(run: Run) -> str:
+    """The last evaluation's error and where it was made."""
+    key = f"{run.eval_name}_error"
+    rows = [r for r in run.metrics if r.get(key) is not None]
+    if not rows:
+        return "none yet"
+    last = rows[-1]
+    return (
+        f"{run.eval_name} error {last[key]:.2f}% at step {last['step']:,} (epoch {last['epoch']})"
+    )
 
 
 def facets(config: dict[str, Any]) -> dict[str, str]:
@@ -316,11 +348,28 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
         "(fail: above 20%); runs: completed/all; images/s and wall time: per run, median.",
     ]
     lines += imagenet_table(rows)
+    lines += compare.markdown(compare.against_original(rows))
     missing = [(row, r) for row in rows for r in row.not_completed]
-    if missing:
+    left = [(row, r) for row, r in missing if _resumable(r)]
+    if left:
+        lines += [
+            "",
+            "## Runs not finished (continue with resume=auto)",
+            "",
+            "| run | configuration | status | progress | last evaluation |",
+            "|---|---|---|---|---|",
+        ]
+        for row, r in left:
+            lines.append(
+                f"| `{r.path.name}` | {row.label} | {_status_text(r)} | {_progress(r)} "
+                f"| {_last_evaluation(r)} |"
+            )
+        lines += ["", "Not in the medians above: they count completed runs only."]
+    failed = [(row, r) for row, r in missing if not _resumable(r)]
+    if failed:
         lines += ["", "## Runs not completed", "", "| run | configuration | status | detail |"]
         lines.append("|---|---|---|---|")
-        for row, r in missing:
+        for row, r in failed:
             detail = r.summary.get("error") or _stopped_at(r)
             lines.append(f"| `{r.path.name}` | {row.label} | {r.status.value} | {detail} |")
     if figures:

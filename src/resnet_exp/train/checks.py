@@ -7,7 +7,7 @@ data set is decoded and the model built, or as a ZeroDivisionError mid-run.
 
 from __future__ import annotations
 
-from resnet_exp.config import Config
+from resnet_exp.config import Config, parse_duration
 from resnet_exp.data.interface import is_streamed
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetOptions, family_unit, resolve_family
@@ -22,6 +22,7 @@ def check_settings(cfg: Config) -> None:
         value = getattr(t, key)
         if value < 1:
             raise UserError(f"trainer.{key}={value} must be at least 1")
+    parse_duration(t.time_limit)  # 90s, 25m, 2h or seconds
     if t.max_steps is not None and t.max_steps < 1:
         raise UserError(f"trainer.max_steps={t.max_steps} must be at least 1 (or null)")
     if t.max_steps is None and t.epochs < 1:

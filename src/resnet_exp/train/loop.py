@@ -10,14 +10,16 @@ callers, which raises for a run that did not complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from resnet_exp.config import Config, flat_config
+from resnet_exp.config import Config, flat_config, parse_duration
 from resnet_exp.gradflow import GradFlowMonitor
 from resnet_exp.train import distributed
 from resnet_exp.train.checkpoint import CHECKPOINT, Checkpoint
@@ -30,13 +32,14 @@ from resnet_exp.train.result import RunResult, Status, SummaryKey
 from resnet_exp.train.resume import Resume, Stateful, resumable_overrides
 from resnet_exp.train.runtime import GlobalRNG
 from resnet_exp.train.setup import Setup, build_setup
-from resnet_exp.train.stop import StopRequest, signal_name
+from resnet_exp.train.stop import TIME_LIMIT, StopRequest, TimeLimit
 
 log = logging.getLogger("resnet_exp")
 
 
 def train(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> RunResult:
-    """Train (or continue) one run in ``run_dir``; SIGINT/SIGTERM stop it cleanly (train/stop.py).
+    """Train (or continue) one run in ``run_dir``; SIGINT/SIGTERM stop it cleanly (train/stop.py),
+    and so does ``trainer.time_limit`` (counted from the call, or from ``stop.started``).
 
     Returns the completed run's result; a stopped run raises ``Interrupted``, a
     diverged one ``Diverged`` (``RunResult.check``).
@@ -64,6 +67,7 @@ class Trainer:
         self.metrics = RunningMetrics(self.s.device, self.dist.world)
         self.gradflow = GradFlowMonitor(self.s.model, cfg.trainer.log_gradflow_every)
         self.steps_per_epoch = self.s.loader.steps_per_epoch
+        self.time_limit = self._time_limit()
         self.step = 0
         self.ckpt_step: int | None = None  # the last checkpoint written (or resumed from)
         self.diverged_at: int | None = None
@@ -110,6 +114,8 @@ class Trainer:
         ):
             s.model.train()
             self.t_mark, self.images = time.perf_counter(), 0
+            if self.time_limit is not None:
+                self.time_limit.begin()
             try:
                 for step in range(self.step + 1, s.total_steps + 1):
                     self.train_step()
@@ -159,13 +165,15 @@ class Trainer:
         asks = closes_epoch and self.pruning is not None
         if asks and distributed.any_rank(self.pruned_at is not None):
             return Status.pruned  # checkpointed at this step by end_of_epoch
+        if self.time_limit is not None and distributed.any_rank(self.time_limit.reached()):
+            self.stop.time_up()  # the signal's clean stop, below
         if not self.stop_agreed():
             return None
         if self.ckpt_step != step:  # stopped mid-epoch: checkpoint here, if finite
             bad, _, _ = m.reduce()
             if bad is not None:
                 return self.diverge(bad)
-            self.checkpoint(step)
+            self.timed_checkpoint(step)
         return Status.interrupted
 
     # --- the pieces ---------------------------------------------------------------
@@ -225,7 +233,8 @@ class Trainer:
         scheduled = closes_epoch and (epoch + 1) % self.cfg.trainer.eval_every == 0
         if scheduled or step == s.total_steps:
             name = s.data.eval_name
-            ev, _ = evaluate(s, s.data.eval_split)
+            with self.timed("eval"):
+                ev, _ = evaluate(s, s.data.eval_split)
             loss, err = ev["loss"], ev["error"]
             if scheduled:
                 m.best = min(m.best, err)
@@ -257,15 +266,43 @@ class Trainer:
             )
         if closes_epoch:
             m.epoch.reset()
-        self.checkpoint(step)
+        self.timed_checkpoint(step)
         self.t_mark += time.perf_counter() - t_eval  # evaluating and saving are not training
+
+    def _time_limit(self) -> TimeLimit | None:
+        """``trainer.time_limit``, with what the first estimate of a stop's cost needs."""
+        s = self.s
+        state = sum(p.numel() * p.element_size() for p in s.model.parameters())
+        evaluated = len(s.data.eval_split) + (len(s.data.test) if s.data.val is not None else 0)
+        return TimeLimit.of(
+            parse_duration(self.cfg.trainer.time_limit),
+            self.stop,
+            eval_images=evaluated,
+            batch_size=self.cfg.data.batch_size,
+            state_bytes=2 * state,  # weights and momentum
+            log_every=self.cfg.trainer.log_every,
+        )
+
+    @contextlib.contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        """An evaluation or a checkpoint write, measured for the time limit's estimate."""
+        if self.time_limit is None:
+            yield
+            return
+        with self.time_limit.timed(what):
+            yield
+
+    def timed_checkpoint(self, step: int) -> None:
+        with self.timed("checkpoint"):
+            self.checkpoint(step)
 
     def stop_agreed(self) -> bool:
         """The stop flag: a Python attribute, no device sync. In a data-parallel run the
         ranks agree on it (a host-side all-reduce), so all of them stop after the same step."""
-        agreed = distributed.any_rank(self.stop.requested)  # one read per poll
-        if agreed:
-            self.stop.request()  # no-op on the rank that asked; the others take the same stop
+        requested = self.stop.requested  # one read per poll
+        agreed = distributed.any_rank(requested)
+        if agreed and not requested:
+            self.stop.request()  # the others take the same stop
         return agreed
 
     def diverge(self, step: int) -> Status:
@@ -351,8 +388,15 @@ class Trainer:
         # A stop asked for during the last evaluation ends a sweep too, the run being complete.
         stop = None
         if self.stop.signum is not None and ended is not Status.diverged:
-            stop = signal_name(self.stop.signum)
+            stop = self.stop.reason
             message = f"stopped by {stop} after step {self.step}; checkpoint: {path}"
+        elif ended is Status.interrupted and self.time_limit is not None and self.stop.timed_out:
+            stop = TIME_LIMIT
+            message = (
+                f"stopped at the time limit (trainer.time_limit={self.cfg.trainer.time_limit}) "
+                f"after step {self.step} of {self.s.total_steps}, {self.time_limit.left():.1f} s "
+                f"before it; checkpoint: {path}"
+            )
         if ended in (Status.interrupted, Status.pruned):
             summary[k.checkpoint] = str(path)
         return RunResult(ended, summary, message, reason=stop)

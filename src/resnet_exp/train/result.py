@@ -8,18 +8,23 @@ is what summary.json holds, and the status in it is written here alone.
 
 Exit status of a run (``RunResult.exit_code``):
 
-====================  ==========================================================
-status                exit status
-====================  ==========================================================
-completed             0
-pruned                0 (a search's pruner stopped the trial; its checkpoint is kept)
-failed                2 (a bad input; an internal error is a traceback: 1)
-diverged              3
-stopped by signal N   128 + N, whatever the status (the shell's convention)
-====================  ==========================================================
+=======================  ========================================================
+status                   exit status
+=======================  ========================================================
+completed                0
+pruned                   0 (a search's pruner stopped the trial; its checkpoint is kept)
+failed                   2 (a bad input; an internal error is a traceback: 1)
+diverged                 3
+interrupted, time limit  75 (sysexits' EX_TEMPFAIL: resumable, run it again)
+not started, time limit  75 (too little of the limit was left to start)
+stopped by signal N      128 + N, whatever the status (the shell's convention)
+=======================  ========================================================
 
 A status that a later ending needs goes into ``Status`` and ``EXIT_CODES``;
-why a run ended early goes into ``reason`` (today a signal's name).
+why a run ended early goes into ``reason``: a signal's name, or ``time_limit``
+(``trainer.time_limit``; no signal). A run stopped at its time limit is
+resumable, not failed: a sweep of such runs ends with 75 too, and the same
+command with ``resume=auto`` continues it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_exp.errors import UserError
-from resnet_exp.train.stop import Interrupted, exit_code
+from resnet_exp.train.stop import TIME_LIMIT, Interrupted, exit_code
 
 
 class Status(str, Enum):
@@ -44,6 +49,7 @@ class Status(str, Enum):
     pruned = "pruned"  # a search's trial stopped behind the others; checkpoint kept, exit 0
     failed = "failed"  # a bad input or an internal error (a sweep job's summary)
     unfinished = "unfinished"  # no summary: killed, or still running
+    not_started = "not_started"  # a sweep's job left for later: its time limit was (nearly) up
 
     @classmethod
     def of(cls, summary: dict[str, Any]) -> Status:
@@ -56,8 +62,11 @@ EXIT_CODES: dict[Status, int] = {
     Status.pruned: 0,
     Status.failed: 2,
     Status.diverged: 3,
+    Status.interrupted: 75,  # at its time limit (a signal's stop: 128 + N)
+    Status.not_started: 75,
 }
-# The statuses with which a run did what it was asked: a sweep counts the others as failed.
+# The statuses with which a run did what it was asked: a sweep counts the others as failed,
+# but for those left to continue (RunResult.resumable).
 OK = (Status.completed, Status.pruned)
 
 
@@ -70,10 +79,12 @@ class SummaryKey:
     status = "status"
     error = "error"  # a failed job's one-line message
     signal = "signal"  # interrupted: the signal's name
+    reason = "reason"  # interrupted: the signal's name, or time_limit
     checkpoint = "checkpoint"  # interrupted or pruned: the last.pt to resume from
     diverged_at_step = "diverged_at_step"
     pruned_at_epoch = "pruned_at_epoch"  # pruned: the last epoch it trained and evaluated
-    steps_done = "steps_done"
+    steps_done = "steps_done"  # of ``steps``, the run's length (the run's description)
+    steps = "steps"
     test_loss, test_error = "test_loss", "test_error"  # with a val split: the test set at the end
     final_train_loss, final_train_error = "final_train_loss", "final_train_error"
     train_images_per_s = "train_images_per_s"
@@ -101,7 +112,8 @@ class RunResult:
     ``summary`` is summary.json's content: the run's description, what it
     measured, and its ending's keys (the status, set here from ``status``).
     ``reason`` says why it ended early: the name of the signal that asked it to
-    stop (``"SIGTERM"``), also for a run that completed while stopping.
+    stop (``"SIGTERM"``), also for a run that completed while stopping, or
+    ``time_limit``.
     ``message`` is one line for the user when it did not complete (summary.json
     keeps a failure's as ``error``; two results are equal by what summary.json keeps).
     """
@@ -113,8 +125,10 @@ class RunResult:
 
     def __post_init__(self) -> None:
         self.summary = {**self.summary, SummaryKey.status: self.status}
-        if self.status is Status.interrupted and self.signum is not None:
-            self.summary[SummaryKey.signal] = self.reason
+        if self.status in (Status.interrupted, Status.not_started) and self.reason is not None:
+            self.summary[SummaryKey.reason] = self.reason
+            if self.signum is not None:
+                self.summary[SummaryKey.signal] = self.reason
         if self.status is Status.failed and self.message:
             self.summary.setdefault(SummaryKey.error, self.message)
 
@@ -125,13 +139,18 @@ class RunResult:
             Status.of(summary),
             summary,
             message=summary.get(SummaryKey.error),
-            reason=summary.get(SummaryKey.signal),
+            reason=summary.get(SummaryKey.reason, summary.get(SummaryKey.signal)),
         )
 
     @property
     def ok(self) -> bool:
         """The run did what it was asked (a sweep counts the others as failed)."""
         return self.status in OK
+
+    @property
+    def resumable(self) -> bool:
+        """Left to continue (``resume=auto``): stopped at its time limit, or not started."""
+        return self.reason == TIME_LIMIT and self.status in (Status.interrupted, Status.not_started)
 
     @property
     def signum(self) -> int | None:
@@ -154,11 +173,12 @@ class RunResult:
 
     def check(self) -> RunResult:
         """This result if the run completed; otherwise what a Python caller expects
-        to be raised: Interrupted (a stop), Diverged, or UserError (a failure)."""
-        if self.signum is not None:
+        to be raised: Interrupted (a stop or the time limit), Diverged, or UserError."""
+        if self.signum is not None or self.status is Status.interrupted:
             checkpoint = self.summary.get(SummaryKey.checkpoint)
             step = int(self.summary.get(SummaryKey.steps_done) or 0)
-            raise Interrupted(self.signum, step, Path(checkpoint) if checkpoint else None)
+            path = Path(checkpoint) if checkpoint else None
+            raise Interrupted(self.signum, step, path, self.reason)
         if self.status is Status.diverged:
             raise Diverged(self.message or "the loss became non-finite")
         if not self.ok:

@@ -1,0 +1,165 @@
+"""Short GPU windows: the time limit through the command and a packed sweep, gpu-check
+and reproduce (their CPU dry modes run in the slow suite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ONE_THREAD, REPO, TINY, run_cli
+
+SCRIPTS = REPO / "scripts"
+# A run far longer than any window below: only its time limit ends it.
+LONG = [*TINY, "trainer.max_steps=1000000", "trainer.log_every=8"]
+
+
+def script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **ONE_THREAD},
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a CPU-only machine")
+def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path: Path) -> None:
+    proc = script("gpu_check.py", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "gpu-check: needs a CUDA GPU (torch.cuda.is_available() is false here); "
+        "--dry runs the same checks on the CPU with tiny nets"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_default_campaign_plans_the_papers_sweeps() -> None:
+    sys.path.insert(0, str(SCRIPTS))
+    import reproduce
+
+    campaign = reproduce.load_campaign(reproduce.CAMPAIGNS / "default.yaml")
+    plans = [reproduce.planned_jobs(s["overrides"]) for s in campaign["sweeps"]]
+    assert [len(p) for p in plans] == [15, 10, 15, 25]  # 5 orderings x 3 seeds, then Table 2
+    first = plans[0][0]
+    assert "depth=20" in first and "seed=1" in first and "block=original" in first
+    blocks = {o for j in plans[1] for o in j if o.startswith("block=")}
+    assert blocks == {"block=original", "block=preact"}
+    assert {o for j in plans[1] for o in j if o.startswith("seed=")} == {
+        f"seed={i}" for i in range(1, 6)
+    }
+    assert all("net=resnet164" in j for j in plans[3])
+
+
+@pytest.mark.slow  # ~40 s: a run cut by its limit through the command, then continued
+def test_the_command_stops_at_its_limit_with_exit_75_and_resumes(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = run_cli([*LONG, "trainer.time_limit=20s", f"hydra.run.dir={run}"], tmp_path, check=False)
+    assert proc.returncode == 75, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["reason"]) == ("interrupted", "time_limit")
+    done = summary["steps_done"]
+    assert 0 < done < summary["steps"] == 1000000
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == done
+    assert f"after step {done} of 1000000" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"to continue: resnet-exp resume={run}" in proc.stderr
+    # Continued (its overrides inherited), with a length it can finish.
+    run_cli([f"resume={run}", f"trainer.max_steps={done + 10}"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_done"] == done + 10
+
+
+@pytest.mark.slow  # ~90 s: a packed sweep at its deadline, then continued twice
+def test_a_packed_sweep_ends_at_its_deadline_and_continues(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    packed = ["hydra/launcher=packed", "hydra.launcher.runs_per_device=2"]
+    packed += ["hydra.launcher.threads_per_run=1", "seed=1,2,3", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(["-m", *LONG, *packed, "trainer.time_limit=25s"], tmp_path, check=False)
+    assert proc.returncode == 75, proc.stderr
+    names = ["0_preact_8", "1_preact_8", "2_preact_8"]
+    steps = []
+    for name in names[:2]:  # the two running runs checkpointed
+        summary = json.loads((sweep / name / "summary.json").read_text())
+        assert (summary["status"], summary["reason"]) == ("interrupted", "time_limit")
+        steps.append(summary["steps_done"])
+        assert torch.load(sweep / name / "last.pt", weights_only=False)["step"] == steps[-1]
+    assert not (sweep / names[2]).exists()  # the third did not start
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"resnet-exp: 3 of 3 jobs left at the time limit: 0_preact_8 (step {steps[0]} of "
+        f"1000000), 1_preact_8 (step {steps[1]} of 1000000), 2_preact_8 (not started); to "
+        f"continue: rerun the same command with resume=auto hydra.sweep.dir={sweep}"
+    )
+    report = (sweep / "report.md").read_text().split("## Runs not finished")[1]
+    assert f"step {steps[0]:,} of 1,000,000" in report
+
+    # The same command with resume=auto (and a length the runs can finish) ends the sweep.
+    finish = [a for a in LONG if not a.startswith("trainer.max_steps")]
+    finish.append(f"trainer.max_steps={max(steps) + 10}")
+    again = ["-m", *finish, *packed, "trainer.time_limit=10m", "resume=auto"]
+    run_cli(again, tmp_path)
+    for name in names:
+        assert json.loads((sweep / name / "summary.json").read_text())["status"] == "completed"
+    for name in names[:2]:
+        assert "resumed from" in (sweep / name / "resnet-exp.log").read_text()
+    # Once more: every run is finished, and is skipped.
+    run_cli(again, tmp_path)
+    assert "nothing to do" in (sweep / names[2] / "resnet-exp.log").read_text()
+
+
+@pytest.mark.slow  # ~1 minute on an idle 2-core CPU
+def test_gpu_check_dry_writes_its_folder(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    proc = script("gpu_check.py", "--dry", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in ("env.json", "tests.xml", "tests.txt", "summary.md", "summary.json"):
+        assert (out / name).is_file(), name
+    for name in ("single/benchmark.md", "single/benchmark.json"):
+        assert (out / name).is_file(), name
+    for name in ("packing/packing.md", "packing/packing.json"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "summary.json").read_text())
+    assert result["env"]["torch"] == torch.__version__
+    assert result["tests"]["failed"] == 0 and result["tests"]["skipped"] >= 3  # CUDA-only
+    single = [r for r in result["single"]["rows"] if r["variant"] != "reference"]
+    assert len(single) == 2 and all(r["images_per_s"] > 0 and r["ratio"] > 0 for r in single)
+    packs = result["packing"]["rows"]
+    assert [r["runs"] for r in packs] == [1, 2] and all(r["images_per_s"] > 0 for r in packs)
+    assert proc.stdout.rstrip().endswith(f"everything in {out}")
+    assert "## Packed runs" in proc.stdout  # the summary, printed
+
+
+@pytest.mark.slow  # ~2 minutes: two calls of about a minute each
+def test_reproduce_dry_banks_results_and_continues(tmp_path: Path) -> None:
+    campaign = tmp_path / "campaign"
+    first = script("reproduce.py", "--dry", "--campaign", str(campaign))
+    assert first.returncode == 0, first.stdout + first.stderr
+    state = json.loads((campaign / "campaign.json").read_text())["sweeps"]
+    assert state["a_depth8_orderings"]["done"]  # the short sweep finished
+    assert not state["b_depth11_long"]["done"]  # the long one was cut
+    report = (campaign / "report" / "report.md").read_text()
+    assert "## Each ordering against the original unit" in report
+    assert "| ResNet-8, preact" in report.split("## Each ordering")[1]
+    assert "## Runs not finished" in report
+    for name in ("curves.png", "final_error.png", "report.csv"):
+        assert (campaign / "report" / name).is_file()
+    assert "reproduce: left:" in first.stdout and "b_depth11_long" in first.stdout
+    assert " MB of checkpoints)" in first.stdout
+    done = {
+        p.parent.name: json.loads(p.read_text()).get("steps_done", 0)
+        for p in (campaign / "b_depth11_long").glob("*/summary.json")
+    }
+
+    second = script("reproduce.py", "--dry", "--campaign", str(campaign), "--budget", "45s")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "a_depth8_orderings:" not in second.stdout.split("budget")[1].split("report:")[0]
+    for name, steps in done.items():  # continued from its checkpoint, further along
+        run = campaign / "b_depth11_long" / name
+        assert "resumed from" in (run / "resnet-exp.log").read_text()
+        assert json.loads((run / "summary.json").read_text())["steps_done"] > steps
