@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from resnet_exp.report import cli as report_cli
 from resnet_exp.report.paper import paper_error
+from resnet_exp.train.records import RunRecords
 
 from conftest import run_main
 
@@ -162,6 +163,31 @@ def test_each_run_logs_hparams_in_its_own_directory(sweep: Path) -> None:
     assert [(e.step, round(e.value, 4)) for e in final] == [
         (10, round(summary["final_test_error"], 4))
     ]
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_hparams_metrics_are_final_errors_only(tmp_path: Path, split: str) -> None:
+    """No lowest-over-evaluations error (selected on the split it reports) in HPARAMS."""
+    summary = {
+        "status": "completed",
+        "steps_done": 7,
+        f"final_{split}_error": 40.0,
+        f"best_{split}_error": 35.0,
+        f"final_{split}_loss": 1.5,
+        "final_train_loss": 1.2,
+        "final_train_error": 30.0,
+    }
+    if split == "val":
+        summary["test_error"] = 41.0
+    with RunRecords(tmp_path) as records:
+        records.summary(summary, {"depth": 20, "seed": 0})
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    shown = {t for t in acc.Tags()["scalars"] if t.startswith("hparams/")}
+    expect = {f"hparams/final_{split}_error", "hparams/final_train_error"}
+    assert shown == expect | ({"hparams/test_error"} if split == "val" else set())
+    experiment = acc.PluginTagToContent("hparams")["_hparams_/experiment"]
+    assert b"best_" not in experiment and b"final_train_loss" not in experiment
 
 
 def test_paper_numbers_are_keyed_by_the_net_a_run_stands_for() -> None:
