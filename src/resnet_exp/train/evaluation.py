@@ -72,11 +72,11 @@ def _views(
     dist = distributed.current()
     if isinstance(split, FileSplit):
         yield from stream_eval_batches(
-            split, s.cfg.data, s.device, s.cfg.trainer.channels_last, dist.rank, dist.world
+            split, s.cfg.data, s.device, s.channels_last, dist.rank, dist.world
         )
         return
     shard = split.subset(torch.arange(dist.rank, len(split), dist.world)) if dist.enabled else split
     for x, y in eval_batches(
-        shard, s.cfg.data.eval_batch_size, s.normalize, s.device, s.cfg.trainer.channels_last
+        shard, s.cfg.data.eval_batch_size, s.normalize, s.device, s.channels_last
     ):
         yield {"": x}, y

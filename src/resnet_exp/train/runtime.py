@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from contextlib import AbstractContextManager, nullcontext
@@ -9,11 +10,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from resnet_exp.errors import UserError
 from resnet_exp.train.gpus import claim_gpu
 
+log = logging.getLogger("resnet_exp")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# oneDNN's backward-weights kernel for a strided 1x1 convolution in NHWC with fewer
+# input channels than its block (16 on AVX-512) crashes (segfault, "double free")
+# or returns wrong gradients on AVX-512 CPUs (torch 2.14.1; oneDNN issue 6035).
+NHWC_MIN_CHANNELS = 16
 
 
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -58,6 +66,37 @@ def pick_precision(name: str, device: torch.device) -> str:
             "trainer.precision=fp16 needs a CUDA GPU (fp16 with a grad scaler); on the CPU use bf16 or fp32"
         )
     return name
+
+
+def nhwc_unsafe_convs(model: nn.Module) -> list[str]:
+    """The layers oneDNN's NHWC backward mishandles: strided 1x1 convs with < 16 inputs."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and max(m.stride) > 1
+        and m.in_channels < NHWC_MIN_CHANNELS
+    ]
+
+
+def pick_channels_last(requested: bool, model: nn.Module, device: torch.device) -> bool:
+    """``trainer.channels_last``, unless the net would train on the CPU with a layer
+    whose channels_last backward crashes: then the whole run (net and batches) is
+    contiguous, as a batch in channels_last would turn the net's outputs back to it."""
+    if not requested or device.type != "cpu":
+        return requested
+    unsafe = nhwc_unsafe_convs(model)
+    if unsafe:
+        log.warning(
+            "trainer.channels_last=true ignored: on the CPU, %s (a strided 1x1 conv with "
+            "fewer than %d input channels) crashes or miscomputes in channels_last backward "
+            "(oneDNN); this run trains in the contiguous format",
+            unsafe[0] if len(unsafe) == 1 else f"{unsafe[0]} and {len(unsafe) - 1} more",
+            NHWC_MIN_CHANNELS,
+        )
+        return False
+    return True
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:

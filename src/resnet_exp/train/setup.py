@@ -23,7 +23,12 @@ from resnet_exp.models.imagenet import family_unit, resolve_family
 from resnet_exp.train import distributed
 from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
-from resnet_exp.train.runtime import pick_device, pick_precision, seed_everything
+from resnet_exp.train.runtime import (
+    pick_channels_last,
+    pick_device,
+    pick_precision,
+    seed_everything,
+)
 from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
 
 
@@ -34,6 +39,7 @@ class Setup:
     cfg: Config
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
+    channels_last: bool  # trainer.channels_last, unless the CPU cannot train the net so
     data: Dataset
     model: nn.Module  # the network itself (checkpoints, evaluation)
     train_model: nn.Module  # what the step calls: the network, or DDP around it
@@ -89,7 +95,8 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         raise UserError(f"{key}={batch} is larger than the {len(data.train)} training images")
     model = model_from_config(cfg, data.num_classes)
     params = count_params(model)
-    fmt = torch.channels_last if cfg.trainer.channels_last else torch.preserve_format
+    channels_last = pick_channels_last(cfg.trainer.channels_last, model, device)
+    fmt = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(device, memory_format=fmt)
     train_model: nn.Module = model
     if dist.enabled:
@@ -109,7 +116,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
             batch // dist.world,
             device,
             cfg.seed,
-            cfg.trainer.channels_last,
+            channels_last,
             dist.rank,
             dist.world,
         )
@@ -123,7 +130,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
             augment=cfg.data.augment,
             pad=cfg.data.pad,
             pad_value=cfg.data.pad_value.value,
-            channels_last=cfg.trainer.channels_last,
+            channels_last=channels_last,
             rank=dist.rank,
             world=dist.world,
         )
@@ -163,6 +170,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         "schedule": cfg.schedule.name.value,
         "device": str(device),
         "precision": precision,
+        "channels_last": channels_last,
         "seed": cfg.seed,
         "processes": dist.world,
         "steps": total,
@@ -174,6 +182,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         cfg=cfg,
         device=device,
         precision=precision,
+        channels_last=channels_last,
         data=data,
         model=model,
         train_model=train_model,
