@@ -1,9 +1,10 @@
-"""CPU kernel hazards the trainer steers around."""
+"""The CPU paths: a kernel hazard the trainer steers around, and its precision choice."""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,9 +15,10 @@ import torch
 from torch import nn
 
 from resnet_exp import build_model
-from resnet_exp.train.runtime import nhwc_unsafe_convs, pick_channels_last
+from resnet_exp.train import runtime
+from resnet_exp.train.runtime import nhwc_unsafe_convs, pick_channels_last, pick_precision
 
-from conftest import ONE_THREAD, run_cli
+from conftest import ONE_THREAD, TINY, run_cli, run_main
 
 # A strided 1x1 conv with 8 inputs, backward in channels_last: the shape that crashes
 # oneDNN on AVX-512 CPUs (an ImageNet net at model.width=8: stage 2's projection).
@@ -88,3 +90,43 @@ def test_a_net_with_such_a_layer_trains_on_an_affected_cpu(tmp_path: Path) -> No
     assert summary["status"] == "completed" and summary["channels_last"] is False
     log = proc.stdout + proc.stderr
     assert log.count("trainer.channels_last=true ignored") == 1  # logged once
+
+
+def cpuinfo_flags() -> set[str] | None:
+    """The kernel's list of CPU features (Linux): a source independent of torch's."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    line = next((x for x in text.splitlines() if x.startswith("flags")), None)
+    return set(line.split(":", 1)[1].split()) if line else None
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expect"),
+    [(False, False, "fp32"), (False, True, "bf16"), (True, False, "bf16"), (True, True, "bf16")],
+)
+def test_auto_precision_on_a_cpu_follows_its_native_bf16_units(
+    monkeypatch, caplog, amx: bool, avx512_bf16: bool, expect: str
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    with caplog.at_level(logging.INFO, logger="resnet_exp"):
+        assert pick_precision("auto", torch.device("cpu")) == expect
+    (line,) = [r.getMessage() for r in caplog.records if "trainer.precision=auto" in r.getMessage()]
+    assert line.startswith(f"trainer.precision=auto: {expect} on this CPU")
+    assert pick_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice stays
+
+
+@pytest.mark.skipif(cpuinfo_flags() is None, reason="no /proc/cpuinfo to check torch against")
+def test_auto_precision_is_recorded_in_the_summary(tmp_path: Path) -> None:
+    flags = cpuinfo_flags() or set()
+    native = bool(flags & {"avx512_bf16", "amx_tile"}) and runtime.cpu_native_bf16() is not None
+    expect = "bf16" if flags & {"avx512_bf16", "amx_tile"} else "fp32"
+    assert ("bf16" if native else "fp32") == expect  # torch reports what the kernel lists
+    run = tmp_path / "run"
+    result = run_main([*TINY, "trainer.max_steps=2", f"hydra.run.dir={run}"], tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == expect and summary["precision_requested"] == "auto"
+    assert f"trainer.precision=auto: {expect} on this CPU" in result.stdout  # the choice, logged

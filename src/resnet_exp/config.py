@@ -201,7 +201,8 @@ class ScheduleConfig:
 class TrainerConfig:
     epochs: int = 164  # 164 x 390 steps ~ the paper's 64k iterations at batch 128
     max_steps: int | None = None  # overrides epochs
-    # auto: bf16 autocast on GPUs (fp16 + grad scaler before bf16), fp32 on CPUs
+    # auto: bf16 autocast on GPUs (fp16 + grad scaler before bf16) and on CPUs with
+    # native bf16 units (AMX, AVX512-BF16); fp32 on other CPUs
     precision: Precision = Precision.auto
     device: str = "auto"  # auto (a free GPU, else the CPU) | cpu | cuda | cuda:N
     channels_last: bool = True

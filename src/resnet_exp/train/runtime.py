@@ -53,14 +53,33 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
+def cpu_native_bf16() -> str | None:
+    """The CPU's native bf16 units as torch's cpuinfo reports them (AMX tiles or
+    AVX512-BF16 dot products), or None: oneDNN then emulates bf16, slower than fp32."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    checks = {"amx": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    for name, check in checks.items():
+        if getattr(torch.cpu, check, lambda: False)():
+            return name
+    return None
+
+
 def pick_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 autocast on a GPU with bf16 (fp16 + grad scaling on older
-    GPUs); fp32 on the CPU, where bf16 without native bf16 units measured ~10x
-    slower than fp32 (AVX2 machine, ResNet-20)."""
+    GPUs); on a CPU, bf16 where it has native bf16 units (ResNet-20 ran 1.72x
+    faster in bf16 on a CPU with AMX), else fp32 (bf16 without them measured ~10x
+    slower than fp32, AVX2 machine, ResNet-20)."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        native = cpu_native_bf16()
+        log.info(
+            "trainer.precision=auto: %s on this CPU (%s)",
+            "bf16" if native else "fp32",
+            f"native bf16: {native}" if native else "no native bf16 units",
+        )
+        return "bf16" if native else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UserError(
             "trainer.precision=fp16 needs a CUDA GPU (fp16 with a grad scaler); on the CPU use bf16 or fp32"

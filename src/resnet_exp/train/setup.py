@@ -170,6 +170,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         "schedule": cfg.schedule.name.value,
         "device": str(device),
         "precision": precision,
+        "precision_requested": cfg.trainer.precision.value,
         "channels_last": channels_last,
         "seed": cfg.seed,
         "processes": dist.world,
