@@ -71,6 +71,11 @@ class Decode(str, Enum):
     device = "device"  # decode (nvjpeg on CUDA) and augment on the training device
 
 
+class Interpolation(str, Enum):
+    bicubic = "bicubic"  # fb.resnet.torch's image.scale (transforms.lua:38, 155)
+    bilinear = "bilinear"  # torchvision's default, cheaper on a CPU
+
+
 class BadImage(str, Enum):
     fail = "fail"  # stop with the file's name
     skip = "skip"  # log it, count it in summary.json and go on without it
@@ -172,6 +177,7 @@ class DataConfig:
     workers: int | None = None  # streamed: DataLoader workers per process; null: CPUs / processes
     decode: Decode = Decode.auto
     bad_images: BadImage = BadImage.fail  # streamed: what an undecodable image does
+    interpolation: Interpolation = Interpolation.bicubic  # streamed: crop and test resizes
 
 
 @dataclass

@@ -151,10 +151,18 @@ class _TrainBatches(torch.utils.data.Dataset):
     """Batch (epoch, position) of one rank's shard, built in a worker."""
 
     def __init__(
-        self, split: FileSplit, batch: int, size: int, seed: int, rank: int, world: int, raw: bool
+        self,
+        split: FileSplit,
+        batch: int,
+        size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        raw: bool,
+        interpolation: str = "bicubic",
     ) -> None:
         self.split, self.batch, self.size, self.seed = split, batch, size, seed
-        self.rank, self.world, self.raw = rank, world, raw
+        self.rank, self.world, self.raw, self.interpolation = rank, world, raw, interpolation
 
     def indices(self, epoch: int, pos: int) -> np.ndarray:
         shard = shard_indices(self.seed, epoch, len(self.split), self.rank, self.world)
@@ -174,18 +182,23 @@ class _TrainBatches(torch.utils.data.Dataset):
         labels = _substitute(items, labels)
         if self.raw or len(bad) == len(items):
             return _Batch(key, items, None, labels, index, bad)
-        x, colour = augment_batch(items, index, self.seed, epoch, self.size)
+        x, colour = augment_batch(items, index, self.seed, epoch, self.size, self.interpolation)
         return _Batch(key, x, colour, labels, index, bad)
 
 
 def augment_batch(
-    images: list[torch.Tensor], index: np.ndarray, seed: int, epoch: int, size: int
+    images: list[torch.Tensor],
+    index: np.ndarray,
+    seed: int,
+    epoch: int,
+    size: int,
+    interpolation: str = "bicubic",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop, resize and flip each decoded image (on its device); the batch's colour numbers."""
     params: list[TrainParams] = []
     for img, i in zip(images, index):
         params.append(sample_train(image_rng(seed, epoch, int(i)), img.shape[-2], img.shape[-1]))
-    x = torch.stack([crop_resize(img, p, size) for img, p in zip(images, params)])
+    x = torch.stack([crop_resize(img, p, size, interpolation) for img, p in zip(images, params)])
     colour = torch.from_numpy(np.stack([p.colour for p in params]))
     return x, colour
 
@@ -265,7 +278,14 @@ class StreamLoader:
             raise UserError(f"data.workers={self.workers} must be >= 0 (0: read in this process)")
         self.colour = ColourNormalize(device=device)
         self.batches = _TrainBatches(
-            split, batch_size, cfg.image_size, self.seed, rank, world, raw=self.on_device
+            split,
+            batch_size,
+            cfg.image_size,
+            self.seed,
+            rank,
+            world,
+            raw=self.on_device,
+            interpolation=cfg.interpolation.value,
         )
         self.epoch, self.pos = 0, 0
         self.skipped: list[str] = []
@@ -289,7 +309,14 @@ class StreamLoader:
             b.bad += [(self.split.path(int(b.index[i])), "cannot decode") for i in failed]
             labels = _substitute(images, labels)
             self._check(b.bad, len(images))
-            x, colour = augment_batch(images, b.index, self.seed, self.epoch, self.cfg.image_size)
+            x, colour = augment_batch(
+                images,
+                b.index,
+                self.seed,
+                self.epoch,
+                self.cfg.image_size,
+                self.batches.interpolation,
+            )
         else:
             self._check(b.bad, len(labels))
             x, colour = b.images.to(self.device, non_blocking=True), b.colour
@@ -367,7 +394,13 @@ class _EvalBatch:
 
 class _EvalBatches(torch.utils.data.Dataset):
     def __init__(
-        self, split: FileSplit, batches: list[np.ndarray], crops: list[int], ratio: float, raw: bool
+        self,
+        split: FileSplit,
+        batches: list[np.ndarray],
+        crops: list[int],
+        ratio: float,
+        raw: bool,
+        interpolation: str = "bicubic",
     ) -> None:
         self.split, self.batches, self.crops, self.ratio, self.raw = (
             split,
@@ -376,6 +409,7 @@ class _EvalBatches(torch.utils.data.Dataset):
             ratio,
             raw,
         )
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -393,12 +427,17 @@ class _EvalBatches(torch.utils.data.Dataset):
                 labels[k] = -1  # not counted
         if self.raw:
             return _EvalBatch(items, labels, index, bad)
-        return _EvalBatch(eval_views(items, self.crops, self.ratio), labels, index, bad)
+        views = eval_views(items, self.crops, self.ratio, self.interpolation)
+        return _EvalBatch(views, labels, index, bad)
 
 
-def eval_views(items: list, crops: list[int], ratio: float) -> list[torch.Tensor]:
+def eval_views(
+    items: list, crops: list[int], ratio: float, interpolation: str = "bicubic"
+) -> list[torch.Tensor]:
     """Per crop size, the batch's centre crops (a failed image's place holds zeros)."""
-    per_image = [centre_crops(img, crops, ratio) if img is not None else None for img in items]
+    per_image = [
+        centre_crops(img, crops, ratio, interpolation) if img is not None else None for img in items
+    ]
     if all(v is None for v in per_image):
         return []  # the caller reports the batch's failures
     views = []
@@ -441,7 +480,8 @@ def stream_eval_batches(
     batches = [mine[i : i + size] for i in range(0, len(mine), size)]
     on_device = resolve_decode(cfg, device)
     workers = cfg.workers if cfg.workers is not None else default_workers(world)
-    dataset = _EvalBatches(split, batches, crops, cfg.eval_crop_ratio, raw=on_device)
+    interpolation = cfg.interpolation.value
+    dataset = _EvalBatches(split, batches, crops, cfg.eval_crop_ratio, on_device, interpolation)
     norm = ColourNormalize(device=device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for b in _data_loader(dataset, range(len(batches)), workers, device):
@@ -451,7 +491,7 @@ def stream_eval_batches(
             for i in failed:
                 b.bad.append((split.path(int(b.index[i])), "cannot decode"))
                 labels[i] = -1
-            views = eval_views(images, crops, cfg.eval_crop_ratio)
+            views = eval_views(images, crops, cfg.eval_crop_ratio, interpolation)
         else:
             views = b.views
         if b.bad:

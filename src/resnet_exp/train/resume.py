@@ -49,6 +49,7 @@ FIXED = (
     "data.augment",
     "data.pad",
     "data.pad_value",
+    "data.interpolation",
     "optimizer.name",
     "schedule.name",
 )
