@@ -109,6 +109,7 @@ def stages(split, n: int, interpolation: str) -> None:
 
     from resnet_exp.data.augment import (
         ColourNormalize,
+        centre_crops,
         crop_resize,
         image_rng,
         sample_train,
@@ -134,6 +135,25 @@ def stages(split, n: int, interpolation: str) -> None:
     print(
         f"ms per image, one thread: read {t_read:.2f}, decode {t_dec:.2f}, "
         f"crop+resize {t_crop:.2f}, colour+normalise {t_col:.2f}"
+    )
+    # data.interpolation: both resizes in alternating rounds (a shared machine's load
+    # drifts), the median of each, and the 224/320 test views' resizes too.
+    per: dict[str, list[float]] = {"bicubic": [], "bilinear": []}
+    test: dict[str, list[float]] = {"bicubic": [], "bilinear": []}
+    for _ in range(5):
+        for mode in per:
+            per[mode].append(
+                timed(lambda m=mode: [crop_resize(im, p, 224, m) for im, p in zip(imgs, params)])[1]
+            )
+            test[mode].append(
+                timed(lambda m=mode: [centre_crops(im, [224, 320], 0.875, m) for im in imgs])[1]
+            )
+    print(
+        "ms per image, one thread, median of 5 alternating rounds: "
+        + ", ".join(
+            f"{m}: train crop {np.median(per[m]):.2f}, test 224+320 {np.median(test[m]):.2f}"
+            for m in per
+        )
     )
 
 
