@@ -67,9 +67,9 @@ def cpu_native_bf16() -> str | None:
 
 def pick_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 autocast on a GPU with bf16 (fp16 + grad scaling on older
-    GPUs); on a CPU, bf16 where it has native bf16 units (ResNet-20 ran 1.72x
-    faster in bf16 on a CPU with AMX), else fp32 (bf16 without them measured ~10x
-    slower than fp32, AVX2 machine, ResNet-20)."""
+    GPUs); on a CPU, bf16 where it has native bf16 units (AMX, AVX512-BF16), else
+    fp32 (bf16 without them measured ~10x slower than fp32, AVX2 machine,
+    ResNet-20). Measured CPU figures: README, Performance."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
