@@ -53,9 +53,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval", action="store_true", help="also time the 224+320 test batches")
     p.add_argument("--stages", action="store_true", help="ms per image of each stage, one thread")
+    p.add_argument("--interpolation", choices=["bicubic", "bilinear"], default="bicubic")
     args = p.parse_args()
 
-    from resnet_exp.config import DataConfig, Decode
+    from resnet_exp.config import DataConfig, Decode, Interpolation
     from resnet_exp.data.imagenet import load_streamed
     from resnet_exp.data.stream import StreamLoader, stream_eval_batches
 
@@ -72,16 +73,17 @@ def main() -> None:
         eval_batch_size=args.batch,
         workers=args.workers,
         decode=Decode(args.decode),
+        interpolation=Interpolation(args.interpolation),
     )
     data = load_streamed(cfg)
     device = torch.device(args.device)
     print(
         f"{len(data.train)} train images (mean {np.mean(sizes) / 1e3:.0f} kB), batch {args.batch}, "
-        f"{args.workers} workers, decode={args.decode}, device={device}, "
+        f"{args.workers} workers, decode={args.decode}, {args.interpolation}, device={device}, "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     )
     if args.stages:
-        stages(data.train, args.batch)
+        stages(data.train, args.batch, args.interpolation)
     loader = StreamLoader(data.train, cfg, args.batch, device, seed=0)
     for _ in range(2):  # workers start, first batches
         loader.next()
@@ -101,12 +103,13 @@ def main() -> None:
         print(f"eval (224 + 320 crops): {n / (time.perf_counter() - t):.0f} images/s")
 
 
-def stages(split, n: int) -> None:
+def stages(split, n: int, interpolation: str) -> None:
     """One thread, in this process: read, decode, crop+resize, colour+normalise."""
     from torchvision.io import decode_image, read_file
 
     from resnet_exp.data.augment import (
         ColourNormalize,
+        centre_crops,
         crop_resize,
         image_rng,
         sample_train,
@@ -123,13 +126,34 @@ def stages(split, n: int) -> None:
     raw, t_read = timed(lambda: [read_file(p) for p in paths])
     imgs, t_dec = timed(lambda: [decode_image(r) for r in raw])
     params = [sample_train(image_rng(0, 0, i), *im.shape[1:]) for i, im in enumerate(imgs)]
-    crops, t_crop = timed(lambda: [crop_resize(im, p, 224) for im, p in zip(imgs, params)])
+    crops, t_crop = timed(
+        lambda: [crop_resize(im, p, 224, interpolation) for im, p in zip(imgs, params)]
+    )
     x = torch.stack(crops)
     colour = torch.from_numpy(np.stack([p.colour for p in params])).float()
     _, t_col = timed(lambda: ColourNormalize()(x, colour))
     print(
         f"ms per image, one thread: read {t_read:.2f}, decode {t_dec:.2f}, "
         f"crop+resize {t_crop:.2f}, colour+normalise {t_col:.2f}"
+    )
+    # data.interpolation: both resizes in alternating rounds (a shared machine's load
+    # drifts), the median of each, and the 224/320 test views' resizes too.
+    per: dict[str, list[float]] = {"bicubic": [], "bilinear": []}
+    test: dict[str, list[float]] = {"bicubic": [], "bilinear": []}
+    for _ in range(5):
+        for mode in per:
+            per[mode].append(
+                timed(lambda m=mode: [crop_resize(im, p, 224, m) for im, p in zip(imgs, params)])[1]
+            )
+            test[mode].append(
+                timed(lambda m=mode: [centre_crops(im, [224, 320], 0.875, m) for im in imgs])[1]
+            )
+    print(
+        "ms per image, one thread, median of 5 alternating rounds: "
+        + ", ".join(
+            f"{m}: train crop {np.median(per[m]):.2f}, test 224+320 {np.median(test[m]):.2f}"
+            for m in per
+        )
     )
 
 

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from resnet_exp.train.loop import Trainer
+from resnet_exp.train.runtime import pick_precision
 
 from conftest import ONE_THREAD, REPO
 
@@ -41,7 +43,9 @@ def test_project_worker_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch)
     assert len(calls) == 1 + 2 * 2  # warm-up, then the timed windows
     assert len(result["windows_s"]) == 2 and all(w > 0 for w in result["windows_s"])
     assert result["batch"] == 16 and result["channels_last"] is False
-    assert result["precision"] == "fp32" and result["cuda_graphs"] is False
+    # what trainer.precision=auto picks on this CPU: bf16 where it has native bf16 units
+    assert result["precision"] == pick_precision("auto", torch.device("cpu"))
+    assert result["cuda_graphs"] is False
 
 
 @pytest.mark.slow

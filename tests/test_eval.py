@@ -30,7 +30,8 @@ def snapshot(run: Path) -> dict[str, bytes]:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
     run = tmp / "run"
-    run_cli([*JOB, f"hydra.run.dir={run}"], cwd=tmp, env=ONE_THREAD)
+    # fp32: load_run's model computes in fp32, as the evaluation must for an exact match
+    run_cli([*JOB, "trainer.precision=fp32", f"hydra.run.dir={run}"], cwd=tmp, env=ONE_THREAD)
     return run
 
 

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.io import ImageReadMode
 
 from resnet_exp import build_model, count_params
-from resnet_exp.config import BadImage, DataConfig, Decode
+from resnet_exp.config import BadImage, DataConfig, Decode, Interpolation
 from resnet_exp.data.augment import (
     GRAY,
     IMAGENET_MEAN,
@@ -226,18 +227,48 @@ def test_colour_chain_matches_fb_resnet_torch_op_by_op() -> None:
     torch.testing.assert_close(plain, (x / 255 - mean) / std)
 
 
-def test_eval_crops_224_and_320() -> None:
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear", None])
+def test_eval_crops_224_and_320(mode: str | None) -> None:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
     img = torch.randint(0, 256, (3, 256, 300), dtype=torch.uint8)
-    v224, v320 = centre_crops(img, [224, 320], 0.875)
+    v224, v320 = centre_crops(img, [224, 320], 0.875, *([mode] if mode else []))
     assert v224.shape == (3, 224, 224) and v320.shape == (3, 320, 320)
     # shorter side already 256: the 224 view is the exact centre of the image
     assert torch.equal(v224, img[:, 16:240, 38:262])
-    # 320 comes from the image resized to 366 on its shorter side (320 / 0.875)
-    from torchvision.transforms.v2 import functional as TF
-
-    big = TF.resize(img, [366], antialias=True)
+    # 320 comes from the image resized to 366 on its shorter side (320 / 0.875),
+    # bicubic by default (fb.resnet.torch's transforms.lua Scale)
+    interp = InterpolationMode(mode or "bicubic")
+    big = TF.resize(img, [366], interpolation=interp, antialias=True)
     assert big.shape[-2:] == (366, 428)
     assert torch.equal(v320, TF.center_crop(big, [320, 320]))
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_training_crops_use_data_interpolation(folder: Path, mode: str) -> None:
+    """A training batch, rebuilt by hand from its images with torchvision's resize."""
+    from torchvision.io import decode_image
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    assert DataConfig().interpolation is Interpolation.bicubic  # the default
+    cfg = data_cfg(folder, interpolation=Interpolation(mode))
+    data = load_streamed(cfg)
+    loader = StreamLoader(data.train, cfg, 4, torch.device("cpu"), seed=5, channels_last=False)
+    x, _ = loader.next()
+    crops, colours = [], []
+    for i in loader.batches.indices(0, 0):
+        img = decode_image(data.train.path(int(i)), mode=ImageReadMode.RGB)
+        p = sample_train(image_rng(5, 0, int(i)), *img.shape[-2:])
+        c = p.crop
+        out = TF.resized_crop(
+            img, c.top, c.left, c.height, c.width, [32, 32], InterpolationMode(mode), antialias=True
+        )
+        crops.append(out.flip(-1) if p.flip else out)
+        colours.append(p.colour)
+    ref = ColourNormalize()(torch.stack(crops), torch.from_numpy(np.stack(colours)).float())
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
 
 
 def test_eval_batches_cover_the_test_set_once_per_crop(folder: Path) -> None:
@@ -400,7 +431,8 @@ def test_train_and_evaluate_through_the_command_line(folder: Path, tmp_path: Pat
     from resnet_exp.report.tables import markdown
 
     md = markdown(group_rows(load_runs([tmp_path / "run"], curves=False)), [tmp_path], [])
-    assert "| 32x32 crop | 48x48 crop | paper, 320x320 |" in md
+    assert "| 32x32 crop | 48x48 crop | paper (Table 5), 320x320 |" in md
+    assert "The paper column is the paper's Table 5 (the authors' Caffe nets)" in md
     top1, top1_48 = s["final_test_error"], s["final_test_error_48"]
     assert f"{top1:.2f} / 0.00 | {top1_48:.2f} / 0.00 |" in md
 
@@ -448,6 +480,11 @@ def test_table5_preset_jobs_are_the_papers_rows() -> None:
         ("preact", 200): "20.7/5.3",
     }
     assert all(c.data.eval_crops == [224, 320] and c.data.name == "imagenet" for c in configs)
+    # The paper's nets are Caffe nets: stride on the first 1x1, written in both presets.
+    assert all(c.model.stride_at.value == "first" for c in configs)
+    for preset in ("imagenet", "table5"):
+        written = OmegaConf.load(Path(config_dir()) / "experiment" / f"{preset}.yaml")
+        assert written.model.stride_at == "first", preset
 
 
 @pytest.mark.slow

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_exp.report import cli as report_cli
+from resnet_exp.report import figures
 from resnet_exp.report.paper import paper_error
+from resnet_exp.report.runs import Run
+from resnet_exp.report.tables import group_rows
+from resnet_exp.train.records import RunRecords
 
 from conftest import run_main
 
@@ -170,6 +176,31 @@ def test_each_run_logs_hparams_in_its_own_directory(sweep: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_hparams_metrics_are_final_errors_only(tmp_path: Path, split: str) -> None:
+    """No lowest-over-evaluations error (selected on the split it reports) in HPARAMS."""
+    summary = {
+        "status": "completed",
+        "steps_done": 7,
+        f"final_{split}_error": 40.0,
+        f"best_{split}_error": 35.0,
+        f"final_{split}_loss": 1.5,
+        "final_train_loss": 1.2,
+        "final_train_error": 30.0,
+    }
+    if split == "val":
+        summary["test_error"] = 41.0
+    with RunRecords(tmp_path) as records:
+        records.summary(summary, {"depth": 20, "seed": 0})
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    shown = {t for t in acc.Tags()["scalars"] if t.startswith("hparams/")}
+    expect = {f"hparams/final_{split}_error", "hparams/final_train_error"}
+    assert shown == expect | ({"hparams/test_error"} if split == "val" else set())
+    experiment = acc.PluginTagToContent("hparams")["_hparams_/experiment"]
+    assert b"best_" not in experiment and b"final_train_loss" not in experiment
+
+
 def test_paper_numbers_are_keyed_by_the_net_a_run_stands_for() -> None:
     base = {"data.name": "cifar10", "data.batch_size": 128, "model.unit": "auto"}
     full = {"scale.resnet110": 110, "scale.resnet164": 164, "scale.resnet1001": 1001}
@@ -250,3 +281,78 @@ def test_each_ordering_against_the_original_with_a_bootstrap_interval() -> None:
     md = "\n".join(markdown([preact, bn]))
     assert "| preact | 3 (3) | -1.00 | [-1.20, -0.80] | yes |" in md
     assert "| bn_after_add | 2 (3) |" in md and bn.difference == pytest.approx(0.0)
+
+
+# --- figures: what they draw, read back from the figure and from the PNG -------------
+
+
+def curve_runs(steps: int, log_every: int, evals: int) -> list[Run]:
+    """Two configurations' runs as the loader would read them: a training loss every
+    ``log_every`` steps (or once, at the end, for a run shorter than that), valued as
+    a 64k-step run's at those steps."""
+    runs = []
+    for i, (block, floor) in enumerate((("preact", 0.02), ("original", 0.05))):
+        logged = list(range(log_every, steps + 1, log_every)) or [steps]
+        loss = [(s, floor + 2.3 * math.exp(-6 * s / 64_000) * (1 - 0.02 * i)) for s in logged]
+        errors = [
+            (steps * (k + 1) // evals, (90.0 - 5 * i) * math.exp(-2 * (k + 1) / evals))
+            for k in range(evals)
+        ]
+        config = {"data.name": "cifar10", "depth": 110, "model.block": block, "seed": 1}
+        config |= {"model.unit": "auto", "data.batch_size": 128}
+        summary = {"status": "completed", "final_test_error": errors[-1][1]}
+        metrics = [{"step": s, "test_error": e} for s, e in errors]
+        runs.append(Run(Path(f"run{i}"), config, summary, metrics, loss))
+    return runs
+
+
+def loss_labels(fig, ax) -> list[str]:
+    """The training-loss axis's tick labels inside its view, as drawn."""
+    FigureCanvasAgg(fig).draw()
+    lo, hi = ax.get_ylim()
+    ticks = ax.yaxis.get_major_ticks() + ax.yaxis.get_minor_ticks()
+    return [
+        t.label1.get_text()
+        for t in ticks
+        if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi
+    ]
+
+
+def coloured_pixels(png: Path, rgb: tuple[int, int, int], left: bool) -> int:
+    with Image.open(png) as im:
+        px = im.convert("RGB")
+        w, h = px.size
+        box = (0, 0, w // 2, h) if left else (w // 2, 0, w, h)
+        panel = px.crop(box).getdata()
+    # antialiased and translucent lines blend with the white: a wide tolerance
+    return sum(1 for p in panel if all(abs(a - b) < 45 for a, b in zip(p, rgb)))
+
+
+def test_short_run_curves_draw_single_points_with_distinct_labels(tmp_path: Path) -> None:
+    """30 steps, log_every 50: one loss point per run, drawn as a marker on a linear axis."""
+    rows = group_rows(curve_runs(30, 50, 2))
+    fig = figures.curves_figure(rows)
+    ax_loss = fig.axes[0]
+    assert [len(line.get_xdata()) for line in ax_loss.lines] == [1, 1]
+    assert all(line.get_marker() not in (None, "None", "") for line in ax_loss.lines)
+    labels = loss_labels(fig, ax_loss)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+    png = figures.curves(rows, tmp_path / "curves.png")
+    for colour in ((31, 119, 180), (255, 127, 14)):  # tab:blue, tab:orange: each run's marker
+        assert coloured_pixels(png, colour, left=True) > 10
+
+
+def test_full_run_curves_are_log_scaled_with_distinct_labels(tmp_path: Path) -> None:
+    """A full run's length: 64k steps, a loss point every 50, 164 evaluations."""
+    rows = group_rows(curve_runs(64_000, 50, 164))
+    fig = figures.curves_figure(rows)
+    ax_loss, ax_err = fig.axes[0], fig.axes[1]
+    assert ax_loss.get_yscale() == "log"
+    assert [len(line.get_xdata()) for line in ax_loss.lines] == [1280, 1280]
+    assert [len(line.get_xdata()) for line in ax_err.lines] == [164, 164]
+    labels = loss_labels(fig, ax_loss)
+    assert {"0.1", "1"} <= set(labels) and len(set(labels)) == len(labels), labels
+    png = figures.curves(rows, tmp_path / "curves.png")
+    for colour in ((31, 119, 180), (255, 127, 14)):  # each run's line, not a dot
+        assert coloured_pixels(png, colour, left=True) > 100
+        assert coloured_pixels(png, colour, left=False) > 100

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,3 +160,67 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
     assert s["status"] == "completed" and s["steps_done"] == 320
     rows = [json.loads(r) for r in (job / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 41))  # every epoch once: no restart
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_cmd(nodes: int, per_node: int, port: int, args: list[str], extra: list[str]) -> list[str]:
+    """torchrun with a c10d rendezvous on localhost, as each node of a cluster runs it."""
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        f"--nnodes={nodes}",
+        f"--nproc_per_node={per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=resnet-exp-test",
+        *extra,
+        "-m",
+        "resnet_exp",
+        *args,
+    ]
+
+
+def weights(run: Path) -> dict:
+    import torch
+
+    return torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_two_nodes_of_one_process_train_one_run(tmp_path: Path) -> None:
+    """Two torchrun "nodes" on localhost meet at a c10d rendezvous (gloo): one run,
+    the same result as two processes on one node."""
+    job = [*DDP_JOB, "trainer.max_steps=10"]
+    run, port = tmp_path / "nodes", free_port()
+    env = {**os.environ, **ENV}
+    nodes = [
+        subprocess.Popen(
+            node_cmd(2, 1, port, [*job, f"hydra.run.dir={run}"], []),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=600)
+        assert node.returncode == 0, err[-3000:]
+    s = summary(run)
+    assert s["status"] == "completed" and s["processes"] == 2 and s["steps_done"] == 10
+    one_node = tmp_path / "one_node"
+    torchrun([*job, f"hydra.run.dir={one_node}"], cwd=tmp_path)
+    assert s["final_train_loss"] == summary(one_node)["final_train_loss"]
+    assert_same_weights(weights(run), weights(one_node))

@@ -37,6 +37,11 @@ class Decode(str, Enum):
     device = "device"  # decode (nvjpeg on CUDA) and augment on the training device
 
 
+class Interpolation(str, Enum):
+    bicubic = "bicubic"  # fb.resnet.torch's image.scale (transforms.lua:38, 155)
+    bilinear = "bilinear"  # torchvision's default, cheaper on a CPU
+
+
 class BadImage(str, Enum):
     fail = "fail"  # stop with the file's name
     skip = "skip"  # log it, count it in summary.json and go on without it
@@ -136,6 +141,7 @@ class DataConfig:
     workers: int | None = None  # streamed: DataLoader workers per process; null: CPUs / processes
     decode: Decode = Decode.auto
     bad_images: BadImage = BadImage.fail  # streamed: what an undecodable image does
+    interpolation: Interpolation = Interpolation.bicubic  # streamed: crop and test resizes
 
 
 @dataclass
@@ -165,7 +171,8 @@ class ScheduleConfig:
 class TrainerConfig:
     epochs: int = 164  # 164 x 390 steps ~ the paper's 64k iterations at batch 128
     max_steps: int | None = None  # overrides epochs
-    # auto: bf16 autocast on GPUs (fp16 + grad scaler before bf16), fp32 on CPUs
+    # auto: bf16 autocast on GPUs (fp16 + grad scaler before bf16) and on CPUs with
+    # native bf16 units (AMX, AVX512-BF16); fp32 on other CPUs
     precision: Precision = Precision.auto
     device: str = "auto"  # auto (a free GPU, else the CPU) | cpu | cuda | cuda:N
     channels_last: bool = True

@@ -1,7 +1,7 @@
 """fb.resnet.torch's ImageNet augmentation, as per-image crops and batched colour ops.
 
 Training (``datasets/imagenet.lua``): a random-sized crop (8-100% of the
-area, aspect ratio 3/4-4/3, resized to the crop size), colour jitter
+area, aspect ratio 3/4-4/3, resized to the crop size, bicubic or bilinear), colour jitter
 (brightness, contrast, saturation by 1 +- 0.4, in random order), AlexNet's
 PCA lighting noise (std 0.1), normalisation, horizontal flip. Evaluation: the
 shorter side resized to ``crop / ratio`` (256 for 224), the centre crop.
@@ -36,9 +36,9 @@ PCA_EIGVEC = (
 JITTER = 0.4  # brightness, contrast, saturation
 LIGHTING_STD = 0.1
 GRAY = (0.299, 0.587, 0.114)
-# Bilinear with antialiasing (fb.resnet.torch scales bicubically): the
-# torchvision default, and several times faster than bicubic on a CPU.
-RESIZE = InterpolationMode.BILINEAR
+# data.interpolation: bicubic as fb.resnet.torch (transforms.lua:38, 155), or
+# bilinear; both antialiased when shrinking (Torch's image.scale is not).
+RESIZE = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
 def image_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -85,20 +85,25 @@ def sample_train(rng: np.random.Generator, h: int, w: int) -> TrainParams:
     return TrainParams(crop, flip, np.concatenate([jitter, order, light]))
 
 
-def crop_resize(img: torch.Tensor, p: TrainParams, size: int) -> torch.Tensor:
+def crop_resize(
+    img: torch.Tensor, p: TrainParams, size: int, interpolation: str = "bicubic"
+) -> torch.Tensor:
     """The training crop of one uint8 CHW image, resized to ``size`` x ``size``, flipped or not."""
     c = p.crop
+    mode = RESIZE[interpolation]
     out = TF.resized_crop(
-        img, c.top, c.left, c.height, c.width, [size, size], interpolation=RESIZE, antialias=True
+        img, c.top, c.left, c.height, c.width, [size, size], interpolation=mode, antialias=True
     )
     return out.flip(-1) if p.flip else out
 
 
-def centre_crops(img: torch.Tensor, crops: list[int], ratio: float) -> list[torch.Tensor]:
+def centre_crops(
+    img: torch.Tensor, crops: list[int], ratio: float, interpolation: str = "bicubic"
+) -> list[torch.Tensor]:
     """One uint8 view per test crop: shorter side resized to ``crop / ratio``, centre crop."""
-    views = []
+    views, mode = [], RESIZE[interpolation]
     for size in crops:
-        resized = TF.resize(img, [round(size / ratio)], interpolation=RESIZE, antialias=True)
+        resized = TF.resize(img, [round(size / ratio)], interpolation=mode, antialias=True)
         views.append(TF.center_crop(resized, [size, size]))
     return views
 

@@ -112,10 +112,18 @@ class _TrainBatches(torch.utils.data.Dataset):
     """Batch (epoch, position) of one rank's shard, built in a worker."""
 
     def __init__(
-        self, split: FileSplit, batch: int, size: int, seed: int, rank: int, world: int, raw: bool
+        self,
+        split: FileSplit,
+        batch: int,
+        size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        raw: bool,
+        interpolation: str = "bicubic",
     ) -> None:
         self.split, self.batch, self.size, self.seed = split, batch, size, seed
-        self.rank, self.world, self.raw = rank, world, raw
+        self.rank, self.world, self.raw, self.interpolation = rank, world, raw, interpolation
 
     def indices(self, epoch: int, pos: int) -> np.ndarray:
         shard = shard_indices(self.seed, epoch, len(self.split), self.rank, self.world)
@@ -128,18 +136,23 @@ class _TrainBatches(torch.utils.data.Dataset):
         labels = substitute(items, self.split.labels[index])
         if self.raw or len(bad) == len(items):
             return _Batch(key, items, None, labels, index, bad)
-        x, colour = augment_batch(items, index, self.seed, epoch, self.size)
+        x, colour = augment_batch(items, index, self.seed, epoch, self.size, self.interpolation)
         return _Batch(key, x, colour, labels, index, bad)
 
 
 def augment_batch(
-    images: list[torch.Tensor], index: np.ndarray, seed: int, epoch: int, size: int
+    images: list[torch.Tensor],
+    index: np.ndarray,
+    seed: int,
+    epoch: int,
+    size: int,
+    interpolation: str = "bicubic",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop, resize and flip each decoded image (on its device); the batch's colour numbers."""
     params: list[TrainParams] = []
     for img, i in zip(images, index):
         params.append(sample_train(image_rng(seed, epoch, int(i)), img.shape[-2], img.shape[-1]))
-    x = torch.stack([crop_resize(img, p, size) for img, p in zip(images, params)])
+    x = torch.stack([crop_resize(img, p, size, interpolation) for img, p in zip(images, params)])
     colour = torch.from_numpy(np.stack([p.colour for p in params]))
     return x, colour
 
@@ -187,7 +200,14 @@ class StreamLoader:
         self.workers = loader_workers(cfg, world)
         self.colour = ColourNormalize(device=device)
         self.batches = _TrainBatches(
-            split, batch_size, cfg.image_size, self.seed, rank, world, raw=self.on_device
+            split,
+            batch_size,
+            cfg.image_size,
+            self.seed,
+            rank,
+            world,
+            raw=self.on_device,
+            interpolation=cfg.interpolation.value,
         )
         self.epoch, self.pos = 0, 0
         self.skipped: list[str] = []
@@ -210,7 +230,14 @@ class StreamLoader:
             images = _decode_here(self.split, b.images, b.index, b.bad, self.device)
             labels = substitute(images, labels)
             self._check(b.bad, len(images))
-            x, colour = augment_batch(images, b.index, self.seed, self.epoch, self.cfg.image_size)
+            x, colour = augment_batch(
+                images,
+                b.index,
+                self.seed,
+                self.epoch,
+                self.cfg.image_size,
+                self.batches.interpolation,
+            )
         else:
             self._check(b.bad, len(labels))
             x, colour = b.images.to(self.device, non_blocking=True), b.colour
@@ -288,7 +315,13 @@ class _EvalBatch:
 
 class _EvalBatches(torch.utils.data.Dataset):
     def __init__(
-        self, split: FileSplit, batches: list[np.ndarray], crops: list[int], ratio: float, raw: bool
+        self,
+        split: FileSplit,
+        batches: list[np.ndarray],
+        crops: list[int],
+        ratio: float,
+        raw: bool,
+        interpolation: str = "bicubic",
     ) -> None:
         self.split, self.batches, self.crops, self.ratio, self.raw = (
             split,
@@ -297,6 +330,7 @@ class _EvalBatches(torch.utils.data.Dataset):
             ratio,
             raw,
         )
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -307,7 +341,8 @@ class _EvalBatches(torch.utils.data.Dataset):
         labels = _uncounted(items, self.split.labels[index].clone())
         if self.raw:
             return _EvalBatch(items, labels, index, bad)
-        return _EvalBatch(eval_views(items, self.crops, self.ratio), labels, index, bad)
+        views = eval_views(items, self.crops, self.ratio, self.interpolation)
+        return _EvalBatch(views, labels, index, bad)
 
 
 def _uncounted(items: list, labels: torch.Tensor) -> torch.Tensor:
@@ -318,9 +353,13 @@ def _uncounted(items: list, labels: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def eval_views(items: list, crops: list[int], ratio: float) -> list[torch.Tensor]:
+def eval_views(
+    items: list, crops: list[int], ratio: float, interpolation: str = "bicubic"
+) -> list[torch.Tensor]:
     """Per crop size, the batch's centre crops (a failed image's place holds zeros)."""
-    per_image = [centre_crops(img, crops, ratio) if img is not None else None for img in items]
+    per_image = [
+        centre_crops(img, crops, ratio, interpolation) if img is not None else None for img in items
+    ]
     if all(v is None for v in per_image):
         return []  # the caller reports the batch's failures
     views = []
@@ -363,7 +402,8 @@ def stream_eval_batches(
     batches = [mine[i : i + size] for i in range(0, len(mine), size)]
     on_device = resolve_decode(cfg, device)
     workers = loader_workers(cfg, world)
-    dataset = _EvalBatches(split, batches, crops, cfg.eval_crop_ratio, raw=on_device)
+    interpolation = cfg.interpolation.value
+    dataset = _EvalBatches(split, batches, crops, cfg.eval_crop_ratio, on_device, interpolation)
     norm = ColourNormalize(device=device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for b in _data_loader(dataset, range(len(batches)), workers, device):
@@ -371,7 +411,7 @@ def stream_eval_batches(
         if on_device:
             images = _decode_here(split, b.views, b.index, b.bad, device)
             labels = _uncounted(images, labels)
-            views = eval_views(images, crops, cfg.eval_crop_ratio)
+            views = eval_views(images, crops, cfg.eval_crop_ratio, interpolation)
         else:
             views = b.views
         if b.bad:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import matplotlib
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from resnet_exp.report.tables import Row
 from resnet_exp.train.result import Status
@@ -34,13 +36,19 @@ def _line_label(row: Row, panel_title: str) -> str:
 
 
 def curves(rows: list[Row], path: Path) -> Path:
-    """Training loss (log scale) and test error against iterations, one colour per
-    configuration, one line per seed (the paper's Fig. 1 and 6)."""
+    """Training loss and test error against iterations, one colour per configuration,
+    one line per seed (the paper's Fig. 1 and 6)."""
+    curves_figure(rows).savefig(path, dpi=90)
+    return path
+
+
+def curves_figure(rows: list[Row]) -> Figure:
     panels = _panels(rows)
     colors = matplotlib.colormaps["tab10" if len(rows) <= 10 else "tab20"]
     fig = Figure(figsize=(11, 0.6 + 3.2 * len(panels)), layout="constrained")
     axes = fig.subplots(len(panels), 2, squeeze=False)
     for (title, prows), (ax_loss, ax_err) in zip(panels.items(), axes):
+        losses: list[float] = []
         for i, row in enumerate(prows):
             color = colors(i % colors.N)
             label = _line_label(row, title)
@@ -48,15 +56,20 @@ def curves(rows: list[Row], path: Path) -> Path:
                 name = label if j == 0 else None
                 if run.train_loss:
                     steps, loss = zip(*run.train_loss)
-                    ax_loss.plot(steps, loss, color=color, lw=1, alpha=0.85, label=name)
+                    losses += loss
+                    # A run shorter than log_every has one point: a line of one point is invisible.
+                    style = (
+                        {"marker": "o", "ms": 5} if len(steps) == 1 else {"lw": 1, "alpha": 0.85}
+                    )
+                    ax_loss.plot(steps, loss, color=color, label=name, **style)
                     if run.status is Status.diverged:
                         ax_loss.plot(steps[-1], loss[-1], "x", color=color, ms=8)
                 if run.error_curve:
                     steps, err = zip(*run.error_curve)
-                    ax_err.plot(steps, err, color=color, lw=1.5, marker=".", label=name)
-        ax_loss.set_yscale("log")
-        for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
-            axis(FormatStrFormatter("%.2g"))  # 0.3, 2.1: not 3x10^-1 on short ranges
+                    # a dot per evaluation while they can be told apart (164 at full length cannot)
+                    marker = "o" if len(steps) == 1 else "." if len(steps) <= 40 else None
+                    ax_err.plot(steps, err, color=color, lw=1.5, marker=marker, label=name)
+        _loss_axis(ax_loss, [v for v in losses if math.isfinite(v)])
         ax_loss.set_ylabel("training loss")
         ax_err.set_ylabel("test error (%)")
         for ax in (ax_loss, ax_err):
@@ -66,8 +79,21 @@ def curves(rows: list[Row], path: Path) -> Path:
                 ax.set_title(title)
         if ax_err.get_legend_handles_labels()[0]:  # runs stopped before any evaluation have none
             ax_err.legend(fontsize="small", loc="upper right")
-    fig.savefig(path, dpi=90)
-    return path
+    return fig
+
+
+def _loss_axis(ax: Axes, losses: list[float]) -> None:
+    """Log scale (the paper's) where the losses span at least a factor of 3; a narrow
+    range (a short run) stays linear, where the default ticks keep distinct labels
+    (log ticks there sit closer than two digits tell apart: "2.3, 2.3, 2.3")."""
+    if not losses or min(losses) <= 0 or max(losses) / min(losses) < 3:
+        return
+    ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    # 0.3, 2: not 3x10^-1; the 2-9 ticks between decades are labelled over a short span only
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    few_decades = math.log10(hi / lo) < 1.5
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g") if few_decades else NullFormatter())
 
 
 def _paper_value(text: str | None) -> float | None:

@@ -64,6 +64,7 @@ TRAINING = (
     "data.augment",
     "data.pad",
     "data.pad_value",
+    "data.interpolation",
     "optimizer.name",
     "schedule.name",
 )

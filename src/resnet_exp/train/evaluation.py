@@ -38,7 +38,7 @@ def evaluate(
         split,
         s.cfg.data,
         s.device,
-        channels_last=s.cfg.trainer.channels_last,
+        channels_last=s.channels_last,
         rank=dist.rank,
         world=dist.world,
     )

@@ -41,14 +41,13 @@ HPARAM_KEYS = (
     "trainer.precision",
     "scale.name",
 )
-# Summary values logged as the HPARAMS tab's metrics.
+# Summary values logged as the HPARAMS tab's metrics: the errors at the end of the
+# run only. A lowest-over-evaluations error is selected on the split it reports,
+# and sorting runs by it in TensorBoard would select on the test set.
 HPARAM_METRICS = (
     SummaryKey.final("test", "error"),
-    SummaryKey.best("test"),
-    SummaryKey.final("val", "error"),
-    SummaryKey.best("val"),
-    SummaryKey.test_error,
-    SummaryKey.final_train_loss,
+    SummaryKey.final("val", "error"),  # with a validation split
+    SummaryKey.test_error,  # with a validation split: the test set, once, at the end
     SummaryKey.final_train_error,
     SummaryKey.pruned_at_epoch,
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from contextlib import AbstractContextManager, nullcontext
@@ -9,11 +10,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from resnet_exp.errors import UserError
 from resnet_exp.train.gpus import claim_gpu
 
+log = logging.getLogger("resnet_exp")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# oneDNN's backward-weights kernel for a strided 1x1 convolution in NHWC with fewer
+# input channels than its block (16 on AVX-512) crashes (segfault, "double free")
+# or returns wrong gradients on AVX-512 CPUs (torch 2.14.1; oneDNN issue 6035).
+NHWC_MIN_CHANNELS = 16
 
 
 def pick_device(name: str, local_rank: int | None = None) -> torch.device:
@@ -45,19 +53,69 @@ def pick_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
+def cpu_native_bf16() -> str | None:
+    """The CPU's native bf16 units as torch's cpuinfo reports them (AMX tiles or
+    AVX512-BF16 dot products), or None: oneDNN then emulates bf16, slower than fp32."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return None
+    checks = {"amx": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    for name, check in checks.items():
+        if getattr(torch.cpu, check, lambda: False)():
+            return name
+    return None
+
+
 def pick_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 autocast on a GPU with bf16 (fp16 + grad scaling on older
-    GPUs); fp32 on the CPU, where bf16 without native bf16 units measured ~10x
-    slower than fp32 (AVX2 machine, ResNet-20)."""
+    GPUs); on a CPU, bf16 where it has native bf16 units (AMX, AVX512-BF16), else
+    fp32 (bf16 without them measured ~10x slower than fp32, AVX2 machine,
+    ResNet-20). Measured CPU figures: README, Performance."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        native = cpu_native_bf16()
+        log.info(
+            "trainer.precision=auto: %s on this CPU (%s)",
+            "bf16" if native else "fp32",
+            f"native bf16: {native}" if native else "no native bf16 units",
+        )
+        return "bf16" if native else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise UserError(
             "trainer.precision=fp16 needs a CUDA GPU (fp16 with a grad scaler); on the CPU use bf16 or fp32"
         )
     return name
+
+
+def nhwc_unsafe_convs(model: nn.Module) -> list[str]:
+    """The layers oneDNN's NHWC backward mishandles: strided 1x1 convs with < 16 inputs."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+        and m.kernel_size == (1, 1)
+        and max(m.stride) > 1
+        and m.in_channels < NHWC_MIN_CHANNELS
+    ]
+
+
+def pick_channels_last(requested: bool, model: nn.Module, device: torch.device) -> bool:
+    """``trainer.channels_last``, unless the net would train on the CPU with a layer
+    whose channels_last backward crashes: then the whole run (net and batches) is
+    contiguous, as a batch in channels_last would turn the net's outputs back to it."""
+    if not requested or device.type != "cpu":
+        return requested
+    unsafe = nhwc_unsafe_convs(model)
+    if unsafe:
+        log.warning(
+            "trainer.channels_last=true ignored: on the CPU, %s (a strided 1x1 conv with "
+            "fewer than %d input channels) crashes or miscomputes in channels_last backward "
+            "(oneDNN); this run trains in the contiguous format",
+            unsafe[0] if len(unsafe) == 1 else f"{unsafe[0]} and {len(unsafe) - 1} more",
+            NHWC_MIN_CHANNELS,
+        )
+        return False
+    return True
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:

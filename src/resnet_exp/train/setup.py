@@ -20,7 +20,12 @@ from resnet_exp.models import ResNet, build_model, count_params, family_unit, re
 from resnet_exp.train import distributed
 from resnet_exp.train.checks import check_settings
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
-from resnet_exp.train.runtime import pick_device, pick_precision, seed_everything
+from resnet_exp.train.runtime import (
+    pick_channels_last,
+    pick_device,
+    pick_precision,
+    seed_everything,
+)
 from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
 
 
@@ -31,6 +36,7 @@ class Setup:
     cfg: Config
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
+    channels_last: bool  # trainer.channels_last, unless the CPU cannot train the net so
     data: DataSource  # in memory or streamed: its loaders hide which
     model: nn.Module  # the network itself (checkpoints, evaluation)
     train_model: nn.Module  # what the step calls: the network, or DDP around it
@@ -85,13 +91,14 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         raise UserError(f"{key}={batch} is larger than the {len(data.train)} training images")
     model = model_from_config(cfg, data.num_classes)
     params = count_params(model)
-    model, train_model = _place(model, cfg.trainer, device, dist.enabled)
+    channels_last = pick_channels_last(cfg.trainer.channels_last, model, device)
+    model, train_model = _place(model, cfg.trainer, device, dist.enabled, channels_last)
     loader = data.train_loader(  # in memory or streamed from files: the data set's own
         cfg.data,
         batch // dist.world,
         device,
         cfg.seed,
-        channels_last=cfg.trainer.channels_last,
+        channels_last=channels_last,
         rank=dist.rank,
         world=dist.world,
     )
@@ -116,6 +123,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         cfg=cfg,
         device=device,
         precision=precision,
+        channels_last=channels_last,
         data=data,
         model=model,
         train_model=train_model,
@@ -132,10 +140,14 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
 
 
 def _place(
-    model: nn.Module, t: TrainerConfig, device: torch.device, data_parallel: bool
+    model: nn.Module,
+    t: TrainerConfig,
+    device: torch.device,
+    data_parallel: bool,
+    channels_last: bool,
 ) -> tuple[nn.Module, nn.Module]:
     """The net on its device and memory format, and what the step calls (DDP around it)."""
-    fmt = torch.channels_last if t.channels_last else torch.preserve_format
+    fmt = torch.channels_last if channels_last else torch.preserve_format
     model = model.to(device, memory_format=fmt)
     if not data_parallel:
         return model, model
@@ -172,6 +184,8 @@ def _info(s: Setup, family: str, unit: str, params: int, batch: int, world: int)
         "schedule": cfg.schedule.name.value,
         "device": str(s.device),
         "precision": s.precision,
+        "precision_requested": cfg.trainer.precision.value,
+        "channels_last": s.channels_last,
         "seed": cfg.seed,
         "processes": world,
         "steps": s.total_steps,
