@@ -16,6 +16,7 @@ from resnet_exp.data import DataSource, Split, TrainBatches, load_dataset
 from resnet_exp.data.sources import Dataset
 from resnet_exp.data.stream import stream_eval_batches
 from resnet_exp.train.evaluation import evaluate
+from resnet_exp.train.runtime import autocast
 from resnet_exp.train.setup import build_setup
 
 from conftest import REPO, TINY, compose_config
@@ -49,10 +50,10 @@ def _direct_batches(s, split):
         from resnet_exp.data import Normalize, eval_batches
 
         norm = Normalize(s.data.mean, s.data.std, cpu)
-        for x, y in eval_batches(split, s.cfg.data.eval_batch_size, norm, cpu, True):
+        for x, y in eval_batches(split, s.cfg.data.eval_batch_size, norm, cpu, s.channels_last):
             yield {"": x}, y
     else:
-        yield from stream_eval_batches(split, s.cfg.data, cpu)
+        yield from stream_eval_batches(split, s.cfg.data, cpu, s.channels_last)
 
 
 @pytest.mark.parametrize("kind", ["in_memory", "streamed"])
@@ -60,7 +61,8 @@ def test_each_source_trains_and_evaluates_through_the_interface(
     kind: str, streamed_overrides: list[str]
 ) -> None:
     overrides = TINY if kind == "in_memory" else streamed_overrides
-    s = build_setup(compose_config(overrides))
+    # fp32: the comparison below is of images seen, not of a CPU's bf16 rounding.
+    s = build_setup(compose_config([*overrides, "trainer.precision=fp32"]))
     assert isinstance(s.data, DataSource) and isinstance(s.loader, TrainBatches)
     assert type(s.data).__name__ == ("Dataset" if kind == "in_memory" else "StreamedDataset")
     x, y = s.loader.next()
@@ -76,7 +78,7 @@ def test_each_source_trains_and_evaluates_through_the_interface(
     assert counts is not None and int(counts[1].sum()) == len(s.data.eval_split)
     s.model.eval()
     logits, labels = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(s.device, s.precision):  # as the evaluation runs
         for views, y in _direct_batches(s, s.data.eval_split):
             logits.append(s.model(views[""]))
             labels.append(y)
