@@ -51,10 +51,10 @@ BASE = [
 ]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # What the README's Performance section reports for each kind of machine.
+    # What docs/performance.md reports for each kind of machine.
     "cpu": {
         "models": ["block=original depth=20", "block=original depth=110", "block=preact depth=164"],
-        # bf16 on a CPU without native bf16 runs ~10x slower than fp32 (see README):
+        # bf16 on a CPU without native bf16 runs ~10x slower than fp32 (docs/performance.md):
         # measure it with depth=20 --variant trainer.precision=bf16, not at every depth.
         "variants": ["default", "trainer.precision=fp32 trainer.channels_last=false"],
         "steps": 5,

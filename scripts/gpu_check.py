@@ -44,7 +44,7 @@ CUDA_TESTS = [
     "tests/test_packing.py::test_threads_train_each_run_as_alone[cuda]",
     "tests/test_imagenet.py::test_gpu_decode_path_matches_the_cpu_path",
 ]
-# What the GPU path aims at (README, "Short GPU windows"); reported, never asserted.
+# What the GPU path aims at (docs/resume.md#short-gpu-windows); reported, never asserted.
 TARGETS = {
     "ResNet-20 x 8 packed, vs alone": ("original:20", 8, 4.0),
     "ResNet-110 x 4 packed, vs alone": ("original:110", 4, 3.0),

@@ -51,7 +51,7 @@ def test_eval_matches_the_runs_final_evaluation(trained: Path, evaluated) -> Non
     summary = json.loads((trained / "summary.json").read_text())
     # The run's own data settings (its checkpoint's overrides): its 64 held-out images.
     assert result["split"] == "val" and result["images"] == 64 and result["step"] == 16
-    assert result["loss"] == summary["final_val_loss"]  # to the last bit (README)
+    assert result["loss"] == summary["final_val_loss"]  # to the last bit (docs/runs.md)
     assert result["error"] == summary["final_val_error"]
     counts, errors = result["per_class_images"], result["per_class_error"]
     assert list(counts) == [f"class{i}" for i in range(10)] and sum(counts.values()) == 64

@@ -334,7 +334,7 @@ def test_batches_do_not_depend_on_workers_or_decoder(folder: Path, variant: dict
     base = take(StreamLoader(data.train, data_cfg(folder), 6, cpu, 0), 5)
     other = take(StreamLoader(data.train, data_cfg(folder, **variant), 6, cpu, 0), 5)
     for (x, y), (x2, y2) in zip(base, other):
-        assert torch.equal(x, x2)  # bit for bit, as the README says
+        assert torch.equal(x, x2)  # bit for bit, as docs/imagenet.md says
         assert torch.equal(y, y2)
 
 

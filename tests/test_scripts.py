@@ -1,4 +1,4 @@
-"""The measuring scripts whose figures the README quotes, each run in a tiny mode
+"""The measuring scripts whose figures README.md and docs/ quote, each run in a tiny mode
 (`make test-slow`): they run to the end and report what they measured."""
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def pick_precision(name: str, device: torch.device) -> str:
     """``auto``: bf16 autocast on a GPU with bf16 (fp16 + grad scaling on older
     GPUs); on a CPU, bf16 where it has native bf16 units (AMX, AVX512-BF16), else
     fp32 (bf16 without them measured ~10x slower than fp32, AVX2 machine,
-    ResNet-20). Measured CPU figures: README, Performance."""
+    ResNet-20). Measured CPU figures: docs/performance.md."""
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
