@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 # Set on every rank to rank 0's start time, so each rank's Hydra computes
 # the same run directory (Hydra's ${now:} would differ between processes).
@@ -60,9 +61,37 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend=backend)
+    store = _store_of_this_start()
+    if store is None:
+        dist.init_process_group(backend=backend)
+    else:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     _share_launch_time()
     return current()
+
+
+def _store_of_this_start() -> dist.Store | None:
+    """Under torchrun, the agent's store, with keys of this start of the workers alone;
+    None elsewhere (``init_process_group`` reads MASTER_ADDR/PORT itself).
+
+    torchrun's agent hosts one store for all its starts (``--max-restarts``) and torch
+    hands it to the workers without a per-start prefix: after a restart, a new rank
+    would read a dead worker's gloo address left by the start before and fail
+    ("Connection refused"). The restart count (the same on every agent whose workers
+    failed, so on every node when a worker dies: its peers' collectives fail) keeps
+    each start's keys apart.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    return dist.PrefixStore(f"resnet_exp/start_{restart}", store)
 
 
 def current() -> DistInfo:
