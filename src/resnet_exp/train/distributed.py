@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -65,33 +66,67 @@ def init_distributed() -> DistInfo:
     if store is None:
         dist.init_process_group(backend=backend)
     else:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store, rank, world = store
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     _share_launch_time()
     return current()
 
 
-def _store_of_this_start() -> dist.Store | None:
-    """Under torchrun, the agent's store, with keys of this start of the workers alone;
-    None elsewhere (``init_process_group`` reads MASTER_ADDR/PORT itself).
+def _store_of_this_start() -> tuple[dist.Store, int, int] | None:
+    """Under torchrun, the agent's store with keys of this start of the workers alone
+    (and this rank, the world); None elsewhere (``init_process_group`` reads the
+    environment itself).
 
-    torchrun's agent hosts one store for all its starts (``--max-restarts``) and torch
-    hands it to the workers without a per-start prefix: after a restart, a new rank
-    would read a dead worker's gloo address left by the start before and fail
-    ("Connection refused"). The restart count (the same on every agent whose workers
-    failed, so on every node when a worker dies: its peers' collectives fail) keeps
-    each start's keys apart.
+    torchrun's agent hosts one store for all starts of the workers (``--max-restarts``)
+    and torch hands it to them without a per-start prefix: after a restart, a new rank
+    reads a dead worker's gloo address left by the start before and fails ("Connection
+    refused"). Nothing the agent exports tells the starts apart on every node (the
+    restart count is per agent: one that restarts for a rejoining node does not count
+    it), so the ranks agree on a start number in the store (``_agree_on_start``).
     """
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
         return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
         is_master=False,
         timeout=default_pg_timeout,
     )
-    return dist.PrefixStore(f"resnet_exp/start_{restart}", store)
+    start = _agree_on_start(dist.PrefixStore("resnet_exp", store), rank, world)
+    return dist.PrefixStore(f"resnet_exp/start_{start}", store), rank, world
+
+
+def _agree_on_start(store: dist.Store, rank: int, world: int) -> int:
+    """A number that every rank of this start gets and no earlier start had.
+
+    Rank 0 takes the next number; every other rank asks for it under a token of its
+    own and acknowledges the answer with it. An ask left by a worker of an earlier
+    start is answered at most once and never acknowledged with this number: rank 0
+    waits until every rank's ask is, so none is left behind.
+    """
+    if rank != 0:
+        token = uuid.uuid4().hex
+        store.set(f"ask/{rank}", token)
+        start = int(store.get(f"answer/{token}"))  # blocks until rank 0 answers
+        store.set(f"ack/{token}", str(start))
+        return start
+    start = store.add("starts", 1)
+    waiting, deadline = set(range(1, world)), time.monotonic() + default_pg_timeout.total_seconds()
+    while waiting:
+        for r in sorted(waiting):
+            if not store.check([f"ask/{r}"]):
+                continue
+            token = store.get(f"ask/{r}").decode()
+            if store.check([f"ack/{token}"]) and int(store.get(f"ack/{token}")) == start:
+                waiting.discard(r)
+            elif not store.check([f"answer/{token}"]):
+                store.set(f"answer/{token}", str(start))
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"ranks {sorted(waiting)} did not join this start in time")
+        if waiting:
+            time.sleep(0.01)
+    return start
 
 
 def current() -> DistInfo:
