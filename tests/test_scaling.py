@@ -5,6 +5,7 @@ Slow (``make test-slow``): each test starts several Python processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -224,3 +225,137 @@ def test_two_nodes_of_one_process_train_one_run(tmp_path: Path) -> None:
     torchrun([*job, f"hydra.run.dir={one_node}"], cwd=tmp_path)
     assert s["final_train_loss"] == summary(one_node)["final_train_loss"]
     assert_same_weights(weights(run), weights(one_node))
+
+
+# --- elastic recovery: a worker killed, torchrun restarts the group, resume=auto ---------
+
+# 6 epochs of 8 steps: a checkpoint closes each epoch, the kill comes after the first.
+ELASTIC_JOB = [*DDP_JOB, "trainer.max_steps=48", "resume=auto"]
+AGENT_TIMEOUT_S = 240  # a hang fails the test instead of outliving it
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return {}
+    return dict(kv.split("=", 1) for kv in raw.split("\0") if "=" in kv)
+
+
+def _stop(agents: list[subprocess.Popen]) -> None:
+    """Kill what is left: each worker's session (torchrun starts each in its own), then the
+    agents' own."""
+    for agent in agents:
+        for worker in _children(agent.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker, signal.SIGKILL)
+    for agent in agents:
+        if agent.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait(timeout=30)
+
+
+def _run_agents(cmds: list[list[str]], cwd: Path, kill_rank: int | None = None) -> None:
+    """Start one torchrun agent per command; with ``kill_rank``, SIGKILL that rank's worker
+    once the run's first checkpoint exists. Every agent must exit 0 within the timeout."""
+    env = {**os.environ, **ENV}
+    logs = [cwd / f"agent{i}.log" for i in range(len(cmds))]
+    agents = []
+    try:
+        for cmd, log in zip(cmds, logs):
+            with log.open("w") as out:  # the child holds its own copy of the file
+                agents.append(
+                    subprocess.Popen(
+                        cmd,
+                        cwd=cwd,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        start_new_session=True,
+                    )
+                )
+        deadline = time.monotonic() + AGENT_TIMEOUT_S
+        if kill_rank is not None:
+            run = Path(next(a for a in cmds[0] if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+            while not (run / "last.pt").exists():
+                assert all(a.poll() is None for a in agents), "an agent ended before a checkpoint"
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.02)
+            workers = [w for a in agents for w in _children(a.pid)]
+            victim = [w for w in workers if _environ(w).get("RANK") == str(kill_rank)]
+            assert len(victim) == 1, (workers, victim)
+            os.kill(victim[0], signal.SIGKILL)
+        for agent in agents:
+            agent.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass  # reported below, with the agents' logs
+    finally:
+        _stop(agents)
+    for agent, log in zip(agents, logs):
+        assert agent.returncode == 0, f"{log.name} ({agent.returncode}):\n{log.read_text()[-3000:]}"
+
+
+def _standalone(run: Path, extra: list[str]) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        *extra,
+        "-m",
+        "resnet_exp",
+        *ELASTIC_JOB,
+        f"hydra.run.dir={run}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same job over two processes, never interrupted."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    _run_agents([_standalone(cwd / "run", [])], cwd)
+    return cwd / "run"
+
+
+def assert_recovered(run: Path, reference: Path) -> None:
+    """One restart resumed from a checkpoint of the first start, mid-run, and the run ended
+    as the uninterrupted one: the same weights, records and losses."""
+    log = (run / "resnet-exp.log").read_text()
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1, log[-3000:]
+    step = int(resumed[0].split(" at step ")[1].split()[0])
+    assert 0 < step < 48 and step % 8 == 0, resumed[0]
+    s, ref = summary(run), summary(reference)
+    assert s["status"] == "completed" and s["steps_done"] == 48 and s["processes"] == 2
+    assert s["final_train_loss"] == ref["final_train_loss"]
+    assert s["final_test_error"] == ref["final_test_error"]
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, 7))  # the redone epochs once each
+    assert_same_weights(weights(run), weights(reference))
+
+
+def test_killed_worker_restarts_and_resumes(tmp_path: Path, uninterrupted: Path) -> None:
+    """torchrun --max-restarts=1 on one node: a worker SIGKILLed mid-run, the agent stops the
+    other and starts both again; with resume=auto they continue from last.pt (deterministic
+    on the CPU: the same weights, bit for bit, as the run never interrupted)."""
+    run = tmp_path / "run"
+    _run_agents([_standalone(run, ["--max-restarts=1"])], tmp_path, kill_rank=1)
+    assert_recovered(run, uninterrupted)
+
+
+def test_killed_node_worker_restarts_both_nodes(tmp_path: Path, uninterrupted: Path) -> None:
+    """Two one-process "nodes" (c10d rendezvous): rank 0's worker, the one that writes the
+    run directory, SIGKILLed mid-run; both agents restart and the run ends as if never
+    interrupted."""
+    run, port = tmp_path / "run", free_port()
+    job = [*ELASTIC_JOB, f"hydra.run.dir={run}"]
+    cmd = node_cmd(2, 1, port, job, ["--max-restarts=1"])
+    _run_agents([cmd, cmd], tmp_path, kill_rank=0)
+    assert_recovered(run, uninterrupted)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 # Set on every rank to rank 0's start time, so each rank's Hydra computes
 # the same run directory (Hydra's ${now:} would differ between processes).
@@ -60,9 +62,71 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend=backend)
+    store = _store_of_this_start()
+    if store is None:
+        dist.init_process_group(backend=backend)
+    else:
+        store, rank, world = store
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     _share_launch_time()
     return current()
+
+
+def _store_of_this_start() -> tuple[dist.Store, int, int] | None:
+    """Under torchrun, the agent's store with keys of this start of the workers alone
+    (and this rank, the world); None elsewhere (``init_process_group`` reads the
+    environment itself).
+
+    torchrun's agent hosts one store for all starts of the workers (``--max-restarts``)
+    and torch hands it to them without a per-start prefix: after a restart, a new rank
+    reads a dead worker's gloo address left by the start before and fails ("Connection
+    refused"). Nothing the agent exports tells the starts apart on every node (the
+    restart count is per agent: one that restarts for a rejoining node does not count
+    it), so the ranks agree on a start number in the store (``_agree_on_start``).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    start = _agree_on_start(dist.PrefixStore("resnet_exp", store), rank, world)
+    return dist.PrefixStore(f"resnet_exp/start_{start}", store), rank, world
+
+
+def _agree_on_start(store: dist.Store, rank: int, world: int) -> int:
+    """A number that every rank of this start gets and no earlier start had.
+
+    Rank 0 takes the next number; every other rank asks for it under a token of its
+    own and acknowledges the answer with it. An ask left by a worker of an earlier
+    start is answered at most once and never acknowledged with this number: rank 0
+    waits until every rank's ask is, so none is left behind.
+    """
+    if rank != 0:
+        token = uuid.uuid4().hex
+        store.set(f"ask/{rank}", token)
+        start = int(store.get(f"answer/{token}"))  # blocks until rank 0 answers
+        store.set(f"ack/{token}", str(start))
+        return start
+    start = store.add("starts", 1)
+    waiting, deadline = set(range(1, world)), time.monotonic() + default_pg_timeout.total_seconds()
+    while waiting:
+        for r in sorted(waiting):
+            if not store.check([f"ask/{r}"]):
+                continue
+            token = store.get(f"ask/{r}").decode()
+            if store.check([f"ack/{token}"]) and int(store.get(f"ack/{token}")) == start:
+                waiting.discard(r)
+            elif not store.check([f"answer/{token}"]):
+                store.set(f"answer/{token}", str(start))
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"ranks {sorted(waiting)} did not join this start in time")
+        if waiting:
+            time.sleep(0.01)
+    return start
 
 
 def current() -> DistInfo:
