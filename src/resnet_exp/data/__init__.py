@@ -1,13 +1,14 @@
 from resnet_exp.data.interface import DataSource, TrainBatches, is_streamed, load_dataset
 from resnet_exp.data.loader import Normalize, TrainLoader, crop_flip, eval_batches
 from resnet_exp.data.sources import Dataset
-from resnet_exp.data.splits import FileSplit, Split
+from resnet_exp.data.splits import FileSplit, Placement, Split
 
 __all__ = [
     "DataSource",
     "Dataset",
     "FileSplit",
     "Normalize",
+    "Placement",
     "Split",
     "TrainBatches",
     "TrainLoader",

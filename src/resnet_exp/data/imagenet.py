@@ -20,6 +20,7 @@ from resnet_exp.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from resnet_exp.data.splits import (
     SPLIT_SEED,
     FileSplit,
+    Placement,
     Splits,
     check_limits,
     check_same_classes,
@@ -43,14 +44,12 @@ class StreamedDataset(Splits[FileSplit]):
         self,
         cfg: DataConfig,
         batch_size: int,
-        device: torch.device,
         seed: int,
-        *,
-        channels_last: bool = True,
-        rank: int = 0,
-        world: int = 1,
+        at: Placement,
     ) -> StreamLoader:
-        return StreamLoader(self.train, cfg, batch_size, device, seed, channels_last, rank, world)
+        return StreamLoader(
+            self.train, cfg, batch_size, at.device, seed, at.channels_last, at.rank, at.world
+        )
 
     def eval_names(self, cfg: DataConfig) -> list[str]:
         crops = eval_crops(cfg)
@@ -60,13 +59,9 @@ class StreamedDataset(Splits[FileSplit]):
         self,
         split: FileSplit,
         cfg: DataConfig,
-        device: torch.device,
-        *,
-        channels_last: bool = True,
-        rank: int = 0,
-        world: int = 1,
+        at: Placement,
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        return stream_eval_batches(split, cfg, device, channels_last, rank, world)
+        return stream_eval_batches(split, cfg, at.device, at.channels_last, at.rank, at.world)
 
 
 def eval_folder(cfg: DataConfig) -> str:

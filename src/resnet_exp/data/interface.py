@@ -16,6 +16,7 @@ import torch
 from resnet_exp.config import DataConfig
 from resnet_exp.data.imagenet import load_streamed
 from resnet_exp.data.sources import load_in_memory
+from resnet_exp.data.splits import Placement
 
 # ({crop name: normalised images}, labels; -1 for an image that is not counted)
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor]
@@ -65,12 +66,8 @@ class DataSource(Protocol):
         self,
         cfg: DataConfig,
         batch_size: int,
-        device: torch.device,
         seed: int,
-        *,
-        channels_last: bool = True,
-        rank: int = 0,
-        world: int = 1,
+        at: Placement,
     ) -> TrainBatches:
         """This rank's ``batch_size`` images per step of the training split."""
         ...
@@ -83,11 +80,7 @@ class DataSource(Protocol):
         self,
         split: Any,
         cfg: DataConfig,
-        device: torch.device,
-        *,
-        channels_last: bool = True,
-        rank: int = 0,
-        world: int = 1,
+        at: Placement,
     ) -> Iterator[EvalBatch]:
         """This rank's share (every ``world``-th image) of one of this source's splits."""
         ...

@@ -23,6 +23,7 @@ from resnet_exp.config import DataConfig
 from resnet_exp.data.loader import Normalize, TrainLoader, eval_batches
 from resnet_exp.data.splits import (
     SPLIT_SEED,
+    Placement,
     Split,
     Splits,
     check_limits,
@@ -39,25 +40,21 @@ class Dataset(Splits[Split]):
         self,
         cfg: DataConfig,
         batch_size: int,
-        device: torch.device,
         seed: int,
-        *,
-        channels_last: bool = True,
-        rank: int = 0,
-        world: int = 1,
+        at: Placement,
     ) -> TrainLoader:
         return TrainLoader(
             self.train,
             batch_size,
-            Normalize(self.mean, self.std, device),
-            device,
+            Normalize(self.mean, self.std, at.device),
+            at.device,
             seed,
             augment=cfg.augment,
             pad=cfg.pad,
             pad_value=cfg.pad_value.value,
-            channels_last=channels_last,
-            rank=rank,
-            world=world,
+            channels_last=at.channels_last,
+            rank=at.rank,
+            world=at.world,
         )
 
     def eval_names(self, cfg: DataConfig) -> list[str]:
@@ -67,16 +64,14 @@ class Dataset(Splits[Split]):
         self,
         split: Split,
         cfg: DataConfig,
-        device: torch.device,
-        *,
-        channels_last: bool = True,
-        rank: int = 0,
-        world: int = 1,
+        at: Placement,
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        if world > 1:
-            split = split.subset(torch.arange(rank, len(split), world))
-        normalize = Normalize(self.mean, self.std, device)
-        for x, y in eval_batches(split, cfg.eval_batch_size, normalize, device, channels_last):
+        if at.world > 1:
+            split = split.subset(torch.arange(at.rank, len(split), at.world))
+        normalize = Normalize(self.mean, self.std, at.device)
+        for x, y in eval_batches(
+            split, cfg.eval_batch_size, normalize, at.device, at.channels_last
+        ):
             yield {"": x}, y
 
 

@@ -18,6 +18,18 @@ import torch
 from resnet_exp.config import DataConfig
 from resnet_exp.errors import UserError
 
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank's batches go: its device and memory format, and its share of
+    the images (every ``world``-th, from ``rank``)."""
+
+    device: torch.device
+    channels_last: bool = True
+    rank: int = 0
+    world: int = 1
+
+
 # A fixed seed for splits and limits, so every run (and every seed of a
 # sweep) sees the same validation set and the same subset.
 SPLIT_SEED = 0

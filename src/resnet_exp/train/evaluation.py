@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from resnet_exp.data import FileSplit, Split
+from resnet_exp.data import FileSplit, Placement, Split
 from resnet_exp.train import distributed
 from resnet_exp.train.runtime import autocast
 from resnet_exp.train.setup import Setup
@@ -34,14 +34,8 @@ def evaluate(
     classes = s.data.num_classes
     counts = torch.zeros(2, classes, device=s.device, dtype=torch.int64) if per_class else None
     dist = distributed.current()
-    batches = s.data.eval_batches(
-        split,
-        s.cfg.data,
-        s.device,
-        channels_last=s.channels_last,
-        rank=dist.rank,
-        world=dist.world,
-    )
+    at = Placement(s.device, s.channels_last, dist.rank, dist.world)
+    batches = s.data.eval_batches(split, s.cfg.data, at)
     for views, y in batches:  # ({crop suffix: images}, labels) of this rank's share
         valid = y >= 0  # a streamed image that could not be read is not counted
         for c, suffix in enumerate(suffixes):

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from resnet_exp.config import Config, TrainerConfig, model_options
-from resnet_exp.data import DataSource, TrainBatches, is_streamed, load_dataset
+from resnet_exp.data import DataSource, Placement, TrainBatches, is_streamed, load_dataset
 from resnet_exp.errors import UserError
 from resnet_exp.models import ResNet, build_model, count_params, family_unit, resolve_family
 from resnet_exp.train import distributed
@@ -93,15 +93,9 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
     params = count_params(model)
     channels_last = pick_channels_last(cfg.trainer.channels_last, model, device)
     model, train_model = _place(model, cfg.trainer, device, dist.enabled, channels_last)
-    loader = data.train_loader(  # in memory or streamed from files: the data set's own
-        cfg.data,
-        batch // dist.world,
-        device,
-        cfg.seed,
-        channels_last=channels_last,
-        rank=dist.rank,
-        world=dist.world,
-    )
+    # In memory or streamed from files: the data set's own loader.
+    at = Placement(device, channels_last, dist.rank, dist.world)
+    loader = data.train_loader(cfg.data, batch // dist.world, cfg.seed, at)
     total = _total_steps(cfg.trainer, loader.steps_per_epoch)
     warmup = warmup_on(cfg.schedule, cfg.data.name)
     optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
