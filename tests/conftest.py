@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,34 @@ def console_script() -> str:
     """The installed `resnet-exp`, next to this interpreter."""
     path = Path(sys.executable).parent / "resnet-exp"
     return str(path) if path.exists() else shutil.which("resnet-exp") or "resnet-exp"
+
+
+def signal_after_first_evaluation(
+    args: list[str], cwd: Path, metrics: list[Path], signum: int
+) -> tuple[int, str]:
+    """Start the console script (one thread), wait until every ``metrics`` file holds a
+    complete line (a file, not a time: the run is in its loop, its handlers installed),
+    send ``signum``; the exit status and what it wrote to stderr."""
+    err = cwd / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            [console_script(), *args],
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env={**os.environ, **ONE_THREAD},
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not all(m.exists() and m.read_text().endswith("\n") for m in metrics):
+                assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
+                time.sleep(0.01)
+            proc.send_signal(signum)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return rc, err.read_text()
 
 
 def compose_config(overrides: list[str]):

@@ -6,8 +6,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,12 @@ from resnet_exp.train.resume import check_resumable, with_inherited_overrides
 from resnet_exp.train.stop import Abort, Interrupted, StopRequest
 
 from conftest import (
-    ONE_THREAD,
     TINY,
     assert_same_tensors,
     compose_config,
-    console_script,
     run_cli,
     run_main,
+    signal_after_first_evaluation,
     tb_scalars,
 )
 
@@ -155,27 +152,9 @@ def test_sigterm_through_the_command_then_resume_is_bit_identical(
     tmp_path: Path, references: dict[str, Path]
 ) -> None:
     run = tmp_path / "run"
-    err = tmp_path / "stderr.txt"
-    with open(err, "w") as stderr:
-        proc = subprocess.Popen(
-            [console_script(), *PAPER, f"hydra.run.dir={run}"],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env={**os.environ, **ONE_THREAD},
-        )
-        try:
-            deadline = time.monotonic() + 300
-            metrics = run / "metrics.jsonl"
-            while not (metrics.exists() and metrics.read_text().endswith("\n")):
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.01)  # the first evaluation: the handlers are installed
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = err.read_text()
+    rc, text = signal_after_first_evaluation(
+        [*PAPER, f"hydra.run.dir={run}"], tmp_path, [run / "metrics.jsonl"], signal.SIGTERM
+    )
     assert rc == 128 + signal.SIGTERM, text
     assert "Traceback" not in text
     step = json.loads((run / "summary.json").read_text())["steps_done"]

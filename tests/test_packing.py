@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,13 @@ from resnet_exp.cli import config_dir
 from resnet_exp.train.loop import train
 from resnet_exp.train.records import read_metrics
 
-from conftest import ONE_THREAD, TINY, assert_same_tensors, console_script, run_cli
+from conftest import (
+    ONE_THREAD,
+    TINY,
+    assert_same_tensors,
+    run_cli,
+    signal_after_first_evaluation,
+)
 
 # Tiny runs crossing an epoch end (16 steps): evaluation, checkpoint, logs.
 SHORT = [*TINY, "trainer.log_every=5", "trainer.max_steps=20"]
@@ -184,27 +189,12 @@ def test_packing_refuses_jobs_with_different_process_settings(tmp_path: Path) ->
 def test_sigterm_checkpoints_every_packed_run_then_the_sweep_resumes(tmp_path: Path) -> None:
     long = [*TINY, "trainer.epochs=50", "seed=1,2", *PACKED, "hydra.launcher.runs_per_device=2"]
     sweep_dir = tmp_path / "s"
-    err = tmp_path / "stderr.txt"
-    with open(err, "w") as stderr:
-        proc = subprocess.Popen(
-            [console_script(), "-m", *long, f"hydra.sweep.dir={sweep_dir}"],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env={**os.environ, **ONE_THREAD},
-        )
-        try:
-            deadline = time.monotonic() + 300
-            metrics = [sweep_dir / f"{i}_preact_8" / "metrics.jsonl" for i in (0, 1)]
-            while not all(m.exists() and m.read_text().endswith("\n") for m in metrics):
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.01)  # both runs are past their first epoch
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = err.read_text()
+    rc, text = signal_after_first_evaluation(  # both runs are past their first epoch
+        ["-m", *long, f"hydra.sweep.dir={sweep_dir}"],
+        tmp_path,
+        [sweep_dir / f"{i}_preact_8" / "metrics.jsonl" for i in (0, 1)],
+        signal.SIGTERM,
+    )
     assert rc == 128 + signal.SIGTERM, text
     assert "Traceback" not in text
     assert text.count("SIGTERM received") == 1

@@ -6,10 +6,7 @@ the unstarted one started."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,13 @@ import torch
 
 from resnet_exp.train.records import read_metrics
 
-from conftest import ONE_THREAD, TINY, assert_same_tensors, console_script, run_cli, run_main
+from conftest import (
+    TINY,
+    assert_same_tensors,
+    run_cli,
+    run_main,
+    signal_after_first_evaluation,
+)
 
 # A constant lr after no warm-up: a run cut short by max_steps has the schedule of a
 # longer one (the paper's milestones are fractions of the run's length).
@@ -69,27 +72,12 @@ def test_ctrl_c_stops_a_sweep_and_resume_auto_continues_it(tmp_path: Path) -> No
     jobs = [sweep / f"{i}_preact_8" for i in range(3)]
     # The second job would run for hours: only Ctrl-C ends it in the first command.
     args = ["-m", *FLAT, f"hydra.sweep.dir={sweep}"]
-    err = tmp_path / "stderr.txt"
-    with open(err, "w") as stderr:
-        proc = subprocess.Popen(
-            [console_script(), *args, "trainer.max_steps=16,10000000,16"],
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env={**os.environ, **ONE_THREAD},
-        )
-        try:
-            deadline = time.monotonic() + 300
-            metrics = jobs[1] / "metrics.jsonl"
-            while not (metrics.exists() and metrics.read_text().endswith("\n")):
-                assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
-                time.sleep(0.01)  # a file, not a time: the second job is past an epoch
-            proc.send_signal(signal.SIGINT)
-            rc = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = err.read_text()
+    rc, text = signal_after_first_evaluation(  # the second job is past an epoch
+        [*args, "trainer.max_steps=16,10000000,16"],
+        tmp_path,
+        [jobs[1] / "metrics.jsonl"],
+        signal.SIGINT,
+    )
     assert rc == 130, text
     assert "Traceback" not in text and text.count("SIGINT received") == 1, text
     stopped = summary(jobs[1])
