@@ -42,7 +42,7 @@ gpu-check: install  ## on one GPU: the CUDA-only tests, speed and packing tables
 	$(BIN)/python scripts/gpu_check.py $(if $(DRY),--dry) $(if $(RESNET_EXP_DATA),--data $(RESNET_EXP_DATA))
 
 reproduce: install  ## spend BUDGET=9m on the paper's full-recipe runs, continuing CAMPAIGN=DIR (default outputs/campaign); DRY=1: tiny nets on the CPU
-	$(BIN)/python scripts/reproduce.py $(if $(DRY),--dry $(if $(BUDGET),--budget $(BUDGET)),--budget $(or $(BUDGET),$(error BUDGET=... is required, e.g. make reproduce BUDGET=9m))) $(if $(CAMPAIGN),--campaign $(CAMPAIGN)) $(if $(RESNET_EXP_DATA),dataset=cifar10 data.root=$(RESNET_EXP_DATA) data.download=false) $(ARGS)
+	$(BIN)/resnet-exp-reproduce $(if $(DRY),--dry $(if $(BUDGET),--budget $(BUDGET)),--budget $(or $(BUDGET),$(error BUDGET=... is required, e.g. make reproduce BUDGET=9m))) $(if $(CAMPAIGN),--campaign $(CAMPAIGN)) $(if $(RESNET_EXP_DATA),dataset=cifar10 data.root=$(RESNET_EXP_DATA) data.download=false) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist build

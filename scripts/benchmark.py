@@ -169,7 +169,7 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from resnet_exp.data import load_dataset
-    from resnet_exp.train.runtime import pick_device
+    from resnet_exp.run.runtime import pick_device
     from resnet_exp.train.setup import model_from_config
 
     cfg = compose(args.overrides)

@@ -114,7 +114,7 @@ def build_run(args: argparse.Namespace, seed: int, device: Any):
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from resnet_exp import pack
+    from resnet_exp.sweep import pack
 
     runs, threads = parse_pack(args.pack[0], pack.cpu_cores())
     device = pack.pack_device(args.device)
@@ -174,7 +174,7 @@ def alternate_worker(args: argparse.Namespace) -> dict[str, Any]:
     """All packs in one process, their windows alternating: on a machine whose load
     changes, neighbouring windows see about the same load, so their ratio holds."""
 
-    from resnet_exp import pack
+    from resnet_exp.sweep import pack
 
     specs = [parse_pack(s, pack.cpu_cores()) for s in args.pack]
     device = pack.pack_device(args.device)
@@ -197,7 +197,7 @@ def alternate_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _window(steps: list[Any], device: Any, threads: int, n_steps: int) -> float:
     """Seconds for every run to take ``n_steps`` steps, each on its own thread."""
-    from resnet_exp import pack
+    from resnet_exp.sweep import pack
 
     barrier = threading.Barrier(len(steps) + 1)
     errors: list[BaseException] = []
@@ -344,7 +344,7 @@ def main() -> None:
         plan = {m: args.pack or ["1", "2", "4", "8"] for m in args.model}
     else:
         plan = preset.get("models") or {"original:20": args.pack or ["1", "2"]}
-    from resnet_exp.pack import cpu_cores
+    from resnet_exp.sweep.pack import cpu_cores
 
     for specs in plan.values():
         for spec in specs:

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from resnet_exp.run.runtime import pick_precision
 from resnet_exp.train.loop import Trainer
-from resnet_exp.train.runtime import pick_precision
 
 from conftest import ONE_THREAD, REPO
 

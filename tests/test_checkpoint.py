@@ -10,9 +10,9 @@ import pytest
 
 from resnet_exp.config import Config, flat_config
 from resnet_exp.errors import UserError
-from resnet_exp.evaluate import checkpoint_to_evaluate
-from resnet_exp.train.checkpoint import CHECKPOINT, REQUIRED, Checkpoint
-from resnet_exp.train.resume import check_resumable
+from resnet_exp.modes.evaluate import checkpoint_to_evaluate
+from resnet_exp.run.checkpoint import CHECKPOINT, REQUIRED, Checkpoint
+from resnet_exp.run.resume import check_resumable
 
 from conftest import TINY, compose_config
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from resnet_exp import build_model
-from resnet_exp.train import runtime
-from resnet_exp.train.runtime import nhwc_unsafe_convs, pick_channels_last, pick_precision
+from resnet_exp.run import runtime
+from resnet_exp.run.runtime import nhwc_unsafe_convs, pick_channels_last, pick_precision
 
 from conftest import ONE_THREAD, TINY, run_cli, run_main
 

@@ -15,8 +15,8 @@ from test_imagenet import write_folder
 from resnet_exp.data import DataSource, Split, TrainBatches, load_dataset
 from resnet_exp.data.sources import Dataset
 from resnet_exp.data.stream import stream_eval_batches
+from resnet_exp.run.runtime import autocast
 from resnet_exp.train.evaluation import evaluate
-from resnet_exp.train.runtime import autocast
 from resnet_exp.train.setup import build_setup
 
 from conftest import REPO, TINY, compose_config

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from resnet_exp.callbacks import SweepOverlay
-from resnet_exp.diagnose import FIELDS
+from resnet_exp.modes.diagnose import FIELDS
 
 from conftest import run_main
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from resnet_exp.train.distributed import _agree_on_start
+from resnet_exp.run.distributed import _agree_on_start
 
 
 def test_the_ranks_of_a_restart_agree_on_a_new_start() -> None:

@@ -13,7 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
-from resnet_exp.train import gpus
+from resnet_exp.run import gpus
 
 # The module alone, loaded from its file: a holder starts in a moment without torch.
 HOLDER = f"""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from resnet_exp import build_model
 from resnet_exp.errors import UserError
-from resnet_exp.gradflow import GradFlow, GradFlowMonitor, GradFlowProbe
+from resnet_exp.models.gradflow import GradFlow, GradFlowMonitor, GradFlowProbe
 
 from conftest import BLOCKS, compose_config, tb_scalars
 

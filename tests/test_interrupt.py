@@ -14,11 +14,11 @@ import torch
 
 from resnet_exp.config import Config, flat_config
 from resnet_exp.errors import UserError
-from resnet_exp.train.checkpoint import Checkpoint
+from resnet_exp.run.checkpoint import Checkpoint
+from resnet_exp.run.records import read_metrics
+from resnet_exp.run.resume import check_resumable, with_inherited_overrides
+from resnet_exp.run.stop import Abort, Interrupted, StopRequest
 from resnet_exp.train.loop import train
-from resnet_exp.train.records import read_metrics
-from resnet_exp.train.resume import check_resumable, with_inherited_overrides
-from resnet_exp.train.stop import Abort, Interrupted, StopRequest
 
 from conftest import (
     TINY,

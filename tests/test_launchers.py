@@ -14,8 +14,8 @@ import submitit
 import torch
 
 from resnet_exp import cli
-from resnet_exp.train.result import RunResult, Status
-from resnet_exp.train.runtime import pick_device
+from resnet_exp.run.result import RunResult, Status
+from resnet_exp.run.runtime import pick_device
 
 from conftest import TINY, run_main
 

@@ -17,10 +17,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resnet_exp import pack
 from resnet_exp.cli import config_dir
+from resnet_exp.run.records import read_metrics
+from resnet_exp.sweep import pack
 from resnet_exp.train.loop import train
-from resnet_exp.train.records import read_metrics
 
 from conftest import (
     ONE_THREAD,

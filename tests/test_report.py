@@ -20,7 +20,7 @@ from resnet_exp.report import figures
 from resnet_exp.report.paper import paper_error
 from resnet_exp.report.runs import Run
 from resnet_exp.report.tables import group_rows
-from resnet_exp.train.records import RunRecords
+from resnet_exp.run.records import RunRecords
 
 from conftest import run_main
 

@@ -10,8 +10,8 @@ import pytest
 
 from resnet_exp import cli
 from resnet_exp.errors import UserError
-from resnet_exp.train.result import EXIT_CODES, Diverged, RunResult, Status
-from resnet_exp.train.stop import Interrupted
+from resnet_exp.run.result import EXIT_CODES, Diverged, RunResult, Status
+from resnet_exp.run.stop import Interrupted
 
 
 def stopped(sig: signal.Signals, status: Status = Status.interrupted) -> RunResult:

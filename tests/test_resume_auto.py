@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_exp.train.records import read_metrics
+from resnet_exp.run.records import read_metrics
 
 from conftest import (
     TINY,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from resnet_exp.search_space import parse_space, readable
-from resnet_exp.search_study import JOURNAL
-from resnet_exp.train.result import RunResult
+from resnet_exp.run.result import RunResult
+from resnet_exp.sweep.search.space import parse_space, readable
+from resnet_exp.sweep.search.study import JOURNAL
 
 from conftest import (
     ONE_THREAD,
@@ -299,8 +299,8 @@ def test_pruning_stops_the_trial_a_bad_learning_rate_makes_worse(tmp_path: Path)
 def test_the_trainer_stops_where_its_evaluation_reporter_says(tmp_path: Path) -> None:
     """The trainer knows only train/pruning.py's protocol (no study, no Hydra): it
     reports each scheduled evaluation and ends ``pruned`` after the one it is told to."""
+    from resnet_exp.run.result import Status
     from resnet_exp.train.loop import Trainer
-    from resnet_exp.train.result import Status
 
     class StopAfterEpoch2:
         def __init__(self) -> None:

@@ -12,16 +12,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ONE_THREAD, REPO, TINY, run_cli
+from conftest import ONE_THREAD, REPO, TINY, console_script, run_cli
 
 SCRIPTS = REPO / "scripts"
+
+
+def console(name: str) -> str:
+    """An installed command of the package, beside ``resnet-exp``."""
+    return str(Path(console_script()).with_name(name))
+
+
 # A run far longer than any window below: only its time limit ends it.
 LONG = [*TINY, "trainer.max_steps=1000000", "trainer.log_every=8"]
 
 
 def script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A script of scripts/, or (no .py) one of the package's commands."""
+    command = [sys.executable, str(SCRIPTS / name)] if name.endswith(".py") else [console(name)]
     return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *args],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -41,10 +50,9 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path: Path) -> None:
 
 
 def test_the_default_campaign_plans_the_papers_sweeps() -> None:
-    sys.path.insert(0, str(SCRIPTS))
-    import reproduce
+    from resnet_exp.sweep import campaign as reproduce
 
-    campaign = reproduce.load_campaign(reproduce.CAMPAIGNS / "default.yaml")
+    campaign = reproduce.load_campaign(reproduce.campaigns() / "default.yaml")
     plans = [reproduce.planned_jobs(s["overrides"]) for s in campaign["sweeps"]]
     assert [len(p) for p in plans] == [15, 10, 15, 25]  # 5 orderings x 3 seeds, then Table 2
     first = plans[0][0]
@@ -138,7 +146,7 @@ def test_gpu_check_dry_writes_its_folder(tmp_path: Path) -> None:
 @pytest.mark.slow  # ~2 minutes: two calls of about a minute each
 def test_reproduce_dry_banks_results_and_continues(tmp_path: Path) -> None:
     campaign = tmp_path / "campaign"
-    first = script("reproduce.py", "--dry", "--campaign", str(campaign))
+    first = script("resnet-exp-reproduce", "--dry", "--campaign", str(campaign))
     assert first.returncode == 0, first.stdout + first.stderr
     state = json.loads((campaign / "campaign.json").read_text())["sweeps"]
     assert state["a_depth8_orderings"]["done"]  # the short sweep finished
@@ -156,7 +164,7 @@ def test_reproduce_dry_banks_results_and_continues(tmp_path: Path) -> None:
         for p in (campaign / "b_depth11_long").glob("*/summary.json")
     }
 
-    second = script("reproduce.py", "--dry", "--campaign", str(campaign), "--budget", "45s")
+    second = script("resnet-exp-reproduce", "--dry", "--campaign", str(campaign), "--budget", "45s")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "a_depth8_orderings:" not in second.stdout.split("budget")[1].split("report:")[0]
     for name, steps in done.items():  # continued from its checkpoint, further along

@@ -12,10 +12,10 @@ import torch
 
 from resnet_exp.config import parse_duration
 from resnet_exp.errors import UserError
+from resnet_exp.run.records import read_metrics
+from resnet_exp.run.result import RunResult, Status
+from resnet_exp.run.stop import Interrupted, StopRequest, TimeLimit
 from resnet_exp.train.loop import train
-from resnet_exp.train.records import read_metrics
-from resnet_exp.train.result import RunResult, Status
-from resnet_exp.train.stop import Interrupted, StopRequest, TimeLimit
 
 from conftest import TINY, assert_same_tensors, compose_config, run_main, tb_scalars
 

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # load_run on first use: it imports the trainer
     if name == "load_run":
-        from resnet_exp.evaluate import load_run
+        from resnet_exp.modes.evaluate import load_run
 
         return load_run
     raise AttributeError(f"module 'resnet_exp' has no attribute {name!r}")

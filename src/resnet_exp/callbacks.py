@@ -29,8 +29,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from resnet_exp.errors import UserError
-from resnet_exp.train.records import SUMMARY
-from resnet_exp.train.result import EXIT_CODES, RunResult, Status, SummaryKey
+from resnet_exp.run.records import SUMMARY
+from resnet_exp.run.result import EXIT_CODES, RunResult, Status, SummaryKey
 
 log = logging.getLogger("resnet_exp")
 
@@ -125,7 +125,7 @@ class SweepOverlay(Callback):
     """After a sweep, overlay the ``mode=diagnose`` runs it holds (others: nothing)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from resnet_exp.diagnose import overlay
+        from resnet_exp.modes.diagnose import overlay
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if sweep_dir.is_dir():
@@ -155,7 +155,7 @@ class RefuseTestSearch(Callback):
     select hyper-parameters on the test set, so it is refused before any trial runs."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from resnet_exp.search_study import is_search
+        from resnet_exp.sweep.search.study import is_search
 
         if not is_search(config.hydra.sweeper) or config.get("dry_run") or config.mode != "train":
             return

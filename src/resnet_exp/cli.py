@@ -26,13 +26,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from resnet_exp.config import Config, Mode, parse_duration, register_configs
 from resnet_exp.errors import UserError
-from resnet_exp.evaluate import check_eval_args
-from resnet_exp.train import distributed, gpus
-from resnet_exp.train.checkpoint import AUTO, NO_RESUME, Checkpoint
-from resnet_exp.train.records import SUMMARY, write_json
-from resnet_exp.train.result import EXIT_CODES, RunResult, Status
-from resnet_exp.train.resume import with_inherited_overrides
-from resnet_exp.train.stop import (
+from resnet_exp.modes.evaluate import check_eval_args
+from resnet_exp.run import distributed, gpus
+from resnet_exp.run.checkpoint import AUTO, NO_RESUME, Checkpoint
+from resnet_exp.run.records import SUMMARY, write_json
+from resnet_exp.run.result import EXIT_CODES, RunResult, Status
+from resnet_exp.run.resume import with_inherited_overrides
+from resnet_exp.run.stop import (
     TIME_LIMIT,
     StopRequest,
     exit_code,
@@ -95,18 +95,18 @@ register_configs()
 
 def run(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> RunResult:
     if cfg.mode is Mode.train:
-        from resnet_exp.search_study import trial_reporter
+        from resnet_exp.sweep.search.study import trial_reporter
         from resnet_exp.train.loop import Trainer
 
         # A search's trial reports its evaluations to its study, whose pruner may stop it.
         pruning = None if cfg.dry_run else trial_reporter(distributed.current().is_main)
         return Trainer(cfg, run_dir, stop, pruning).run()
     if cfg.mode is Mode.diagnose:
-        from resnet_exp.diagnose import diagnose
+        from resnet_exp.modes.diagnose import diagnose
 
         return diagnose(cfg, run_dir)
     if cfg.mode is Mode.eval:
-        from resnet_exp.evaluate import evaluate_run
+        from resnet_exp.modes.evaluate import evaluate_run
 
         return evaluate_run(cfg, run_dir)
     raise UserError(f"mode={cfg.mode.value!r} is not one of {', '.join(m.value for m in Mode)}")

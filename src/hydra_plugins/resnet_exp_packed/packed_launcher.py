@@ -102,8 +102,8 @@ class PackedLauncher(Launcher):
         import torch
         from hydra.core.hydra_config import HydraConfig
 
-        from resnet_exp import pack
-        from resnet_exp.train.stop import process_started
+        from resnet_exp.run.stop import process_started
+        from resnet_exp.sweep import pack
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -219,7 +219,7 @@ class PackedLauncher(Launcher):
             _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
         self.hydra_context.callbacks.on_job_start(config=config, task_function=self.task_function)
         job.hydra_cfg = HydraConfig.instance().cfg
-        from resnet_exp.pack import PackedStop
+        from resnet_exp.sweep.pack import PackedStop
 
         job.stop = PackedStop(started=started)
 
@@ -228,7 +228,8 @@ class PackedLauncher(Launcher):
         """A run's thread: the ordinary per-job entry, with its own stop flag."""
         from hydra.core.hydra_config import HydraConfig
 
-        from resnet_exp import cli, pack
+        from resnet_exp import cli
+        from resnet_exp.sweep import pack
 
         HydraConfig.instance().cfg = job.hydra_cfg  # this thread's own
         try:
@@ -268,7 +269,7 @@ def _too_late(job: _Job, started: float) -> bool:
     """Too little of the job's time limit is left to start it: it gets a ``not_started``
     result (reported to on_job_end in its turn) and no directory."""
     from resnet_exp.cli import too_late
-    from resnet_exp.train.stop import StopRequest
+    from resnet_exp.run.stop import StopRequest
 
     c = job.config
     if c.mode != "train" or c.dry_run:

@@ -73,12 +73,12 @@ class SearchSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from resnet_exp.search_run import Search
+        from resnet_exp.sweep.search.run import Search
 
         assert self.config is not None
         Search(self, arguments).run()
 
-    # What resnet_exp.search_run calls back: launching and composing stay Hydra's.
+    # What resnet_exp.sweep.search.run calls back: launching and composing stay Hydra's.
 
     def launch(self, batch: Sequence[tuple[int, Sequence[str]]]) -> list[JobReturn]:
         """Launch ``(trial number, overrides)`` pairs; each run of consecutive numbers

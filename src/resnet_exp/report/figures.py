@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from resnet_exp.report.tables import Row
-from resnet_exp.train.result import Status
+from resnet_exp.run.result import Status
 
 PANEL_FACETS = ("dataset", "net")
 

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from resnet_exp.config import flatten
 from resnet_exp.errors import UserError
-from resnet_exp.train.records import METRICS, SUMMARY, read_metrics
-from resnet_exp.train.result import Status, SummaryKey
+from resnet_exp.run.records import METRICS, SUMMARY, read_metrics
+from resnet_exp.run.result import Status, SummaryKey
 
 CONFIG = Path(".hydra") / "config.yaml"
 # Keys that do not change what a run computes: runs that differ only in these

@@ -11,7 +11,7 @@ from typing import Any
 from resnet_exp.report import compare
 from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
 from resnet_exp.report.runs import NOT_CONFIGURATION, Run
-from resnet_exp.train.result import Status, SummaryKey
+from resnet_exp.run.result import Status, SummaryKey
 
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
 

@@ -11,7 +11,7 @@ from resnet_exp.config import Config, parse_duration
 from resnet_exp.data.interface import is_streamed
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetOptions, family_unit, resolve_family
-from resnet_exp.train import distributed
+from resnet_exp.run import distributed
 from resnet_exp.train.optim import check_optimizer, check_schedule
 
 

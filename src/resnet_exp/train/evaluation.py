@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from resnet_exp.data import FileSplit, Placement, Split
-from resnet_exp.train import distributed
-from resnet_exp.train.runtime import autocast
+from resnet_exp.run import distributed
+from resnet_exp.run.runtime import autocast
 from resnet_exp.train.setup import Setup
 
 

@@ -20,19 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from resnet_exp.config import Config, flat_config, parse_duration
-from resnet_exp.gradflow import GradFlowMonitor
-from resnet_exp.train import distributed
-from resnet_exp.train.checkpoint import CHECKPOINT, Checkpoint
+from resnet_exp.models.gradflow import GradFlowMonitor
+from resnet_exp.run import distributed
+from resnet_exp.run.checkpoint import CHECKPOINT, Checkpoint
+from resnet_exp.run.records import SUMMARY, RunRecords
+from resnet_exp.run.result import RunResult, Status, SummaryKey
+from resnet_exp.run.resume import Resume, Stateful, resumable_overrides
+from resnet_exp.run.runtime import GlobalRNG
+from resnet_exp.run.stop import TIME_LIMIT, StopRequest, TimeLimit
 from resnet_exp.train.evaluation import evaluate
 from resnet_exp.train.metrics import Mean, RunningMetrics
 from resnet_exp.train.progress import Progress
 from resnet_exp.train.pruning import EvaluationReporter
-from resnet_exp.train.records import SUMMARY, RunRecords
-from resnet_exp.train.result import RunResult, Status, SummaryKey
-from resnet_exp.train.resume import Resume, Stateful, resumable_overrides
-from resnet_exp.train.runtime import GlobalRNG
 from resnet_exp.train.setup import Setup, build_setup
-from resnet_exp.train.stop import TIME_LIMIT, StopRequest, TimeLimit
 
 log = logging.getLogger("resnet_exp")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from resnet_exp.train import distributed
+from resnet_exp.run import distributed
 
 
 @dataclass

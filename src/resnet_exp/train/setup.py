@@ -17,15 +17,15 @@ from resnet_exp.config import Config, TrainerConfig, model_options
 from resnet_exp.data import DataSource, Placement, TrainBatches, is_streamed, load_dataset
 from resnet_exp.errors import UserError
 from resnet_exp.models import ResNet, build_model, count_params, family_unit, resolve_family
-from resnet_exp.train import distributed
-from resnet_exp.train.checks import check_settings
-from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
-from resnet_exp.train.runtime import (
+from resnet_exp.run import distributed
+from resnet_exp.run.runtime import (
     pick_channels_last,
     pick_device,
     pick_precision,
     seed_everything,
 )
+from resnet_exp.train.checks import check_settings
+from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
 from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
 
 

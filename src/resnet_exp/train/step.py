@@ -10,8 +10,8 @@ from torch import nn
 
 from resnet_exp.config import Switch
 from resnet_exp.errors import UserError
-from resnet_exp.train import distributed
-from resnet_exp.train.runtime import autocast
+from resnet_exp.run import distributed
+from resnet_exp.run.runtime import autocast
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

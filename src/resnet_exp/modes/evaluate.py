@@ -20,9 +20,9 @@ from torch import nn
 from resnet_exp.config import Config, EvalSplit, Mode, flat_config
 from resnet_exp.data import Split
 from resnet_exp.errors import UserError
-from resnet_exp.train.checkpoint import NO_RESUME, TRAINING, Checkpoint
-from resnet_exp.train.records import write_json
-from resnet_exp.train.result import RunResult, Status
+from resnet_exp.run.checkpoint import NO_RESUME, TRAINING, Checkpoint
+from resnet_exp.run.records import write_json
+from resnet_exp.run.result import RunResult, Status
 
 log = logging.getLogger("resnet_exp")
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Spend a wall-clock budget on the paper's full-recipe runs, and bank what finishes.
 
 A campaign is an ordered list of sweeps (``configs/campaign/default.yaml``). Each
@@ -12,9 +11,9 @@ against the original unit with a bootstrap interval), prints what is left and
 the size of what must travel to continue on another machine (the campaign
 folder without TensorBoard's event files).
 
-    python scripts/reproduce.py --budget 9m                    # default campaign, outputs/campaign
-    python scripts/reproduce.py --budget 2h --campaign DIR data.root=/data/cifar10 data.download=false
-    python scripts/reproduce.py --dry                          # tiny nets on the CPU, ~1 minute
+    resnet-exp-reproduce --budget 9m                    # default campaign, outputs/campaign
+    resnet-exp-reproduce --budget 2h --campaign DIR data.root=/data/cifar10 data.download=false
+    resnet-exp-reproduce --dry                          # tiny nets on the CPU, ~1 minute
 
 Positional arguments are Hydra overrides added to every sweep. Exit status: 0 when
 the call ended on time (whether or not work is left), 1 when a sweep could not
@@ -32,11 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-CAMPAIGNS = REPO / "configs" / "campaign"
 STATE = "campaign.json"
 EVENTS = "events.out.tfevents."
 EXIT_TIME_LIMIT = 75  # a sweep left unfinished at its time limit (train/result.py)
+
+
+def campaigns() -> Path:
+    """The campaign files: configs/campaign/ (inside the package in a wheel)."""
+    from resnet_exp.cli import config_dir
+
+    return Path(config_dir()) / "campaign"
 
 
 def fail(message: str) -> None:
@@ -86,7 +90,7 @@ def planned_jobs(overrides: list[str]) -> list[list[str]]:
 
 def sweep_state(sweep_dir: Path, planned: int) -> dict[str, Any]:
     """Counts by status, and the unfinished runs with their progress."""
-    from resnet_exp.train.result import RunResult, Status
+    from resnet_exp.run.result import RunResult, Status
 
     runs = (
         sorted(p for p in sweep_dir.glob("*") if (p / ".hydra").is_dir())
@@ -173,7 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.budget_s is None:
         fail("--budget is required (e.g. --budget 9m)")
     name = args.config or ("dry" if args.dry else "default")
-    args.config = Path(name) if name.endswith(".yaml") else CAMPAIGNS / f"{name}.yaml"
+    args.config = Path(name) if name.endswith(".yaml") else campaigns() / f"{name}.yaml"
     default_dir = "outputs/campaign-dry" if args.dry else "outputs/campaign"
     args.campaign = (args.campaign or Path(default_dir)).resolve()
     return args
@@ -275,5 +279,6 @@ def print_left(
         print(f"reproduce: the campaign is complete ({total:.1f} MB without event files)")
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``resnet-exp-reproduce`` command."""
     sys.exit(main())

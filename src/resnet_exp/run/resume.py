@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from resnet_exp.errors import UserError
-from resnet_exp.train.checkpoint import AUTO, CHECKPOINT, NO_RESUME, Checkpoint, matches
+from resnet_exp.run.checkpoint import AUTO, CHECKPOINT, NO_RESUME, Checkpoint, matches
 
 log = logging.getLogger("resnet_exp")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from resnet_exp.errors import UserError
-from resnet_exp.train.gpus import claim_gpu
+from resnet_exp.run.gpus import claim_gpu
 
 log = logging.getLogger("resnet_exp")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_exp.errors import UserError
-from resnet_exp.train.stop import TIME_LIMIT, Interrupted, exit_code
+from resnet_exp.run.stop import TIME_LIMIT, Interrupted, exit_code
 
 
 class Status(str, Enum):

@@ -40,7 +40,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_exp.train.stop import StopRequest
+from resnet_exp.run.stop import StopRequest
 
 
 def cpu_cores() -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from resnet_exp.train.result import Status, SummaryKey
+from resnet_exp.run.result import Status, SummaryKey
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"

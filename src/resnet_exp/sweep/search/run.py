@@ -15,10 +15,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from resnet_exp.errors import UserError
-from resnet_exp.search import objective
-from resnet_exp.search_plot import SEARCH_PNG, plot_search
-from resnet_exp.search_space import SearchSpace, parse_space, readable
-from resnet_exp.search_study import (
+from resnet_exp.run.result import RunResult, Status, objective
+from resnet_exp.sweep.search.plot import SEARCH_PNG, plot_search
+from resnet_exp.sweep.search.space import SearchSpace, parse_space, readable
+from resnet_exp.sweep.search.study import (
     DIRECTIONS,
     JOURNAL,
     SWEEP_DIR_ATTR,
@@ -30,7 +30,6 @@ from resnet_exp.search_study import (
     open_storage,
     quiet_optuna,
 )
-from resnet_exp.train.result import RunResult, Status
 
 log = logging.getLogger("resnet_exp")
 

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch.nn.functional as F
 
 from resnet_exp.config import Config, Mode
-from resnet_exp.gradflow import GradFlow, GradFlowProbe
-from resnet_exp.train.records import SUMMARY, RunRecords
-from resnet_exp.train.result import RunResult, Status, SummaryKey
+from resnet_exp.models.gradflow import GradFlow, GradFlowProbe
+from resnet_exp.run.records import SUMMARY, RunRecords
+from resnet_exp.run.result import RunResult, Status, SummaryKey
 from resnet_exp.train.setup import build_setup
 
 if TYPE_CHECKING:

@@ -1,0 +1,2 @@
+"""Sweeps: packing several runs onto one device, the paper campaign that
+banks finished runs window after window, and the hyper-parameter search."""
