@@ -137,12 +137,13 @@ def project_worker(args: argparse.Namespace) -> dict[str, Any]:
     """resnet-exp's own path: the trainer built as for a run, timing its own step."""
     import torch
 
+    from resnet_exp.train.context import resolve
     from resnet_exp.train.loop import Trainer
     from resnet_exp.train.step import CudaGraphStep
 
     cfg = compose(args.overrides)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(cfg, Path(run_dir))
+        trainer = Trainer(cfg, resolve(cfg, Path(run_dir)))
         s = trainer.s
         if s.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(s.device)
@@ -150,7 +151,7 @@ def project_worker(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "kind": "resnet-exp",
             "batch": cfg.data.batch_size,
-            "precision": s.precision,
+            "precision": s.precision.value,
             "channels_last": t.channels_last,
             "cuda_graphs": isinstance(s.train_step, CudaGraphStep),
             "compile": t.compile_mode if t.compile else "off",
@@ -168,9 +169,9 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torchvision.transforms as T
     from PIL import Image
 
-    from resnet_exp.data import load_dataset
+    from resnet_exp.data import is_streamed, load_dataset
+    from resnet_exp.models import NetSpec
     from resnet_exp.run.runtime import pick_device
-    from resnet_exp.train.setup import model_from_config
 
     cfg = compose(args.overrides)
     device = pick_device(cfg.trainer.device)
@@ -212,7 +213,8 @@ def reference_worker(args: argparse.Namespace) -> dict[str, Any]:
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
     )
-    model = model_from_config(cfg, stats.num_classes).to(device)
+    net = NetSpec.from_config(cfg.model, cfg.depth, is_streamed(cfg.data))
+    model = net.build(stats.num_classes).to(device)
     o = cfg.optimizer
     optimizer = torch.optim.SGD(
         model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay

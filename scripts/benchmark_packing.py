@@ -95,10 +95,12 @@ def build_run(args: argparse.Namespace, seed: int, device: Any):
     """One run as the trainer builds it (``build_setup``): its model, data, optimizer, step."""
     import torch
 
+    from resnet_exp.train.context import resolve
     from resnet_exp.train.setup import build_setup
     from resnet_exp.train.step import CudaGraphStep
 
-    s = build_setup(compose(run_overrides(args, seed, device)))
+    cfg = compose(run_overrides(args, seed, device))
+    s = build_setup(cfg, resolve(cfg, Path("unused")))  # no run folder: nothing is written
     acc = torch.zeros((), device=s.device)
 
     def step() -> None:
@@ -108,7 +110,7 @@ def build_run(args: argparse.Namespace, seed: int, device: Any):
         s.scheduler.step()
         acc += loss.float()  # as the trainer does: metrics stay on the device
 
-    return step, s.precision, isinstance(s.train_step, CudaGraphStep)
+    return step, s.precision.value, isinstance(s.train_step, CudaGraphStep)
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:

@@ -228,9 +228,9 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_
 )
 def test_late_settings_are_checked_before_any_data_is_loaded(override: str, message: str) -> None:
     from resnet_exp.errors import UserError
-    from resnet_exp.train.checks import check_settings
+    from resnet_exp.train.context import check
 
     cfg = compose_config([override])
     with pytest.raises(UserError) as info:
-        check_settings(cfg)  # type: ignore[arg-type]
+        check(cfg)  # type: ignore[arg-type]
     assert message in str(info.value)

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from resnet_exp.config import Config, flat_config
+from resnet_exp.config import Config, config_tree, flat_config
 from resnet_exp.errors import UserError
-from resnet_exp.modes.evaluate import checkpoint_to_evaluate
 from resnet_exp.run.checkpoint import CHECKPOINT, REQUIRED, Checkpoint
-from resnet_exp.run.resume import check_resumable
+from resnet_exp.run.resume import Resume, check_resumable
 
 from conftest import TINY, compose_config
 
@@ -22,7 +21,13 @@ def written(run: Path, cfg: Config, overrides: list[str] | None = None) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     owners = {k: {"stand-in": k} for k in REQUIRED if k != "step"}
     Checkpoint.of_run(
-        run / CHECKPOINT, owners, step=3, world=1, ranks=None, cfg=cfg, overrides=overrides or []
+        run / CHECKPOINT,
+        owners,
+        step=3,
+        world=1,
+        ranks=None,
+        config=config_tree(cfg),
+        overrides=overrides or [],
     ).save()
     return run / CHECKPOINT
 
@@ -38,9 +43,8 @@ def resume(saved: Path, *overrides: str) -> list[str]:
 
 
 def evaluate(saved: Path, *overrides: str) -> Checkpoint:
-    return checkpoint_to_evaluate(
-        compose_config([*TINY, "mode=eval", f"resume={saved}", *overrides])
-    )
+    cfg = compose_config([*TINY, "mode=eval", f"resume={saved}", *overrides])
+    return Resume.to_evaluate(cfg.resume, flat_config(cfg)).checkpoint
 
 
 def test_written_checkpoint_reads_back(saved: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -16,7 +15,12 @@ from torch import nn
 
 from resnet_exp import build_model
 from resnet_exp.run import runtime
-from resnet_exp.run.runtime import nhwc_unsafe_convs, pick_channels_last, pick_precision
+from resnet_exp.run.runtime import (
+    nhwc_unsafe_convs,
+    pick_channels_last,
+    pick_precision,
+    precision_choice,
+)
 
 from conftest import ONE_THREAD, TINY, run_cli, run_main
 
@@ -107,16 +111,17 @@ def cpuinfo_flags() -> set[str] | None:
     [(False, False, "fp32"), (False, True, "bf16"), (True, False, "bf16"), (True, True, "bf16")],
 )
 def test_auto_precision_on_a_cpu_follows_its_native_bf16_units(
-    monkeypatch, caplog, amx: bool, avx512_bf16: bool, expect: str
+    monkeypatch, amx: bool, avx512_bf16: bool, expect: str
 ) -> None:
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
-    with caplog.at_level(logging.INFO, logger="resnet_exp"):
-        assert pick_precision("auto", torch.device("cpu")) == expect
-    (line,) = [r.getMessage() for r in caplog.records if "trainer.precision=auto" in r.getMessage()]
-    assert line.startswith(f"trainer.precision=auto: {expect} on this CPU")
-    assert pick_precision("fp32", torch.device("cpu")) == "fp32"  # an explicit choice stays
+    cpu = torch.device("cpu")
+    assert pick_precision("auto", cpu) == expect
+    line = precision_choice("auto", cpu)  # what the run logs of the choice
+    assert line is not None and line.startswith(f"trainer.precision=auto: {expect} on this CPU")
+    assert pick_precision("fp32", cpu) == "fp32"  # an explicit choice stays
+    assert precision_choice("fp32", cpu) is None  # and needs no word
 
 
 @pytest.mark.skipif(cpuinfo_flags() is None, reason="no /proc/cpuinfo to check torch against")

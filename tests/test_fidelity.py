@@ -16,15 +16,20 @@ from resnet_exp.config import Config, DataConfig, OptimizerConfig, ScheduleConfi
 from resnet_exp.data import Normalize, TrainLoader
 from resnet_exp.data.sources import Split
 from resnet_exp.errors import UserError
+from resnet_exp.models import NetSpec
 from resnet_exp.models.ghost_bn import GhostBatchNorm2d, convert_ghost_bn
 from resnet_exp.models.shortcuts import PadShortcut
 from resnet_exp.models.units import ResidualUnit
 from resnet_exp.models.variants import Gate
-from resnet_exp.train.checks import check_settings
+from resnet_exp.train.context import check
 from resnet_exp.train.optim import build_optimizer, build_scheduler, milestone_steps, warmup_on
-from resnet_exp.train.setup import model_from_config
 
 from conftest import REPO, compose_config
+
+
+def net_of(cfg):
+    """The net a run of ``cfg`` builds (CIFAR data)."""
+    return NetSpec.from_config(cfg.model, cfg.depth, streamed=False)
 
 
 def config(*overrides: str) -> Config:
@@ -146,7 +151,7 @@ def test_presets_set_the_papers_bn_batch() -> None:
         cfg = config(f"+experiment={exp}")
         assert cfg.model.bn_group == 64 and cfg.data.batch_size == 128  # 2 GPUs
     assert config().model.bn_group is None  # a plain run: the whole batch
-    model = model_from_config(config("+experiment=table2", "depth=20"), 10)
+    model = net_of(config("+experiment=table2", "depth=20")).build(10)
     assert {m.group for m in model.modules() if isinstance(m, GhostBatchNorm2d)} == {64}
 
 
@@ -160,7 +165,7 @@ def test_presets_set_the_papers_bn_batch() -> None:
 )
 def test_bad_bn_group_is_a_user_error(overrides: list[str], message: str) -> None:
     with pytest.raises(UserError, match=message):
-        check_settings(config(*overrides))
+        check(config(*overrides))
 
 
 # --- 4. numerics ----------------------------------------------------------------------
@@ -172,7 +177,7 @@ def gated_forward(
     """One bf16-autocast forward (what `trainer.precision=auto` picks on a GPU): every
     gated unit's 1 - g as its merge computes it, and every unit's output dtype."""
     torch.manual_seed(0)
-    model = model_from_config(cfg, 10)
+    model = net_of(cfg).build(10)
     inputs: dict[nn.Module, tuple] = {}
     dtypes: list[torch.dtype] = []
     for u in model.modules():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
+from resnet_exp.train.context import resolve
 from resnet_exp.train.setup import build_setup
 from resnet_exp.train.step import CudaGraphStep, EagerStep
 
@@ -36,7 +38,7 @@ def run_steps(graphs: bool, precision: str, steps: int = 12, resume_state=None):
             "schedule.milestones=[0.5]",
         ]
     )
-    s = build_setup(cfg)
+    s = build_setup(cfg, resolve(cfg, Path("unused")))  # no run folder: nothing is written
     torch.backends.cudnn.benchmark = False  # the same kernels in both runs
     assert isinstance(s.train_step, CudaGraphStep if graphs else EagerStep)
     if resume_state is not None:  # copies: the optimizer updates loaded buffers in place

@@ -14,8 +14,8 @@ import submitit
 import torch
 
 from resnet_exp import cli
+from resnet_exp.run import runtime
 from resnet_exp.run.result import RunResult, Status
-from resnet_exp.run.runtime import pick_device
 
 from conftest import TINY, run_main
 
@@ -129,11 +129,15 @@ def test_each_job_claims_a_gpu_and_releases_it_when_it_ends(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     seen: list[tuple[int, list[bool], torch.device, list[bool]]] = []
+    claims: list[list[bool]] = []  # the locks as each claim found them
+    real_claim = runtime.claim_gpu
 
-    def run(cfg: Any, run_dir: Path, stop: Any = None) -> RunResult:
-        before = [locked(locks, i) for i in range(2)] if locks.exists() else [False, False]
-        device = pick_device(cfg.trainer.device)
-        seen.append((cfg.seed, before, device, [locked(locks, i) for i in range(2)]))
+    def claim(count: int, poll_s: float = 5.0) -> int:
+        claims.append([locked(locks, i) for i in range(2)] if locks.exists() else [False, False])
+        return real_claim(count, poll_s)
+
+    def run(cfg: Any, ctx: Any) -> RunResult:  # the job, in the context its command resolved
+        seen.append((cfg.seed, claims[-1], ctx.device, [locked(locks, i) for i in range(2)]))
         if cfg.seed == 2:
             raise RuntimeError("injected fault")
         if cfg.seed == 3:
@@ -142,9 +146,11 @@ def test_each_job_claims_a_gpu_and_releases_it_when_it_ends(
             raise UserError("injected bad value")
         return RunResult(Status.completed, {"status": "completed"})
 
+    monkeypatch.setattr(runtime, "claim_gpu", claim)
     monkeypatch.setattr(cli, "run", run)
     result = run_main(
         ["-m", "seed=1,2,3", *[o for o in TINY if not o.startswith("trainer.device")],
+         "trainer.precision=fp32",  # (auto would ask the faked GPUs whether they have bf16)
          "~hydra.callbacks.report", f"hydra.sweep.dir={tmp_path / 's'}"],
         tmp_path,
         check=False,

@@ -36,7 +36,7 @@ JOB = [*SHORT, "trainer.deterministic=true"]
 # Two runs differing in ordering and seed (the job number): 0_original_8, 1_preact_8.
 SWEEP = ["block=original,preact", "seed=${hydra:job.num}"]
 PACKED = ["hydra/launcher=packed", "hydra.launcher.threads_per_run=1"]
-WALL_CLOCK = ("wall_time_s", "train_images_per_s", "time_s")
+WALL_CLOCK = ("wall_time_s", "train_images_per_s", "time_s", "parts")
 
 
 def sweep(tmp_path: Path, name: str, args: list[str], **kw: Any) -> subprocess.CompletedProcess:
@@ -135,10 +135,10 @@ def test_failing_and_diverging_runs_stop_alone(tmp_path: Path) -> None:
     code = (
         "from resnet_exp import cli\n"
         "real = cli.run\n"
-        "def run(cfg, run_dir, stop=None):\n"
+        "def run(cfg, ctx):\n"
         "    if cfg.optimizer.lr == 0.2:\n"
         "        raise RuntimeError('injected fault')\n"
-        "    return real(cfg, run_dir, stop)\n"
+        "    return real(cfg, ctx)\n"
         "cli.run = run\n"
         "cli.main()\n"
     )

@@ -26,6 +26,7 @@ from resnet_exp.models.ghost_bn import GhostBatchNorm2d
 from resnet_exp.models.shortcuts import Projection
 from resnet_exp.models.units import ResidualUnit
 from resnet_exp.models.variants import DropShortcut, Gate, Scale
+from resnet_exp.train.context import resolve
 from resnet_exp.train.setup import build_setup
 
 # The paper's parameter counts (PAPER.md), in millions, for 10 classes.
@@ -70,7 +71,7 @@ def build_jobs(experiment: str, folders: dict[str, Path]):
             cfg.data.root = str(folders[cfg.data.name])
             cfg.data.cache_dir = ""
             cfg.trainer.device = "cpu"
-            yield cfg, build_setup(cfg)
+            yield cfg, build_setup(cfg, resolve(cfg, Path("unused")))
     GlobalHydra.instance().clear()
 
 

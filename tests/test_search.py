@@ -300,6 +300,7 @@ def test_the_trainer_stops_where_its_evaluation_reporter_says(tmp_path: Path) ->
     """The trainer knows only train/pruning.py's protocol (no study, no Hydra): it
     reports each scheduled evaluation and ends ``pruned`` after the one it is told to."""
     from resnet_exp.run.result import Status
+    from resnet_exp.train.context import resolve
     from resnet_exp.train.loop import Trainer
 
     class StopAfterEpoch2:
@@ -312,7 +313,7 @@ def test_the_trainer_stops_where_its_evaluation_reporter_says(tmp_path: Path) ->
 
     reporter = StopAfterEpoch2()
     cfg = compose_config([*TINY, "data.val_size=32", "trainer.epochs=4"])
-    result = Trainer(cfg, tmp_path, pruning=reporter).run()
+    result = Trainer(cfg, resolve(cfg, tmp_path, pruning=reporter)).run()
     s = summary(tmp_path)
     assert result.status is Status.pruned and result.ok and result.exit_code == 0
     assert result.check() is result  # a Python caller gets the result, nothing raised

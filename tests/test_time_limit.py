@@ -86,8 +86,8 @@ def outcome(run: Path) -> dict[str, Any]:
     state = torch.load(run / "last.pt", weights_only=False)
     state["metrics"].pop("throughput")
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("wall_time_s", "train_images_per_s"):
-        summary.pop(key)
+    for key in ("wall_time_s", "train_images_per_s", "parts"):  # wall-clock, how it ran
+        summary.pop(key, None)
     return {
         "state": {
             k: state[k]

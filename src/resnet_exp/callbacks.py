@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from resnet_exp.errors import UserError
 from resnet_exp.run.records import SUMMARY
@@ -56,12 +57,29 @@ def _refuse(problem: str | None) -> None:
         raise SystemExit(2)
 
 
+def _refuse_settings(config: DictConfig) -> None:
+    """A single run's settings, checked before Hydra makes its folder: a refused run
+    prints its one line and writes nothing (no run folder, no .hydra/, no log)."""
+    from resnet_exp.run import distributed
+    from resnet_exp.train.context import validate
+
+    task = copy.deepcopy(config)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    try:
+        validate(OmegaConf.to_object(task), distributed.current())  # type: ignore[arg-type]
+    except UserError as e:
+        print(f"resnet-exp: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CODES[Status.failed]) from None
+
+
 class Reporter(Callback):
     def __init__(self) -> None:
         self.jobs: list[tuple[Path, RunResult]] = []
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _refuse(check_writable(Path(config.hydra.run.dir), "hydra.run.dir"))
+        _refuse_settings(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _refuse(check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir"))

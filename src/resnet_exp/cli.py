@@ -24,14 +24,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resnet_exp.config import Config, Mode, parse_duration, register_configs
+from resnet_exp.config import Config, Mode, config_dir, parse_duration, register_configs
 from resnet_exp.errors import UserError
-from resnet_exp.modes.evaluate import check_eval_args
+from resnet_exp.modes.evaluate import check_eval_command
 from resnet_exp.run import distributed, gpus
 from resnet_exp.run.checkpoint import AUTO, NO_RESUME, Checkpoint
 from resnet_exp.run.records import SUMMARY, write_json
 from resnet_exp.run.result import EXIT_CODES, RunResult, Status
-from resnet_exp.run.resume import with_inherited_overrides
+from resnet_exp.run.resume import resumable_overrides, with_inherited_overrides
 from resnet_exp.run.stop import (
     TIME_LIMIT,
     StopRequest,
@@ -41,22 +41,12 @@ from resnet_exp.run.stop import (
     signal_name,
     start_margin,
 )
+from resnet_exp.sweep.search.study import trial_reporter
+from resnet_exp.train.context import RunContext, resolve
 
 log = logging.getLogger("resnet_exp")
 
 EXIT_USER_ERROR = EXIT_CODES[Status.failed]
-
-
-def config_dir() -> str:
-    """The YAML configs: inside the package in a wheel, at the repository top otherwise.
-
-    Resolved explicitly (not relative to the caller's directory), so the
-    installed command works from anywhere, editable install or not.
-    """
-    packaged = Path(__file__).resolve().parent / "configs"
-    if packaged.is_dir():
-        return str(packaged)
-    return str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def _rank() -> int:
@@ -93,34 +83,50 @@ OmegaConf.register_new_resolver("log_level", lambda: "INFO" if _rank() == 0 else
 register_configs()
 
 
-def run(cfg: Config, run_dir: Path, stop: StopRequest | None = None) -> RunResult:
+def run(cfg: Config, ctx: RunContext) -> RunResult:
+    """The job ``cfg.mode`` names, in its context."""
     if cfg.mode is Mode.train:
-        from resnet_exp.sweep.search.study import trial_reporter
         from resnet_exp.train.loop import Trainer
 
-        # A search's trial reports its evaluations to its study, whose pruner may stop it.
-        pruning = None if cfg.dry_run else trial_reporter(distributed.current().is_main)
-        return Trainer(cfg, run_dir, stop, pruning).run()
+        return Trainer(cfg, ctx).run()
     if cfg.mode is Mode.diagnose:
         from resnet_exp.modes.diagnose import diagnose
 
-        return diagnose(cfg, run_dir)
-    if cfg.mode is Mode.eval:
-        from resnet_exp.modes.evaluate import evaluate_run
+        return diagnose(cfg, ctx)
+    from resnet_exp.modes.evaluate import run_eval
 
-        return evaluate_run(cfg, run_dir)
-    raise UserError(f"mode={cfg.mode.value!r} is not one of {', '.join(m.value for m in Mode)}")
+    return run_eval(cfg, ctx)
 
 
-def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> RunResult:
-    """One job of the command, with its error handling; every launcher calls this and
-    reads the result it returns (:func:`leave` turns it into the exit status).
+def context(cfg: Config, hc: DictConfig, stop: StopRequest) -> RunContext:
+    """Everything the job takes from Hydra, the process group and the machine, once."""
+    world = distributed.current()
+    pruning = None
+    if cfg.mode is Mode.train and not cfg.dry_run:
+        # A search's trial reports its evaluations to its study, whose pruner may stop it.
+        pruning = trial_reporter(hc, world.is_main)
+    return resolve(
+        cfg,
+        Path(hc.runtime.output_dir),
+        world=world,
+        stop=stop,
+        overrides=tuple(resumable_overrides(list(hc.overrides.task))),
+        pruning=pruning,
+    )
+
+
+def run_job(
+    dcfg: DictConfig, hc: DictConfig | None = None, stop: StopRequest | None = None
+) -> RunResult:
+    """One job of the command, with its error handling; every launcher calls this (with
+    the job's Hydra config ``hc``, by default Hydra's current one) and reads the result
+    it returns (:func:`leave` turns it into the exit status).
 
     A bad input is a ``failed`` result with a one-line message; an internal error
     raises (the traceback is for a bug report) except in a sweep, where the job is
     recorded as failed in its directory and the sweep goes on (Reporter names it).
     """
-    hc = HydraConfig.get()
+    hc = hc if hc is not None else HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
@@ -130,7 +136,7 @@ def run_job(dcfg: DictConfig, stop: StopRequest | None = None) -> RunResult:
         stop = stop or StopRequest(started=process_started())  # the limit counts from here
         trains = cfg.mode is Mode.train and not cfg.dry_run
         late = too_late(cfg.trainer.time_limit, stop) if trains else None
-        result = late if late is not None else run(cfg, run_dir, stop)
+        result = late if late is not None else run(cfg, context(cfg, hc, stop))
     except UserError as e:
         log.debug("user error", exc_info=True)
         result = RunResult(Status.failed, message=str(e))
@@ -228,7 +234,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     distributed.init_distributed()  # before Hydra: the ranks agree on the run directory
     try:
-        check_eval_args(sys.argv[1:])
+        check_eval_command(sys.argv[1:])
         sys.argv[1:] = with_inherited_overrides(sys.argv[1:])
         _hydra_main()
     except UserError as e:

@@ -10,8 +10,9 @@ does not list), so a typo in an override fails before anything is built.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -94,6 +95,19 @@ class Switch(str, Enum):
             raise UserError(f"{key}={value!r} is not one of auto, true, false") from None
 
 
+def config_dir() -> str:
+    """The YAML configs: inside the package in a wheel, at the repository top otherwise.
+
+    Resolved explicitly (not relative to the caller's directory), so the
+    installed command works from anywhere, editable install or not.
+    """
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    if packaged.is_dir():
+        return str(packaged)
+    return str(here.parents[1] / "configs")
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "resnet-exp")
@@ -115,9 +129,8 @@ class ModelConfig(NetOptions):
 
 @dataclass
 class DataConfig:
-    name: str = (
-        "cifar10"  # set by the `dataset` group: cifar10 | cifar100 | imagefolder | synthetic
-    )
+    # set by the `dataset` group: cifar10 | cifar100 | imagefolder | imagenet | synthetic
+    name: str = "cifar10"
     root: str = "${oc.env:RESNET_EXP_DATA,data}"  # the data set's directory
     download: bool = True
     batch_size: int = 128
@@ -230,7 +243,7 @@ class Config:
     # a last.pt, its run directory, or `auto` (this run directory's last.pt if any)
     resume: str | None = None
     dry_run: bool = False  # build model and data, print what would run, exit
-    mode: Mode = Mode.train  # train | diagnose (gradient flow at initialisation)
+    mode: Mode = Mode.train  # train | diagnose | eval (see Mode)
 
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -257,11 +270,6 @@ def parse_duration(value: Any, key: str = "trainer.time_limit") -> float | None:
     return seconds
 
 
-def model_options(m: ModelConfig) -> dict[str, Any]:
-    """The fidelity options of ``build_model`` (docs/fidelity.md) from the model config."""
-    return {f.name: getattr(m, f.name) for f in fields(NetOptions)}
-
-
 def linear_lr(lr: float, batch: int, global_batch: int) -> float:
     """``${linear_lr:0.1,256,${data.batch_size}}``: a learning rate set for ``batch``,
     scaled linearly to the run's global batch."""
@@ -274,10 +282,16 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
 
 
+def config_tree(cfg: Config) -> dict[str, Any]:
+    """The resolved config as nested plain dicts (enums as their names): what a
+    checkpoint keeps."""
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    return tree  # type: ignore[return-value]
+
+
 def flat_config(cfg: Config) -> dict[str, Any]:
     """``{"model.block": "preact", ...}``: the resolved config as dotted keys."""
-    tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    return flatten(tree)  # type: ignore[arg-type]
+    return flatten(config_tree(cfg))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

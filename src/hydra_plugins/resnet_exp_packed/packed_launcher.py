@@ -1,5 +1,5 @@
 """``hydra/launcher=packed``: a sweep's jobs trained ``runs_per_device`` at a time
-in this process, one thread each, on one device (see resnet_exp/pack.py).
+in this process, one thread each, on one device (see resnet_exp/sweep/pack.py).
 
 Each job is prepared in the main thread as Hydra's own ``run_job`` does it
 (its config, run directory, ``.hydra/`` files, ``on_job_start``), trained on
@@ -23,8 +23,6 @@ annotations up.)
 import copy
 import logging
 import os
-import threading
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,24 +58,14 @@ ConfigStore.instance().store(
 
 @dataclass
 class _Job:
-    idx: int
+    """What the launcher keeps of a job beside the pack's ``PackedJob``."""
+
     config: DictConfig
     ret: JobReturn = field(default_factory=JobReturn)
-    thread: threading.Thread | None = None
-    stop: Any = None  # its PackedStop
-    result: Any = None  # its RunResult, once trained
-    hydra_cfg: Any = None  # what HydraConfig holds for this job, seen from its thread
+    hydra_cfg: Any = None  # the job's Hydra config, handed to its run
     run_cfg: Any = None  # the task's config as trained (trainer.device=auto made the pack's)
     reported: bool = False  # on_job_end called (or skipped: a stopped job)
-
-    @property
-    def name(self) -> str:
-        return Path(str(self.config.hydra.runtime.output_dir)).name
-
-    @property
-    def stopped(self) -> bool:
-        """Stopped on request (Ctrl-C, SIGTERM): it ends the sweep, without on_job_end."""
-        return self.result is not None and self.result.stop_requested
+    logs_closed: bool = False
 
 
 class PackedLauncher(Launcher):
@@ -115,49 +103,26 @@ class PackedLauncher(Launcher):
         _check_packable(self.runs_per_device, self.threads_per_run, jobs)
         device = pack.pack_device(self.device)
         threads = pack.threads_per_run(self.threads_per_run, min(self.runs_per_device, len(jobs)))
-
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         where = f"{device}, {threads} thread(s) each" if device.type == "cpu" else str(device)
         log.info(f"Packing {len(jobs)} jobs, {self.runs_per_device} at a time on {where}")
 
-        pending, running, finished = deque(jobs), [], []
         started = process_started()  # the time limit is the sweep's: the process's start
-        gate, logs, changed = pack.SetupGate(), pack.RunLogs(), threading.Event()
-        stop = pack.ForwardingStop(lambda: [j.stop for j in running])
+        logs = pack.RunLogs()
+        scheduler = pack.Pack(
+            self.runs_per_device,
+            device,
+            threads,
+            start=lambda job: self._start(job, logs, device, started),
+            train=_train,
+            ended=lambda finished: self._ended(jobs, finished, logs),
+        )
         before_threads = torch.get_num_threads()
         # env_set is the same for all jobs (checked): set once for the pack, as run_job does per job
-        with pack.per_thread_hydra_config(), env_override(jobs[0].config.hydra.job.env_set):
-            logs.configure(jobs[0].config)  # console and levels; files are per run
+        with env_override(jobs[0].extra.config.hydra.job.env_set):
+            logs.configure(jobs[0].extra.config)  # console and levels; files are per run
             try:
-                with stop.installed():  # the main thread owns SIGINT/SIGTERM
-                    while pending or running:
-                        while (
-                            pending and len(running) < self.runs_per_device and not stop.requested
-                        ):
-                            job = pending.popleft()
-                            if _too_late(job, started):
-                                finished.append(job)
-                                continue
-                            self._prepare(job, logs, device, started)
-                            job.thread = threading.Thread(
-                                target=self._train,
-                                args=(job, gate, device, threads, changed),
-                                name=f"packed-run-{job.idx}",
-                                daemon=True,  # a second signal exits at once, mid-step
-                            )
-                            job.thread.start()
-                            running.append(job)
-                        if stop.requested:
-                            pending.clear()  # as the basic launcher: later jobs do not start
-                            for job in running:
-                                job.stop.request(stop.signum)
-                        changed.wait(0.1)  # signal handlers run in between
-                        changed.clear()
-                        for job in [j for j in running if not j.thread.is_alive()]:
-                            running.remove(job)
-                            logs.remove(job.thread.name)
-                            finished.append(job)
-                        self._report_in_order(jobs, finished)
+                scheduler.run(jobs)
             finally:
                 logs.close()
                 torch.set_num_threads(before_threads)
@@ -168,12 +133,14 @@ class PackedLauncher(Launcher):
             from resnet_exp.cli import leave
 
             leave(stopped[0], multirun=True)  # 128 + N, after every packed run saved
-        return [j.ret for j in jobs]
+        return [j.extra.ret for j in jobs]
 
     # --- one job ---------------------------------------------------------------
 
-    def _compose(self, idx: int, overrides: Any) -> _Job:
+    def _compose(self, idx: int, overrides: Any) -> Any:
         from hydra.core.hydra_config import HydraConfig
+
+        from resnet_exp.sweep.pack import PackedJob
 
         assert self.config is not None and self.hydra_context is not None
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
@@ -188,24 +155,29 @@ class PackedLauncher(Launcher):
         )
         with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
             config.hydra.runtime.output_dir = os.path.abspath(output_dir)
-        return _Job(idx, config)
+        return PackedJob(idx, Path(output_dir).name, extra=_Job(config))
 
-    def _prepare(self, job: _Job, logs: Any, device: Any, started: float) -> None:
-        """What hydra.core.utils.run_job does before calling the task, in the main thread."""
+    def _start(self, job: Any, logs: Any, device: Any, started: float) -> bool:
+        """A job about to start, in the main thread: too late for its time limit (False),
+        or prepared as hydra.core.utils.run_job prepares one (directory, .hydra/ files,
+        its log file, on_job_start)."""
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import _save_config
 
+        from resnet_exp.sweep.pack import PackedStop
+
         assert self.hydra_context is not None
-        config = job.config
+        if _too_late(job, started):
+            return False
+        config, ret = job.extra.config, job.extra.ret
         HydraConfig.instance().set_config(config)
-        ret = job.ret
         task_cfg = copy.deepcopy(config)
         with read_write(task_cfg), open_dict(task_cfg):
             del task_cfg["hydra"]
         ret.cfg = task_cfg
-        job.run_cfg = copy.deepcopy(task_cfg)
+        run_cfg = copy.deepcopy(task_cfg)
         if device.type == "cuda" and task_cfg.trainer.device == "auto":
-            job.run_cfg.trainer.device = str(device)  # the pack's GPU, not one claimed per run
+            run_cfg.trainer.device = str(device)  # the pack's GPU, not one claimed per run
         ret.hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
         ret.overrides = OmegaConf.to_container(config.hydra.overrides.task)  # type: ignore[assignment]
         output_dir = Path(str(config.hydra.runtime.output_dir))
@@ -218,72 +190,70 @@ class PackedLauncher(Launcher):
             _save_config(ret.hydra_cfg, "hydra.yaml", hydra_output)
             _save_config(config.hydra.overrides.task, "overrides.yaml", hydra_output)
         self.hydra_context.callbacks.on_job_start(config=config, task_function=self.task_function)
-        job.hydra_cfg = HydraConfig.instance().cfg
-        from resnet_exp.sweep.pack import PackedStop
-
+        job.extra.hydra_cfg = HydraConfig.instance().cfg.hydra
+        job.extra.run_cfg = run_cfg
         job.stop = PackedStop(started=started)
+        return True
 
-    @staticmethod
-    def _train(job: _Job, gate: Any, device: Any, threads: int, changed: threading.Event) -> None:
-        """A run's thread: the ordinary per-job entry, with its own stop flag."""
-        from hydra.core.hydra_config import HydraConfig
-
-        from resnet_exp import cli
-        from resnet_exp.sweep import pack
-
-        HydraConfig.instance().cfg = job.hydra_cfg  # this thread's own
-        try:
-            with pack.packed_run(gate, job.stop, device, threads):
-                job.result = cli.run_job(job.run_cfg, job.stop)
-                job.ret.return_value = job.result
-                job.ret.status = JobStatus.COMPLETED
-        except Exception as e:
-            job.ret.return_value = e
-            job.ret.status = JobStatus.FAILED
-        finally:
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            changed.set()
-
-    def _report_in_order(self, jobs: list[_Job], finished: list[_Job]) -> None:
+    def _ended(self, jobs: list[Any], finished: list[Any], logs: Any) -> None:
         """on_job_end for each finished job once those before it have ended, as the
         basic launcher calls it (Reporter lists failed jobs in job order)."""
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.utils import JobRuntime
 
         assert self.hydra_context is not None
+        for job in finished:
+            if not job.extra.logs_closed:
+                job.extra.logs_closed = True
+                logs.remove(f"packed-run-{job.idx}")
         for job in jobs:
             if job not in finished:
                 return
-            if job.reported:
+            if job.extra.reported:
                 continue
-            job.reported = True
+            job.extra.reported = True
             if job.stopped:
                 continue  # a stopped job ends the sweep without on_job_end, as with the basic launcher
-            HydraConfig.instance().set_config(job.config)
-            job.ret.task_name = JobRuntime.instance().get("name")
-            self.hydra_context.callbacks.on_job_end(config=job.config, job_return=job.ret)
+            HydraConfig.instance().set_config(job.extra.config)
+            job.extra.ret.task_name = JobRuntime.instance().get("name")
+            self.hydra_context.callbacks.on_job_end(
+                config=job.extra.config, job_return=job.extra.ret
+            )
 
 
-def _too_late(job: _Job, started: float) -> bool:
+def _train(job: Any) -> Any:
+    """A run's thread: the ordinary per-job entry, with its own Hydra config and stop flag."""
+    from resnet_exp import cli
+
+    ret = job.extra.ret
+    try:
+        result = cli.run_job(job.extra.run_cfg, job.extra.hydra_cfg, job.stop)
+        ret.return_value, ret.status = result, JobStatus.COMPLETED
+        return result
+    except Exception as e:
+        ret.return_value, ret.status = e, JobStatus.FAILED
+        return None
+
+
+def _too_late(job: Any, started: float) -> bool:
     """Too little of the job's time limit is left to start it: it gets a ``not_started``
     result (reported to on_job_end in its turn) and no directory."""
     from resnet_exp.cli import too_late
     from resnet_exp.run.stop import StopRequest
 
-    c = job.config
+    c = job.extra.config
     if c.mode != "train" or c.dry_run:
         return False
     late = too_late(c.trainer.time_limit, StopRequest(started=started))
     if late is None:
         return False
-    job.result = job.ret.return_value = late
-    job.ret.status = JobStatus.COMPLETED
+    job.result = job.extra.ret.return_value = late
+    job.extra.ret.status = JobStatus.COMPLETED
     log.info(f"#{job.idx} {job.name}: {late.message}")
     return True
 
 
-def _check_packable(runs: int, threads: int, jobs: list[_Job]) -> None:
+def _check_packable(runs: int, threads: int, jobs: list[Any]) -> None:
     """What a pack cannot give each run on its own: refuse it before anything is written."""
     from resnet_exp.errors import UserError
 
@@ -291,14 +261,14 @@ def _check_packable(runs: int, threads: int, jobs: list[_Job]) -> None:
         raise UserError(f"hydra.launcher.runs_per_device={runs} must be at least 1")
     if threads < 0:
         raise UserError(f"hydra.launcher.threads_per_run={threads} must be 0 (auto) or more")
-    first = jobs[0].config if jobs else None
+    first = jobs[0].extra.config if jobs else None
     for job in jobs:
-        if job.config.hydra.job.chdir:
+        if job.extra.config.hydra.job.chdir:
             raise UserError(
                 "hydra.job.chdir=true cannot be packed: the working directory is one per process"
             )
         for key in ("trainer.deterministic", "hydra.job.env_set"):
-            a, b = OmegaConf.select(first, key), OmegaConf.select(job.config, key)
+            a, b = OmegaConf.select(first, key), OmegaConf.select(job.extra.config, key)
             if a != b:
                 raise UserError(
                     f"{key} differs between jobs {jobs[0].name} ({a}) and {job.name} ({b}); it is "

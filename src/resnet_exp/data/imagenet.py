@@ -37,30 +37,22 @@ from resnet_exp.errors import UserError
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 
 
-class StreamedDataset(Splits[FileSplit]):
+class StreamedSource(Splits[FileSplit]):
     """File lists, read and decoded per batch (``stream.py``)."""
 
-    def train_loader(
-        self,
-        cfg: DataConfig,
-        batch_size: int,
-        seed: int,
-        at: Placement,
-    ) -> StreamLoader:
+    def train_loader(self, batch_size: int, seed: int, at: Placement) -> StreamLoader:
         return StreamLoader(
-            self.train, cfg, batch_size, at.device, seed, at.channels_last, at.rank, at.world
+            self.train, self.cfg, batch_size, at.device, seed, at.channels_last, at.rank, at.world
         )
 
-    def eval_names(self, cfg: DataConfig) -> list[str]:
-        crops = eval_crops(cfg)
+    def eval_names(self) -> list[str]:
+        crops = eval_crops(self.cfg)
         return [crop_suffix(crops, c) for c in range(len(crops))]
 
     def eval_batches(
-        self,
-        split: FileSplit,
-        cfg: DataConfig,
-        at: Placement,
+        self, split: FileSplit, at: Placement
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        cfg = self.cfg
         return stream_eval_batches(split, cfg, at.device, at.channels_last, at.rank, at.world)
 
 
@@ -91,7 +83,7 @@ def scan(folder: Path) -> tuple[list[str], FileSplit]:
     )
 
 
-def load_streamed(cfg: DataConfig) -> StreamedDataset:
+def load_streamed(cfg: DataConfig) -> StreamedSource:
     root = Path(cfg.root)
     test_name = eval_folder(cfg)
     if cfg.val_size:
@@ -105,9 +97,9 @@ def load_streamed(cfg: DataConfig) -> StreamedDataset:
     train = limit(train, cfg.train_limit, gen)
     test = limit(test, cfg.test_limit, gen)
     # The data set is not read to compute its statistics: fb.resnet.torch's ImageNet ones.
-    return StreamedDataset(
+    return StreamedSource(
         train, test, None, classes, IMAGENET_MEAN, IMAGENET_STD,
-        f"image folders streamed from {root} (train/, {test_name}/)",
+        f"image folders streamed from {root} (train/, {test_name}/)", cfg,
     )  # fmt: skip
 
 

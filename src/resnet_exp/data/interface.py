@@ -62,26 +62,15 @@ class DataSource(Protocol):
     @property
     def eval_split(self) -> Sized: ...
 
-    def train_loader(
-        self,
-        cfg: DataConfig,
-        batch_size: int,
-        seed: int,
-        at: Placement,
-    ) -> TrainBatches:
+    def train_loader(self, batch_size: int, seed: int, at: Placement) -> TrainBatches:
         """This rank's ``batch_size`` images per step of the training split."""
         ...
 
-    def eval_names(self, cfg: DataConfig) -> list[str]:
+    def eval_names(self) -> list[str]:
         """The keys of each evaluation batch's views: "" for the first test crop."""
         ...
 
-    def eval_batches(
-        self,
-        split: Any,
-        cfg: DataConfig,
-        at: Placement,
-    ) -> Iterator[EvalBatch]:
+    def eval_batches(self, split: Any, at: Placement) -> Iterator[EvalBatch]:
         """This rank's share (every ``world``-th image) of one of this source's splits."""
         ...
 

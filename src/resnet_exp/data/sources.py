@@ -33,16 +33,11 @@ from resnet_exp.data.splits import (
 from resnet_exp.errors import UserError
 
 
-class Dataset(Splits[Split]):
+class InMemorySource(Splits[Split]):
     """Decoded images, batched on the training device (``loader.py``)."""
 
-    def train_loader(
-        self,
-        cfg: DataConfig,
-        batch_size: int,
-        seed: int,
-        at: Placement,
-    ) -> TrainLoader:
+    def train_loader(self, batch_size: int, seed: int, at: Placement) -> TrainLoader:
+        cfg = self.cfg
         return TrainLoader(
             self.train,
             batch_size,
@@ -57,20 +52,17 @@ class Dataset(Splits[Split]):
             world=at.world,
         )
 
-    def eval_names(self, cfg: DataConfig) -> list[str]:
+    def eval_names(self) -> list[str]:
         return [""]  # the original image only (the paper tests on it)
 
     def eval_batches(
-        self,
-        split: Split,
-        cfg: DataConfig,
-        at: Placement,
+        self, split: Split, at: Placement
     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         if at.world > 1:
             split = split.subset(torch.arange(at.rank, len(split), at.world))
         normalize = Normalize(self.mean, self.std, at.device)
         for x, y in eval_batches(
-            split, cfg.eval_batch_size, normalize, at.device, at.channels_last
+            split, self.cfg.eval_batch_size, normalize, at.device, at.channels_last
         ):
             yield {"": x}, y
 
@@ -84,7 +76,7 @@ CIFAR = {
 SOURCES = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
 
 
-def load_in_memory(cfg: DataConfig) -> Dataset:
+def load_in_memory(cfg: DataConfig) -> InMemorySource:
     """The data set, decoded: CIFAR, an image folder or synthetic images."""
     if cfg.name in CIFAR:
         train, test, classes, source = _load_cifar(cfg)
@@ -99,7 +91,9 @@ def load_in_memory(cfg: DataConfig) -> Dataset:
     return _finish(train, test, classes, source, cfg)
 
 
-def _finish(train: Split, test: Split, classes: list[str], source: str, cfg: DataConfig) -> Dataset:
+def _finish(
+    train: Split, test: Split, classes: list[str], source: str, cfg: DataConfig
+) -> InMemorySource:
     check_limits(cfg)
     if cfg.val_size < 0 or cfg.val_size >= len(train):
         raise UserError(
@@ -114,7 +108,7 @@ def _finish(train: Split, test: Split, classes: list[str], source: str, cfg: Dat
     train = train.subset(keep.sort().values)
     test = limit(test, cfg.test_limit, gen)
     mean, std = channel_stats(train.images)
-    return Dataset(train, test, val, classes, mean, std, source)
+    return InMemorySource(train, test, val, classes, mean, std, source, cfg)
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

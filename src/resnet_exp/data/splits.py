@@ -8,7 +8,7 @@ limits and the check that training and test images have the same classes.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -68,7 +68,12 @@ S = TypeVar("S", Split, FileSplit)
 
 @dataclass
 class Splits(Generic[S]):
-    """A data set's splits and what is known of it; each data path adds its batches."""
+    """A data set's splits and what is known of it; each data path adds its batches.
+
+    ``cfg`` is the data config the set was loaded with: its batches follow it
+    (augmentation, test crops, decoding), so the methods take only what a caller
+    decides (a batch size, a seed, a placement).
+    """
 
     train: S
     test: S
@@ -77,6 +82,7 @@ class Splits(Generic[S]):
     mean: tuple[float, ...]  # per channel, in [0, 1] units
     std: tuple[float, ...]
     source: str
+    cfg: DataConfig = field(repr=False)
 
     @property
     def num_classes(self) -> int:

@@ -1,4 +1,4 @@
-from resnet_exp.models.build import build_model, family_unit, resolve_family
+from resnet_exp.models.build import NetSpec, build_model, resolve_family
 from resnet_exp.models.cifar import resolve_unit
 from resnet_exp.models.options import NetOptions
 from resnet_exp.models.resnet import ResNet, count_params
@@ -9,13 +9,13 @@ __all__ = [
     "BLOCKS",
     "BlockSpec",
     "NetOptions",
+    "NetSpec",
     "ResNet",
     "ResidualUnit",
     "ShortcutName",
     "ShortcutSpec",
     "build_model",
     "count_params",
-    "family_unit",
     "resolve_family",
     "resolve_unit",
 ]

@@ -19,14 +19,14 @@ STAGES = 3
 BOTTLENECK_DEPTHS = {164, 1001}
 
 
-def units_per_stage(depth: int, unit: str) -> int:
+def units_per_stage(depth: int, unit: Unit) -> int:
     """n for a depth: 3 stages of n units plus the stem conv and the classifier."""
     per = STAGES * UNIT_TYPES[unit].layers_per_unit
     n, rest = divmod(depth - 2, per)
     if rest or n < 1:
         form = UNIT_TYPES[unit].form
         raise UserError(
-            f"depth={depth} does not fit {unit} units ({form}, n >= 1); "
+            f"depth={depth} does not fit {unit.value} units ({form}, n >= 1); "
             f"nearest valid depths: {_nearest(depth, per)}"
         )
     return n
@@ -38,30 +38,30 @@ def _nearest(depth: int, per: int) -> str:
     return ", ".join(str(d) for d in cands)
 
 
-def resolve_unit(depth: int, unit: str = "auto") -> tuple[str, int]:
+def resolve_unit(depth: int, unit: Unit | str = Unit.auto) -> tuple[Unit, int]:
     """Pick the unit type for a depth (basic for 6n+2, bottleneck for 164/1001 and 9n+2)."""
-    if choose(Unit, unit, "model.unit") is not Unit.auto:
-        unit = Unit(unit).value
-        return unit, units_per_stage(depth, unit)
+    chosen = choose(Unit, unit, "model.unit")
+    if chosen is not Unit.auto:
+        return chosen, units_per_stage(depth, chosen)
     if depth in BOTTLENECK_DEPTHS or ((depth - 2) % 6 and not (depth - 2) % 9):
-        unit = "bottleneck"
+        chosen = Unit.bottleneck
     elif not (depth - 2) % 6:
-        unit = "basic"
+        chosen = Unit.basic
     else:
         raise UserError(
             f"depth={depth} fits neither basic (6n+2) nor bottleneck (9n+2) units; "
             f"nearest valid depths: {_nearest(depth, 6)} (basic), {_nearest(depth, 9)} (bottleneck)"
         )
-    return unit, units_per_stage(depth, unit)
+    return chosen, units_per_stage(depth, chosen)
 
 
-def layout(depth: int, unit: str = "auto") -> tuple[str, tuple[int, ...]]:
+def layout(depth: int, unit: Unit | str = Unit.auto) -> tuple[Unit, tuple[int, ...]]:
     """The unit type and units per stage of a CIFAR depth."""
     kind, n = resolve_unit(depth, unit)
     return kind, (n,) * STAGES
 
 
-def auto_downsample(unit: str) -> Downsample:
+def auto_downsample(unit: Unit) -> Downsample:
     """As each unit type was published: projections (B) for bottlenecks, zero padding (A)
     otherwise."""
-    return Downsample.B if unit == "bottleneck" else Downsample.A
+    return Downsample.B if unit is Unit.bottleneck else Downsample.A

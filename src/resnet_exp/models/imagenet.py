@@ -19,30 +19,31 @@ from resnet_exp.models.resnet import Stem
 STEM = Stem(7, stride=2, pool=True, bn_relu=True)  # every ordering keeps the BN-ReLU
 WIDTH = 64
 # depth -> (unit, units per stage); 200 as in fb.resnet.torch
-IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
-    200: ("bottleneck", (3, 24, 36, 3)),
+IMAGENET_DEPTHS: dict[int, tuple[Unit, tuple[int, int, int, int]]] = {
+    18: (Unit.basic, (2, 2, 2, 2)),
+    34: (Unit.basic, (3, 4, 6, 3)),
+    50: (Unit.bottleneck, (3, 4, 6, 3)),
+    101: (Unit.bottleneck, (3, 4, 23, 3)),
+    152: (Unit.bottleneck, (3, 8, 36, 3)),
+    200: (Unit.bottleneck, (3, 24, 36, 3)),
 }
 
 
-def layout(depth: int, unit: str = "auto") -> tuple[str, tuple[int, ...]]:
+def layout(depth: int, unit: Unit | str = Unit.auto) -> tuple[Unit, tuple[int, ...]]:
     """The unit type and units per stage of an ImageNet depth."""
     if depth not in IMAGENET_DEPTHS:
         allowed = ", ".join(str(d) for d in IMAGENET_DEPTHS)
         raise UserError(f"depth={depth} is not an ImageNet ResNet depth; allowed: {allowed}")
     kind, counts = IMAGENET_DEPTHS[depth]
-    if choose(Unit, unit, "model.unit") not in (Unit.auto, kind):
+    chosen = choose(Unit, unit, "model.unit")
+    if chosen not in (Unit.auto, kind):
         raise UserError(
-            f"model.unit={Unit(unit).value} does not fit ImageNet ResNet-{depth}, which has "
-            f"{kind} units (use model.unit=auto)"
+            f"model.unit={chosen.value} does not fit ImageNet ResNet-{depth}, which has "
+            f"{kind.value} units (use model.unit=auto)"
         )
     return kind, counts
 
 
-def auto_downsample(unit: str) -> Downsample:
+def auto_downsample(unit: Unit) -> Downsample:
     """Projections where the shape changes, in both papers."""
     return Downsample.B

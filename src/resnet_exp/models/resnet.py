@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from resnet_exp.models.ghost_bn import convert_ghost_bn
-from resnet_exp.models.options import Downsample, NetOptions, PreactShortcut
+from resnet_exp.models.options import Downsample, NetOptions, PreactShortcut, Unit
 from resnet_exp.models.shortcuts import call_at_precision_of, float_under_autocast
 from resnet_exp.models.units import UNIT_TYPES, BlockSpec, ResidualUnit, conv, ops
 from resnet_exp.models.variants import ShortcutSpec, unit_shortcut
@@ -67,7 +67,7 @@ class ResNet(nn.Module):
     def __init__(
         self,
         block: BlockSpec,
-        unit: str,
+        unit: Unit,
         stem: Stem,
         widths: tuple[int, ...],
         counts: tuple[int, ...],
@@ -116,7 +116,7 @@ class ResNet(nn.Module):
 
 def _units(
     block: BlockSpec,
-    unit: str,
+    unit: Unit,
     stem: Stem,
     widths: tuple[int, ...],
     counts: tuple[int, ...],

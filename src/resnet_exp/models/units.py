@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from resnet_exp.models.options import Block, StrideAt, choose
+from resnet_exp.models.options import Block, StrideAt, Unit, choose
 from resnet_exp.models.shortcuts import Add, Merge, float_under_autocast
 
 torch.fx.wrap(float_under_autocast)  # a call in the traced graph, as it checks autocast per call
@@ -73,9 +73,9 @@ class UnitType:
 
 
 UNIT_TYPES = {
-    "basic": UnitType((3, 3), 1, "6n+2"),
-    "bottleneck": UnitType((1, 3, 1), 4, "9n+2"),
-    "single": UnitType((3,), 1, "3n+2"),  # the paper's "1-layer skip" ResNet-110
+    Unit.basic: UnitType((3, 3), 1, "6n+2"),
+    Unit.bottleneck: UnitType((1, 3, 1), 4, "9n+2"),
+    Unit.single: UnitType((3,), 1, "3n+2"),  # the paper's "1-layer skip" ResNet-110
 }
 
 

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch.nn.functional as F
 
 from resnet_exp.config import Config, Mode
+from resnet_exp.models import count_params
 from resnet_exp.models.gradflow import GradFlow, GradFlowProbe
 from resnet_exp.run.records import SUMMARY, RunRecords
 from resnet_exp.run.result import RunResult, Status, SummaryKey
-from resnet_exp.train.setup import build_setup
+from resnet_exp.train.context import RunContext
+from resnet_exp.train.setup import prepare
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -46,23 +48,32 @@ OVERLAY_PNG = "gradflow_overlay.png"
 FIELDS = ["index", "signal", "stage", "std", "grad_norm", "identity_coef", "numel"]
 
 
-def diagnose(cfg: Config, run_dir: Path) -> RunResult:
+def diagnose(cfg: Config, ctx: RunContext) -> RunResult:
     t_start = time.perf_counter()
     # The model and the first batch training would see (same seed, order, augmentation).
-    s = build_setup(cfg, diagnose=True)
-    model, block = s.model.train(), cfg.model.block.value
-    keys = ("block", "depth", "unit", "params", "dataset", "data_source", "batch_size", "device")
+    data, model = prepare(cfg, ctx)
+    batch = cfg.diagnose.batch_size
+    net = ctx.net
     info: dict[str, Any] = {
         "mode": Mode.diagnose.value,
-        **{k: s.info[k] for k in keys},
-        "precision": s.precision,
+        "block": net.block.value,
+        "depth": net.depth,
+        "unit": net.unit.value,
+        "params": count_params(model),
+        "dataset": cfg.data.name,
+        "data_source": data.source,
+        "batch_size": batch,
+        "device": str(ctx.device),
+        "precision": ctx.precision.value,
         "seed": cfg.seed,
     }
     if cfg.dry_run:
         print(json.dumps(info, indent=2))
         return RunResult(Status.completed, info)
 
-    x, y = s.loader.next()
+    run_dir, block = ctx.run_dir, net.block.value
+    loader = data.train_loader(batch // ctx.world.world, cfg.seed, ctx.placement)
+    x, y = loader.next()
     probe = GradFlowProbe(model)
     with probe.capture():
         loss = F.cross_entropy(model(x), y)
@@ -78,9 +89,15 @@ def diagnose(cfg: Config, run_dir: Path) -> RunResult:
             SummaryKey.wall_time_s: round(time.perf_counter() - t_start, 2),
         },
     )
-    summary = result.summary
+    write(run_dir, f"{block} ResNet-{net.depth}", flow, result.summary)
+    log.info(summary_line(result.summary))
+    return result
+
+
+def write(run_dir: Path, label: str, flow: GradFlow, summary: dict[str, Any]) -> None:
+    """gradflow.csv, gradflow.png, the TensorBoard curves and figure, summary.json."""
     write_csv(run_dir / CSV_NAME, flow)
-    fig = plot([(f"{block} ResNet-{cfg.depth}", flow)], title=_title(summary))
+    fig = plot([(label, flow)], title=_title(summary))
     fig.savefig(run_dir / PNG_NAME, dpi=120)
     with RunRecords(run_dir) as records:
         for i, row in enumerate(flow.rows()):
@@ -95,8 +112,6 @@ def diagnose(cfg: Config, run_dir: Path) -> RunResult:
         if records.writer is not None:
             records.writer.add_figure("diagnose/figure", fig, 0)  # closes the figure
         records.summary(summary)
-    log.info(summary_line(summary))
-    return result
 
 
 def summary_line(s: dict[str, Any]) -> str:

@@ -11,18 +11,23 @@ and nothing here opens TensorBoard, metrics, summary or checkpoint for writing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sized
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from resnet_exp.config import Config, EvalSplit, Mode, flat_config
-from resnet_exp.data import Split
+from resnet_exp.config import Config, EvalSplit, Mode
+from resnet_exp.data import DataSource, is_streamed
 from resnet_exp.errors import UserError
-from resnet_exp.run.checkpoint import NO_RESUME, TRAINING, Checkpoint
+from resnet_exp.models import NetSpec
+from resnet_exp.run.checkpoint import NO_RESUME, Checkpoint
 from resnet_exp.run.records import write_json
 from resnet_exp.run.result import RunResult, Status
+from resnet_exp.train.context import RunContext
+from resnet_exp.train.evaluation import evaluate_split
+from resnet_exp.train.setup import prepare
 
 log = logging.getLogger("resnet_exp")
 
@@ -34,7 +39,7 @@ class LoadedRun(NamedTuple):
     config: Config  # the config the checkpoint was written with
 
 
-def check_eval_args(args: list[str]) -> None:
+def check_eval_command(args: list[str]) -> None:
     """Before Hydra starts (and creates a run directory): mode=eval names one run."""
     modes = [a.split("=", 1)[1] for a in args if a.startswith("mode=")]
     if not modes or modes[-1] != Mode.eval.value:
@@ -53,34 +58,17 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     The net takes images normalised as in training: per channel, with the mean and
     std of the run's training images (``resnet_exp.data.load_dataset(cfg.data)``).
     """
-    from resnet_exp.train.setup import model_from_config
-
     ckpt = Checkpoint.load(Checkpoint.locate(run, "load_run"))
     cfg = ckpt.run_config()  # the saved config, as it is: nothing to compare
+    net = NetSpec.from_config(cfg.model, cfg.depth, is_streamed(cfg.data))
     fc = ckpt.state["model"].get("fc.weight")  # real data sets count their classes
     num_classes = fc.shape[0] if fc is not None else (cfg.data.num_classes or 10)
-    model = model_from_config(cfg, num_classes)
-    ckpt.load_weights(model, cfg)
+    model = net.build(num_classes)
+    ckpt.load_weights(model, net)
     return LoadedRun(model.to(device).eval(), cfg)
 
 
-def checkpoint_to_evaluate(cfg: Config) -> Checkpoint:
-    """``cfg.resume``'s checkpoint, checked against ``cfg``: an evaluation trains
-    nothing, so only the keys of how the net was trained (``TRAINING``) may differ."""
-    if cfg.resume in NO_RESUME:
-        raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
-    ckpt = Checkpoint.load(Checkpoint.of_resume(str(cfg.resume)))
-    ckpt.check_config(
-        flat_config(cfg),
-        doing="evaluate",
-        asker="this command",
-        hint="drop those overrides (the run's own settings come from its checkpoint)",
-        allow=TRAINING,
-    )
-    return ckpt
-
-
-def _split(choice: EvalSplit, data: Any) -> tuple[str, Split]:
+def _split(choice: EvalSplit, data: DataSource) -> tuple[str, Sized]:
     if choice == EvalSplit.auto:
         return data.eval_name, data.eval_split
     if choice == EvalSplit.val:
@@ -93,21 +81,20 @@ def _split(choice: EvalSplit, data: Any) -> tuple[str, Split]:
     return "test", data.test
 
 
-def evaluate_run(cfg: Config, run_dir: Path) -> RunResult:
-    """mode=eval: evaluate ``cfg.resume``'s checkpoint; the result goes to RUN_DIR/eval.json."""
-    from resnet_exp.train.evaluation import evaluate
-    from resnet_exp.train.setup import build_setup
-
-    ckpt = checkpoint_to_evaluate(cfg)
-    s = build_setup(cfg)  # the run's data (split, normalisation) and net, on this device
-    ckpt.load_weights(s.model, cfg)
-    name, split = _split(cfg.eval.split, s.data)
-    ev, counts = evaluate(s, split, per_class=True)
+def run_eval(cfg: Config, ctx: RunContext) -> RunResult:
+    """mode=eval: evaluate ``cfg.resume``'s checkpoint; the result goes to RUN_DIR/eval.json.
+    Builds only what it uses: the run's data (split, normalisation) and its net."""
+    assert ctx.resume is not None  # the context loads and checks what mode=eval evaluates
+    ckpt = ctx.resume.checkpoint
+    data, model = prepare(cfg, ctx)
+    ckpt.load_weights(model, ctx.net)
+    name, split = _split(cfg.eval.split, data)
+    ev, counts = evaluate_split(model, data, split, ctx.placement, ctx.precision, per_class=True)
     assert counts is not None
     wrong, count = counts
     per_class = {
         c: 100.0 * w / n if n else None
-        for c, w, n in zip(s.data.classes, wrong.tolist(), count.tolist())
+        for c, w, n in zip(data.classes, wrong.tolist(), count.tolist())
     }
     result = {
         "checkpoint": str(ckpt.path.resolve()),
@@ -116,18 +103,27 @@ def evaluate_run(cfg: Config, run_dir: Path) -> RunResult:
         "images": len(split),
         **ev,  # loss, error, top5_error (and per further test crop)
         "per_class_error": per_class,
-        "per_class_images": dict(zip(s.data.classes, count.tolist())),
-        "device": str(s.device),
-        "precision": s.precision,
+        "per_class_images": dict(zip(data.classes, count.tolist())),
+        "device": str(ctx.device),
+        "precision": ctx.precision.value,
     }
-    write_json(run_dir / EVAL, result)
+    if ctx.world.is_main:
+        _report(result, ckpt, ctx.run_dir / EVAL)
+    return RunResult(Status.completed, result)
+
+
+def _report(result: dict[str, Any], ckpt: Checkpoint, path: Path) -> None:
+    """eval.json, and the same on the console."""
+    write_json(path, result)
+    name, images = result["split"], result["images"]
     print(
-        f"{ckpt.path} (step {result['step']}): {name} split, {len(split)} images | "
-        f"loss {ev['loss']:.4f} | top-1 error {ev['error']:.2f}% | top-5 error {ev['top5_error']:.2f}%"
+        f"{ckpt.path} (step {result['step']}): {name} split, {images} images | "
+        f"loss {result['loss']:.4f} | top-1 error {result['error']:.2f}% | "
+        f"top-5 error {result['top5_error']:.2f}%"
     )
-    width = max(len(c) for c in s.data.classes)
+    per_class = result["per_class_error"]
+    width = max(len(c) for c in per_class)
     for c, err in per_class.items():
         cell = "no images" if err is None else f"{err:6.2f}%"
         print(f"  {c:<{width}}  {cell}  ({result['per_class_images'][c]} images)")
-    print(f"written to {run_dir / EVAL}")
-    return RunResult(Status.completed, result)
+    print(f"written to {path}")

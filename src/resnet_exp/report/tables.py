@@ -354,6 +354,15 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
     ]
     lines += imagenet_table(rows)
     lines += compare.markdown(compare.against_original(rows))
+    lines += not_completed_tables(rows)
+    if figures:
+        lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+def not_completed_tables(rows: list[Row]) -> list[str]:
+    """The runs left to continue (time limit), then the ones that failed."""
+    lines: list[str] = []
     missing = [(row, r) for row in rows for r in row.not_completed]
     left = [(row, r) for row, r in missing if _resumable(r)]
     if left:
@@ -377,6 +386,4 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
         for row, r in failed:
             detail = r.summary.get("error") or _stopped_at(r)
             lines.append(f"| `{r.path.name}` | {row.label} | {r.status.value} | {detail} |")
-    if figures:
-        lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
-    return "\n".join(lines) + "\n"
+    return lines

@@ -33,7 +33,7 @@ from torch import nn
 
 from resnet_exp.config import Config, flatten
 from resnet_exp.errors import UserError
-from resnet_exp.models import resolve_unit
+from resnet_exp.models import NetSpec
 
 CHECKPOINT = "last.pt"
 # What a checkpoint needs for an exact continuation (see train/loop.py, train/resume.py).
@@ -123,8 +123,8 @@ class Checkpoint:
         return path
 
     @staticmethod
-    def of_resume(resume: str) -> Path:
-        """The checkpoint a ``resume=PATH`` names."""
+    def path_of(resume: str) -> Path:
+        """The checkpoint file a ``resume=PATH`` names."""
         return Checkpoint.locate(
             resume, f"resume={resume!r}", "a last.pt, its run directory, or auto"
         )
@@ -138,7 +138,7 @@ class Checkpoint:
         if resume == AUTO:
             path = run_dir / CHECKPOINT
             return path if path.exists() else None
-        return Checkpoint.of_resume(str(resume))
+        return Checkpoint.path_of(str(resume))
 
     @staticmethod
     def run_dir_of(resume: str | None, default: str) -> str:
@@ -163,13 +163,13 @@ class Checkpoint:
         step: int,
         world: int,
         ranks: list[dict[str, Any]] | None,
-        cfg: Config,
+        config: dict[str, Any],
         overrides: list[str],
     ) -> Checkpoint:
         """A run's checkpoint: its owners' state dicts (``ranks``: each rank's own, in a
-        data-parallel run) with what a resume checks them against."""
-        config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-        fp = fingerprint(flatten(config))  # type: ignore[arg-type]
+        data-parallel run) with what a resume checks them against (``config``: the run's
+        config as nested dicts, ``config.config_tree``)."""
+        fp = fingerprint(flatten(config))
         state = {
             **owners,
             "step": step,
@@ -264,8 +264,9 @@ class Checkpoint:
         tree = OmegaConf.merge(OmegaConf.structured(Config), saved)
         return OmegaConf.to_object(tree)  # type: ignore[return-value]
 
-    def load_weights(self, model: nn.Module, cfg: Config) -> None:
-        """Load the weights into ``model``; weights of another net are a one-line UserError."""
+    def load_weights(self, model: nn.Module, net: NetSpec) -> None:
+        """Load the weights into ``model`` (the net ``net`` describes); weights of another
+        net are a one-line UserError."""
         weights = self.state["model"]
         try:
             model.load_state_dict(weights)
@@ -277,8 +278,8 @@ class Checkpoint:
             first = (shaped or missing or extra or ["?"])[0]
             raise UserError(
                 f"{self.path} holds weights of another net than its config describes "
-                f"(depth={cfg.depth}, block={cfg.model.block.value}, "
-                f"unit={resolve_unit(cfg.depth, cfg.model.unit.value)[0]}): "
+                f"(depth={net.depth}, block={net.block.value}, family={net.family.value}, "
+                f"unit={net.unit.value}): "
                 f"{len(missing)} tensors missing, {len(extra)} unexpected, {len(shaped)} of "
                 f"another shape (first: {first}); was the checkpoint replaced or written by "
                 f"another net?"

@@ -37,6 +37,9 @@ class DistInfo:
         return self.world > 1
 
 
+ONE_PROCESS = DistInfo()  # a run that is not data-parallel
+
+
 def _submitit_tasks() -> int:
     """Tasks of the submitit job this process belongs to (1 outside submitit)."""
     if "SUBMITIT_EXECUTOR" not in os.environ:

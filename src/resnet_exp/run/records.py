@@ -76,10 +76,22 @@ class RunRecords:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
-    def evaluation(self, row: dict[str, Any]) -> None:
-        """One metrics.jsonl row per evaluation (appended, flushed at once)."""
+    def evaluation(
+        self,
+        step: int,
+        before: dict[str, Any],
+        split: str,
+        values: dict[str, float],
+        after: dict[str, Any],
+    ) -> None:
+        """An evaluation on ``split`` at ``step``: its values in TensorBoard (``test/error``)
+        and one metrics.jsonl row (step, ``before``, the values as ``test_error``, ``after``;
+        appended, flushed at once)."""
+        self.scalars(step, {f"{split}/{k}": v for k, v in values.items()})
         if not self.enabled:
             return
+        named = {f"{split}_{k}": v for k, v in values.items()}
+        row = {"step": step, **before, **named, **after}
         with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps(_clean(row)) + "\n")
         if self.writer is not None:

@@ -88,7 +88,8 @@ class SummaryKey:
     test_loss, test_error = "test_loss", "test_error"  # with a val split: the test set at the end
     final_train_loss, final_train_error = "final_train_loss", "final_train_error"
     train_images_per_s = "train_images_per_s"
-    wall_time_s = "wall_time_s"
+    wall_time_s = "wall_time_s"  # every part of a resumed run
+    parts = "parts"  # how many times the run was started (1 + its resumes)
 
     @staticmethod
     def final(split: str, what: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from resnet_exp.errors import UserError
-from resnet_exp.run.checkpoint import AUTO, CHECKPOINT, NO_RESUME, Checkpoint, matches
+from resnet_exp.run.checkpoint import AUTO, CHECKPOINT, NO_RESUME, TRAINING, Checkpoint, matches
 
 log = logging.getLogger("resnet_exp")
 
@@ -69,6 +69,23 @@ class Resume:
                 f"with the same number (this run has {world}): the data order is split by rank"
             )
         return cls(ckpt, changes)
+
+    @classmethod
+    def to_evaluate(cls, resume: str | None, flat: dict[str, Any]) -> Resume:
+        """``resume=``'s checkpoint for ``mode=eval``, checked against this config: an
+        evaluation trains nothing, so only the keys of how the net was trained
+        (``TRAINING``) may differ."""
+        if resume in NO_RESUME:
+            raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
+        ckpt = Checkpoint.load(Checkpoint.path_of(str(resume)))
+        ckpt.check_config(
+            flat,
+            doing="evaluate",
+            asker="this command",
+            hint="drop those overrides (the run's own settings come from its checkpoint)",
+            allow=TRAINING,
+        )
+        return cls(ckpt, [])
 
     @property
     def path(self) -> Path:
@@ -136,7 +153,7 @@ def with_inherited_overrides(args: list[str]) -> list[str]:
     at = [i for i, a in enumerate(args) if a.startswith("resume=")]
     if not at or args[at[-1]].split("=", 1)[1] in (*NO_RESUME, AUTO):
         return args
-    path = Checkpoint.of_resume(args[at[-1]].split("=", 1)[1])
+    path = Checkpoint.path_of(args[at[-1]].split("=", 1)[1])
     saved = Checkpoint.load(path, mmap=True).overrides  # only its overrides
     given = {_override_key(a) for a in args if "=" in a and not a.startswith("-")}
     inherited = [o for o in resumable_overrides(saved) if _override_key(o) not in given]

@@ -12,27 +12,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from resnet_exp.config import Precision
 from resnet_exp.errors import UserError
+from resnet_exp.models.options import choose
 from resnet_exp.run.gpus import claim_gpu
 
 log = logging.getLogger("resnet_exp")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 # oneDNN's backward-weights kernel for a strided 1x1 convolution in NHWC with fewer
 # input channels than its block (16 on AVX-512) crashes (segfault, "double free")
 # or returns wrong gradients on AVX-512 CPUs (torch 2.14.1; oneDNN issue 6035).
 NHWC_MIN_CHANNELS = 16
 
 
-def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+def pick_device(name: str, local_rank: int | None = None, claim: bool = True) -> torch.device:
     """``auto``: the rank's own GPU in a data-parallel run; a GPU no other job holds
-    when several are visible; else the GPU, or the CPU."""
+    when several are visible (``claim=False``: only check, claim none); else the GPU,
+    or the CPU."""
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
         if local_rank is not None:
             return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if torch.cuda.device_count() > 1:
+        if torch.cuda.device_count() > 1 and claim:
             return torch.device("cuda", claim_gpu(torch.cuda.device_count()))
         return torch.device("cuda")
     try:
@@ -65,26 +68,33 @@ def cpu_native_bf16() -> str | None:
     return None
 
 
-def pick_precision(name: str, device: torch.device) -> str:
+def pick_precision(requested: Precision | str, device: torch.device) -> Precision:
     """``auto``: bf16 autocast on a GPU with bf16 (fp16 + grad scaling on older
     GPUs); on a CPU, bf16 where it has native bf16 units (AMX, AVX512-BF16), else
     fp32 (bf16 without them measured ~10x slower than fp32, AVX2 machine,
     ResNet-20). Measured CPU figures: docs/performance.md."""
-    if name == "auto":
+    chosen = choose(Precision, requested, "trainer.precision")
+    if chosen is Precision.auto:
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        native = cpu_native_bf16()
-        log.info(
-            "trainer.precision=auto: %s on this CPU (%s)",
-            "bf16" if native else "fp32",
-            f"native bf16: {native}" if native else "no native bf16 units",
-        )
-        return "bf16" if native else "fp32"
-    if name == "fp16" and device.type != "cuda":
+            return Precision.bf16 if torch.cuda.is_bf16_supported() else Precision.fp16
+        return Precision.bf16 if cpu_native_bf16() else Precision.fp32
+    if chosen is Precision.fp16 and device.type != "cuda":
         raise UserError(
             "trainer.precision=fp16 needs a CUDA GPU (fp16 with a grad scaler); on the CPU use bf16 or fp32"
         )
-    return name
+    return chosen
+
+
+def precision_choice(requested: Precision | str, device: torch.device) -> str | None:
+    """Why ``auto`` chose what it did on a CPU, for the log (None: nothing to say)."""
+    if choose(Precision, requested, "trainer.precision") is not Precision.auto:
+        return None
+    if device.type != "cpu":
+        return None
+    native = cpu_native_bf16()
+    chosen = "bf16" if native else "fp32"
+    why = f"native bf16: {native}" if native else "no native bf16 units"
+    return f"trainer.precision=auto: {chosen} on this CPU ({why})"
 
 
 def nhwc_unsafe_convs(model: nn.Module) -> list[str]:
@@ -118,8 +128,8 @@ def pick_channels_last(requested: bool, model: nn.Module, device: torch.device) 
     return True
 
 
-def autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    if precision == "fp32":
+def autocast(device: torch.device, precision: Precision) -> AbstractContextManager:
+    if precision is Precision.fp32:
         return nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[precision])
 

@@ -38,7 +38,7 @@ EXIT_TIME_LIMIT = 75  # a sweep left unfinished at its time limit (train/result.
 
 def campaigns() -> Path:
     """The campaign files: configs/campaign/ (inside the package in a wheel)."""
-    from resnet_exp.cli import config_dir
+    from resnet_exp.config import config_dir
 
     return Path(config_dir()) / "campaign"
 
@@ -72,7 +72,7 @@ def planned_jobs(overrides: list[str]) -> list[list[str]]:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from resnet_exp.cli import config_dir
+    from resnet_exp.config import config_dir
 
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(overrides)

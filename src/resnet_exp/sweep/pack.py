@@ -15,8 +15,10 @@ keeps each run's view of it its own:
   ``stop.installed()`` when its set-up is done and reads ``stop.requested``
   once after every step, which is how the gate learns a run's exclusive phase
   has ended — nothing else of the loop is touched.
-- **Hydra's HydraConfig** (:func:`per_thread_hydra_config`): each run's thread
-  sees its own job's config (run directory, overrides kept in the checkpoint).
+- **Scheduling** (:class:`Pack`): ``runs_per_device`` jobs at a time, one thread
+  each, the next started when one ends; the launcher says what starting, training
+  and reporting a job means (each job gets its own Hydra config handed in:
+  nothing reads Hydra's global state from a run's thread).
 - **Logs** (:class:`RunLogs`): a run's log file receives only its thread's
   records; the console receives all of them, prefixed with the run's name.
 - **Devices** (:func:`run_on`): on a GPU each run issues its work on its own
@@ -30,14 +32,14 @@ import logging
 import logging.config
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.singleton import Singleton
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_exp.run.stop import StopRequest
@@ -122,37 +124,79 @@ class ForwardingStop(StopRequest):
             stop.request(signum)
 
 
-class _ThreadHydraConfig(HydraConfig):
-    """HydraConfig whose ``cfg`` is per thread: the main thread's is shared, a
-    worker thread sets its own job's."""
+@dataclass(eq=False)
+class PackedJob:
+    """One job of a pack: its number and name, and, once it ran, its result."""
 
-    def __init__(self, shared: Any) -> None:  # not via the Singleton metaclass
-        self._local = threading.local()
-        self._shared = shared
+    idx: int
+    name: str
+    stop: PackedStop | None = None
+    thread: threading.Thread | None = None
+    result: Any = None  # its RunResult, once trained (or not started)
+    extra: Any = None  # the launcher's own record of the job
 
-    @property  # type: ignore[override]
-    def cfg(self) -> Any:
-        return getattr(self._local, "cfg", self._shared)
-
-    @cfg.setter
-    def cfg(self, value: Any) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._shared = value
-        else:
-            self._local.cfg = value
+    @property
+    def stopped(self) -> bool:
+        """Stopped on request (Ctrl-C, SIGTERM): it ends the sweep."""
+        return self.result is not None and self.result.stop_requested
 
 
-@contextmanager
-def per_thread_hydra_config() -> Iterator[None]:
-    """Replace Hydra's HydraConfig singleton by a per-thread one for the duration."""
-    original = HydraConfig.instance()
-    local = object.__new__(_ThreadHydraConfig)
-    _ThreadHydraConfig.__init__(local, original.cfg)
-    Singleton._instances[HydraConfig] = local  # type: ignore[index]
-    try:
-        yield
-    finally:
-        Singleton._instances[HydraConfig] = original  # type: ignore[index]
+@dataclass
+class Pack:
+    """The scheduling of a pack: ``runs`` jobs at a time, each on its own thread, the
+    next one started when one ends; a stop request reaches every running job and
+    starts no other. What a job is (its set-up, its training, its report) is the
+    launcher's: ``start`` prepares a job in the main thread (False: it does not start,
+    e.g. too little of the time limit is left), ``train`` trains it on its thread and
+    returns its result, ``ended`` hears the jobs that ended so far, in job order."""
+
+    runs: int
+    device: torch.device
+    threads: int
+    start: Callable[[PackedJob], bool]
+    train: Callable[[PackedJob], Any]
+    ended: Callable[[list[PackedJob]], None]
+
+    def run(self, jobs: list[PackedJob]) -> None:
+        pending, running, finished = deque(jobs), [], []
+        gate, changed = SetupGate(), threading.Event()
+        stop = ForwardingStop(lambda: [j.stop for j in running])
+        with stop.installed():  # the main thread owns SIGINT/SIGTERM
+            while pending or running:
+                while pending and len(running) < self.runs and not stop.requested:
+                    job = pending.popleft()
+                    if not self.start(job):
+                        finished.append(job)
+                        continue
+                    job.thread = threading.Thread(
+                        target=self._train,
+                        args=(job, gate, changed),
+                        name=f"packed-run-{job.idx}",
+                        daemon=True,  # a second signal exits at once, mid-step
+                    )
+                    job.thread.start()
+                    running.append(job)
+                if stop.requested:
+                    pending.clear()  # as the basic launcher: later jobs do not start
+                    for job in running:
+                        job.stop.request(stop.signum)  # type: ignore[union-attr]
+                changed.wait(0.1)  # signal handlers run in between
+                changed.clear()
+                for job in [j for j in running if not j.thread.is_alive()]:
+                    running.remove(job)
+                    finished.append(job)
+                self.ended(finished)
+
+    def _train(self, job: PackedJob, gate: SetupGate, changed: threading.Event) -> None:
+        """A run's thread: its gate, its device stream or threads, its own stop flag."""
+        try:
+            assert job.stop is not None
+            with packed_run(gate, job.stop, self.device, self.threads):
+                job.result = self.train(job)
+        finally:
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            changed.set()
 
 
 class _ThreadFilter(logging.Filter):

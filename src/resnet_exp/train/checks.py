@@ -1,22 +1,20 @@
 """Every setting checked in one pass, before any data is loaded or anything is built.
 
-Each check is the one its owner keeps (the net's in ``models``, the optimizer's
-and the schedule's in ``optim.py``); a bad value would otherwise surface after the
-data set is decoded and the model built, or as a ZeroDivisionError mid-run.
+Each check is the one its owner keeps (the net's in ``models.NetSpec``, the
+optimizer's and the schedule's in ``optim.py``); a bad value would otherwise surface
+after the data set is decoded and the model built, or as a ZeroDivisionError mid-run.
 """
 
 from __future__ import annotations
 
-from resnet_exp.config import Config, parse_duration
-from resnet_exp.data.interface import is_streamed
+from resnet_exp.config import Config, Mode, parse_duration
 from resnet_exp.errors import UserError
-from resnet_exp.models import NetOptions, family_unit, resolve_family
-from resnet_exp.run import distributed
+from resnet_exp.run.distributed import DistInfo
 from resnet_exp.train.optim import check_optimizer, check_schedule
 
 
-def check_settings(cfg: Config) -> None:
-    """Every setting, each by the one check that owns it; nothing is built."""
+def check_settings(cfg: Config, world: DistInfo) -> None:
+    """Every setting but the net's (``NetSpec`` checks those), each by the check that owns it."""
     t = cfg.trainer
     for key in ("log_every", "eval_every"):
         value = getattr(t, key)
@@ -27,22 +25,37 @@ def check_settings(cfg: Config) -> None:
         raise UserError(f"trainer.max_steps={t.max_steps} must be at least 1 (or null)")
     if t.max_steps is None and t.epochs < 1:
         raise UserError(f"trainer.epochs={t.epochs} must be at least 1")
-    check_model(cfg)
     check_optimizer(cfg.optimizer)
     check_schedule(cfg.schedule)
+    check_batches(cfg, world)
+    check_bn_group(cfg, world)
 
 
-def check_model(cfg: Config) -> None:
-    """The net ``build_model`` would build: depth, unit, options, shortcut, width."""
-    family_unit(resolve_family(cfg.model.family, is_streamed(cfg.data)), cfg.depth, cfg.model.unit)
-    NetOptions.of(cfg.model)
-    cfg.model.shortcut.check()
-    if cfg.model.width is not None and cfg.model.width < 1:
-        raise UserError(f"model.width={cfg.model.width} must be at least 1")
-    check_bn_group(cfg)
+def batch_of(cfg: Config) -> tuple[str, int]:
+    """The key and size of the run's batch: the training batch, or the measured one
+    of ``mode=diagnose``."""
+    if cfg.mode is Mode.diagnose:
+        return "diagnose.batch_size", cfg.diagnose.batch_size
+    return "data.batch_size", cfg.data.batch_size
 
 
-def check_bn_group(cfg: Config) -> None:
+def check_batches(cfg: Config, world: DistInfo) -> None:
+    key, batch = batch_of(cfg)
+    least = 2 if cfg.mode is Mode.diagnose else 1  # batch statistics need two images
+    if batch < least:
+        raise UserError(f"{key}={batch} must be at least {least}")
+    if cfg.data.eval_batch_size < 1:
+        raise UserError(f"data.eval_batch_size={cfg.data.eval_batch_size} must be at least 1")
+    # data.batch_size is the global batch (the paper's 128), split over the ranks:
+    # the recipe, lr included, is the same on any number of GPUs.
+    if batch % world.world:
+        raise UserError(
+            f"{key}={batch} does not split evenly over {world.world} processes; "
+            f"use a multiple of {world.world}"
+        )
+
+
+def check_bn_group(cfg: Config, world: DistInfo) -> None:
     """Ghost batch norm needs the per-process batch to split into whole groups."""
     group = cfg.model.bn_group
     if group is None:
@@ -52,7 +65,7 @@ def check_bn_group(cfg: Config) -> None:
             f"model.bn_group={group} and trainer.sync_bn=true contradict each other "
             "(statistics per group vs over all processes); set one"
         )
-    local = cfg.data.batch_size // distributed.current().world
+    local = cfg.data.batch_size // world.world
     if local > group and local % group:
         raise UserError(
             f"model.bn_group={group} does not divide the per-process batch of {local} images; "

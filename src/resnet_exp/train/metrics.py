@@ -11,6 +11,7 @@ computes exactly what an uninterrupted one would have.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +59,7 @@ class RunningMetrics:
         self.interval, self.epoch = Window(device), Window(device)
         self.bad_step = torch.full((), -1, device=device, dtype=torch.int64)  # -1: none yet
         self._step = torch.zeros((), device=device, dtype=torch.int64)
-        self.train = Mean(math.nan, math.nan)  # the last logged interval
+        self.last_interval = Mean(math.nan, math.nan)  # the last logged interval's train means
         self.last_eval: dict[str, float] = {}  # e.g. {"test_loss": ..., "test_error": ...}
         self.best = math.inf  # the lowest error of the scheduled evaluations
         self.throughput: list[tuple[int, float]] = []  # (images, seconds) per interval
@@ -81,7 +82,7 @@ class RunningMetrics:
         sums = [t.double() for w in windows for t in (w.loss, w.wrong)]
         values = torch.stack([*sums, self.bad_step.double()])
         values[-1] = torch.where(values[-1] < 0, math.inf, values[-1])
-        if distributed.current().enabled:
+        if self.world > 1:
             distributed.sum_(values[:-1])
             distributed.min_(values[-1:])
         *totals, bad = values.tolist()
@@ -102,8 +103,8 @@ class RunningMetrics:
             "interval": self.interval.state_dict(),
             "epoch": self.epoch.state_dict(),
             "step": int(self._step),
-            "train_loss": self.train.loss,
-            "train_error": self.train.error,
+            "train_loss": self.last_interval.loss,
+            "train_error": self.last_interval.error,
             "last_eval": dict(self.last_eval),
             "best_error": self.best,
             "throughput": list(self.throughput),
@@ -113,7 +114,27 @@ class RunningMetrics:
         self.interval.load_state_dict(state["interval"])
         self.epoch.load_state_dict(state["epoch"])
         self._step.fill_(state["step"])
-        self.train = Mean(state["train_loss"], state["train_error"])
+        self.last_interval = Mean(state["train_loss"], state["train_error"])
         self.last_eval = dict(state["last_eval"])
         self.best = state["best_error"]
         self.throughput = list(state["throughput"])
+
+
+class RunClock:
+    """A run's wall time over all its parts: a resumed run counts its whole length
+    (what earlier parts took, kept in the checkpoint) and how many parts it ran in."""
+
+    def __init__(self, started: float | None = None) -> None:
+        self.started = time.perf_counter() if started is None else started  # this part's
+        self.before_s, self.parts = 0.0, 1
+
+    def wall_time(self) -> float:
+        """Seconds of the whole run so far: earlier parts and this one."""
+        return self.before_s + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wall_time_s": self.wall_time(), "parts": self.parts}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The run so far; this process continues it as its next part."""
+        self.before_s, self.parts = float(state["wall_time_s"]), int(state["parts"]) + 1

@@ -1,6 +1,7 @@
-"""One builder from the config: device, precision, seed, data, model, loader, optimizer,
-schedule and step. The trainer, ``mode=diagnose``, ``scripts/benchmark.py`` and the
-GPU tests all start from it, so what they measure is what a run trains."""
+"""What a run builds from its config and context: data, net, loader, optimizer, schedule
+and step. The trainer, ``mode=eval``, ``mode=diagnose``, ``scripts/benchmark.py`` and
+the GPU tests all start here, so what they measure is what a run trains; each mode
+builds only what it uses (``prepare``: data and net; ``build_setup``: the rest too)."""
 
 from __future__ import annotations
 
@@ -13,30 +14,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from resnet_exp.config import Config, TrainerConfig, model_options
-from resnet_exp.data import DataSource, Placement, TrainBatches, is_streamed, load_dataset
+from resnet_exp.config import Config, Precision, TrainerConfig
+from resnet_exp.data import DataSource, TrainBatches, load_dataset
 from resnet_exp.errors import UserError
-from resnet_exp.models import ResNet, build_model, count_params, family_unit, resolve_family
-from resnet_exp.run import distributed
-from resnet_exp.run.runtime import (
-    pick_channels_last,
-    pick_device,
-    pick_precision,
-    seed_everything,
-)
-from resnet_exp.train.checks import check_settings
+from resnet_exp.models import count_params
+from resnet_exp.run.runtime import seed_everything
+from resnet_exp.train.checks import batch_of
+from resnet_exp.train.context import RunContext
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
 from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
 
 
 @dataclass(kw_only=True)
 class Setup:
-    """Everything built before the first step."""
+    """Everything a training run builds before its first step (and what it was built from)."""
 
     cfg: Config
-    device: torch.device
-    precision: str  # fp32 | bf16 | fp16
-    channels_last: bool  # trainer.channels_last, unless the CPU cannot train the net so
+    ctx: RunContext
     data: DataSource  # in memory or streamed: its loaders hide which
     model: nn.Module  # the network itself (checkpoints, evaluation)
     train_model: nn.Module  # what the step calls: the network, or DDP around it
@@ -49,65 +43,46 @@ class Setup:
     warmup: bool
     info: dict[str, Any] = field(default_factory=dict)  # what a dry run prints
 
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
 
-def model_from_config(cfg: Config, num_classes: int) -> ResNet:
-    """The net ``cfg.model`` and ``cfg.depth`` describe (CIFAR or ImageNet family)."""
-    family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
-    unit = family_unit(family, cfg.depth, cfg.model.unit.value)
-    return build_model(
-        cfg.model.block.value,
-        cfg.depth,
-        num_classes,
-        unit,
-        cfg.model.downsample.value,
-        cfg.model.width,
-        cfg.model.checkpointing,
-        shortcut=cfg.model.shortcut,
-        family=family,
-        **model_options(cfg.model),
-    )
+    @property
+    def precision(self) -> Precision:
+        return self.ctx.precision
 
 
-def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
-    """Check the settings (before any data is loaded), then build the run.
-
-    ``diagnose=True``: the batch is ``diagnose.batch_size`` and everything runs in
-    fp32 (tiny gradients at the far end of a deep net must not round away).
-    """
-    dist = distributed.current()
-    device = pick_device(cfg.trainer.device, dist.local_rank if dist.enabled else None)
-    precision = "fp32" if diagnose else pick_precision(cfg.trainer.precision.value, device)
+def prepare(cfg: Config, ctx: RunContext) -> tuple[DataSource, nn.Module]:
+    """The run's data and its freshly initialised net on the run's device, seeded as
+    training seeds them (so ``mode=diagnose`` sees the net and batch training would)."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    family = resolve_family(cfg.model.family.value, is_streamed(cfg.data))
-    unit = family_unit(family, cfg.depth, cfg.model.unit.value)  # a bad depth fails first
-    check_settings(cfg)
-    key, batch = ("diagnose.batch_size", cfg.diagnose.batch_size)
-    if not diagnose:
-        key, batch = "data.batch_size", cfg.data.batch_size
-    _check_batches(cfg, key, batch, 2 if diagnose else 1, dist.world, device)
-
     data = load_dataset(cfg.data)
+    key, batch = batch_of(cfg)
     if batch > len(data.train):
         raise UserError(f"{key}={batch} is larger than the {len(data.train)} training images")
-    model = model_from_config(cfg, data.num_classes)
+    fmt = torch.channels_last if ctx.channels_last else torch.preserve_format
+    model = ctx.net.build(data.num_classes).to(ctx.device, memory_format=fmt)
+    return data, model
+
+
+def build_setup(cfg: Config, ctx: RunContext) -> Setup:
+    """The whole training run, in its context (``train.context.resolve``)."""
+    data, model = prepare(cfg, ctx)
     params = count_params(model)
-    channels_last = pick_channels_last(cfg.trainer.channels_last, model, device)
-    model, train_model = _place(model, cfg.trainer, device, dist.enabled, channels_last)
-    # In memory or streamed from files: the data set's own loader.
-    at = Placement(device, channels_last, dist.rank, dist.world)
-    loader = data.train_loader(cfg.data, batch // dist.world, cfg.seed, at)
+    model, train_model = _data_parallel(model, cfg.trainer, ctx)
+    _, batch = batch_of(cfg)
+    loader = data.train_loader(batch // ctx.world.world, cfg.seed, ctx.placement)
     total = _total_steps(cfg.trainer, loader.steps_per_epoch)
     warmup = warmup_on(cfg.schedule, cfg.data.name)
-    optimizer = build_optimizer(model, cfg.optimizer, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.optimizer, fused=ctx.device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg.schedule, total, warmup, loader.steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision is Precision.fp16)
     t = cfg.trainer
     train_step = make_train_step(
         train_model,
         optimizer,
         scaler,
-        device,
-        precision,
+        ctx,
         t.compile,
         t.compile_mode,
         t.cuda_graphs,
@@ -115,9 +90,7 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
     )
     s = Setup(
         cfg=cfg,
-        device=device,
-        precision=precision,
-        channels_last=channels_last,
+        ctx=ctx,
         data=data,
         model=model,
         train_model=train_model,
@@ -129,26 +102,22 @@ def build_setup(cfg: Config, *, diagnose: bool = False) -> Setup:
         total_steps=total,
         warmup=warmup,
     )
-    s.info = _info(s, family, unit, params, batch, dist.world)
+    s.info = describe(cfg, ctx, data, params, batch, loader, total, warmup)
     return s
 
 
-def _place(
-    model: nn.Module,
-    t: TrainerConfig,
-    device: torch.device,
-    data_parallel: bool,
-    channels_last: bool,
+def _data_parallel(
+    model: nn.Module, t: TrainerConfig, ctx: RunContext
 ) -> tuple[nn.Module, nn.Module]:
-    """The net on its device and memory format, and what the step calls (DDP around it)."""
-    fmt = torch.channels_last if channels_last else torch.preserve_format
-    model = model.to(device, memory_format=fmt)
-    if not data_parallel:
+    """The net (with synchronised batch norms if asked) and what the step calls: the
+    net itself, or DDP around it in a data-parallel run."""
+    if not ctx.world.enabled:
         return model, model
     if t.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Every rank starts from rank 0's weights (DDP broadcasts them) and
     # keeps BN running statistics in step with rank 0's (broadcast_buffers).
+    device = ctx.device
     ddp = DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
@@ -160,49 +129,41 @@ def _total_steps(t: TrainerConfig, steps_per_epoch: int) -> int:
     return t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
 
 
-def _info(s: Setup, family: str, unit: str, params: int, batch: int, world: int) -> dict[str, Any]:
-    """What a dry run prints."""
-    cfg = s.cfg
-    return {
-        "block": cfg.model.block.value,
-        "depth": cfg.depth,
-        "family": family,
-        "unit": unit,
-        "shortcut": cfg.model.shortcut.describe(),
+def describe(
+    cfg: Config,
+    ctx: RunContext,
+    data: DataSource,
+    params: int,
+    batch: int,
+    loader: TrainBatches | None = None,
+    total: int | None = None,
+    warmup: bool | None = None,
+) -> dict[str, Any]:
+    """What a dry run prints and summary.json starts from."""
+    net = ctx.net
+    info: dict[str, Any] = {
+        "block": net.block.value,
+        "depth": net.depth,
+        "family": net.family.value,
+        "unit": net.unit.value,
+        "shortcut": net.shortcut.describe(),
         "params": params,
         "dataset": cfg.data.name,
-        "data_source": s.data.source,
-        "train_images": len(s.data.train),
-        f"{s.data.eval_name}_images": len(s.data.eval_split),
+        "data_source": data.source,
+        "train_images": len(data.train),
+        f"{data.eval_name}_images": len(data.eval_split),
         "optimizer": cfg.optimizer.name.value,
         "schedule": cfg.schedule.name.value,
-        "device": str(s.device),
-        "precision": s.precision,
+        "device": str(ctx.device),
+        "precision": ctx.precision.value,
         "precision_requested": cfg.trainer.precision.value,
-        "channels_last": s.channels_last,
+        "channels_last": ctx.channels_last,
         "seed": cfg.seed,
-        "processes": world,
-        "steps": s.total_steps,
-        "steps_per_epoch": s.loader.steps_per_epoch,
-        "batch_size": batch,
-        "warmup": s.warmup,
+        "processes": ctx.world.world,
     }
-
-
-def _check_batches(
-    cfg: Config, key: str, batch: int, least: int, world: int, device: torch.device
-) -> None:
-    if batch < least:
-        raise UserError(f"{key}={batch} must be at least {least}")
-    if cfg.data.eval_batch_size < 1:
-        raise UserError(f"data.eval_batch_size={cfg.data.eval_batch_size} must be at least 1")
-    # data.batch_size is the global batch (the paper's 128), split over the ranks:
-    # the recipe, lr included, is the same on any number of GPUs.
-    if batch % world:
-        raise UserError(
-            f"{key}={batch} does not split evenly over {world} processes; use a multiple of {world}"
-        )
-    if cfg.trainer.sync_bn and device.type != "cuda":
-        raise UserError(
-            "trainer.sync_bn=true needs CUDA GPUs (SyncBatchNorm); on CPUs leave it off"
-        )
+    if loader is not None:
+        info.update(steps=total, steps_per_epoch=loader.steps_per_epoch)
+    info["batch_size"] = batch
+    if warmup is not None:
+        info["warmup"] = warmup
+    return info

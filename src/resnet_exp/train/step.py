@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_exp.config import Switch
+from resnet_exp.config import Precision, Switch
 from resnet_exp.errors import UserError
-from resnet_exp.run import distributed
 from resnet_exp.run.runtime import autocast
+from resnet_exp.train.context import RunContext
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -30,7 +30,7 @@ class EagerStep:
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
         device: torch.device,
-        precision: str,
+        precision: Precision,
     ) -> None:
         self.forward, self.model, self.optimizer, self.scaler = forward, model, optimizer, scaler
         self.device, self.precision = device, precision
@@ -64,7 +64,7 @@ class CudaGraphStep:
         forward: Callable[[torch.Tensor], torch.Tensor],
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        precision: str,
+        precision: Precision,
     ) -> None:
         self.forward, self.model, self.optimizer, self.precision = (
             forward,
@@ -76,7 +76,10 @@ class CudaGraphStep:
 
     def _compute(self) -> Batch:
         with torch.autocast(
-            "cuda", dtype=torch.bfloat16, enabled=self.precision == "bf16", cache_enabled=False
+            "cuda",
+            dtype=torch.bfloat16,
+            enabled=self.precision is Precision.bf16,
+            cache_enabled=False,
         ):
             logits = self.forward(self.static_x)
             loss = F.cross_entropy(logits, self.static_y)
@@ -142,8 +145,7 @@ def make_train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    device: torch.device,
-    precision: str,
+    ctx: RunContext,
     compile_model: bool = False,
     compile_mode: str = "default",
     cuda_graphs: str = "auto",
@@ -157,7 +159,8 @@ def make_train_step(
     forward: Callable[[torch.Tensor], torch.Tensor] = model
     if compile_model:
         forward = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
-    blockers = graph_blockers(model, optimizer, device, precision)
+    device, precision = ctx.device, ctx.precision
+    blockers = graph_blockers(model, optimizer, device, precision, ctx.world.enabled)
     if hooks:
         blockers.append("trainer.log_gradflow_every=0 (hooked steps run eagerly)")
     choice = Switch.of(cuda_graphs, "trainer.cuda_graphs")
@@ -169,18 +172,22 @@ def make_train_step(
 
 
 def graph_blockers(
-    model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    precision: Precision,
+    data_parallel: bool = False,
 ) -> list[str]:
     """What rules out a CUDA-graph step, as 'needs ...' phrases (empty: nothing)."""
     blockers = []
     if device.type != "cuda":
         blockers.append(f"a CUDA device (running on {device})")
-    if precision == "fp16":
+    if precision is Precision.fp16:
         blockers.append("bf16 or fp32 (fp16's grad scaler syncs with the host every step)")
     if not (isinstance(optimizer, torch.optim.SGD) and optimizer.defaults.get("fused")):
         blockers.append("optimizer=sgd (fused)")
     if getattr(model, "checkpoint_segments", 0):
         blockers.append("model.checkpointing=0 (recomputation saves RNG state on the host)")
-    if distributed.current().enabled:
+    if data_parallel:
         blockers.append("a single process (DDP's gradient all-reduce is not captured)")
     return blockers

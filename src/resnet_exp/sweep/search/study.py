@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_exp.errors import UserError
-from resnet_exp.train.pruning import EvaluationReporter, FollowRankZero
+from resnet_exp.train.context import EvaluationReporter
 
 log = logging.getLogger("resnet_exp")
 
@@ -150,7 +150,7 @@ def quiet_optuna() -> None:
 
 
 class TrialPruning:
-    """A trial's link to its study (a ``train.pruning.EvaluationReporter``): each
+    """A trial's link to its study (a ``train.context.EvaluationReporter``): each
     scheduled evaluation's validation error is reported (step = epoch) and the
     study's pruner says whether to stop."""
 
@@ -162,24 +162,30 @@ class TrialPruning:
         return bool(self.trial.should_prune())
 
 
-def _search_options() -> tuple[Options, int] | None:
-    """This job's search settings and trial number, when it is a trial of a search that prunes."""
-    from hydra.core.hydra_config import HydraConfig
+def _search_options(hc: Any) -> tuple[Options, int] | None:
+    """A job's search settings and trial number (from its Hydra config ``hc``), when it is
+    a trial of a search that prunes."""
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN or not is_search(hc.sweeper):
         return None
     o = Options.of(hc.sweeper, hc.sweep.dir)
     return None if o.pruner == "none" else (o, int(hc.job.num))
 
 
-def trial_reporter(is_main: bool) -> EvaluationReporter | None:
-    """What this job's trainer reports its evaluations to: None unless the job is a
-    trial of a search that prunes; rank 0 reaches the study, the other ranks follow it."""
-    found = _search_options()
+class FollowRankZero:
+    """A rank that reports nothing and never stops on its own word (rank 0 decides,
+    the trainer's collective tells the others)."""
+
+    def should_stop(self, epoch: int, val_error: float) -> bool:
+        return False
+
+
+def trial_reporter(hc: Any, is_main: bool) -> EvaluationReporter | None:
+    """What a job's trainer reports its evaluations to: None unless the job (Hydra config
+    ``hc``) is a trial of a search that prunes; rank 0 reaches the study, the other ranks
+    follow it."""
+    found = _search_options(hc)
     if found is None:
         return None
     if not is_main:

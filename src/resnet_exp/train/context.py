@@ -1,0 +1,132 @@
+"""What a run is given, worked out once and passed down.
+
+The command (``cli.run_job``) reads Hydra's job state (the run folder, the overrides,
+whether the job is a search's trial), the process group and the machine once, and
+hands a ``RunContext`` to the trainer, ``mode=eval`` and ``mode=diagnose``. Below it
+nothing reads Hydra's global config or asks the process group again, and the net's family
+and unit, the device, the precision and the memory format are decided here alone
+(``resolve``), before any data is loaded; the layers take the enums as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from resnet_exp.config import Config, Mode, Precision, flat_config, parse_duration
+from resnet_exp.data import Placement, is_streamed
+from resnet_exp.errors import UserError
+from resnet_exp.models import NetSpec
+from resnet_exp.run.distributed import ONE_PROCESS, DistInfo
+from resnet_exp.run.resume import Resume
+from resnet_exp.run.runtime import pick_channels_last, pick_device, pick_precision
+from resnet_exp.run.stop import StopRequest
+from resnet_exp.train.checks import check_settings
+
+
+class EvaluationReporter(Protocol):
+    """What the trainer tells after each scheduled evaluation, and whether it should stop
+    there: a search's pruner (sweep/search/study.py builds one for a trial; the trainer
+    knows only this protocol). In a data-parallel run rank 0 decides for all."""
+
+    def should_stop(self, epoch: int, val_error: float) -> bool:
+        """Take ``epoch``'s (1-based) validation error; True: the run stops after it."""
+        ...
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One run's folder, processes, stop flag and the machine's decisions."""
+
+    run_dir: Path
+    net: NetSpec
+    device: torch.device
+    precision: Precision  # bf16 | fp16 | fp32: never auto
+    channels_last: bool  # trainer.channels_last, unless the CPU cannot train the net so
+    world: DistInfo = ONE_PROCESS
+    stop: StopRequest = field(default_factory=StopRequest)
+    time_limit_s: float | None = None  # trainer.time_limit, counted from ``stop.started``
+    # The checkpoint the run continues (resume=) or mode=eval evaluates, loaded and checked.
+    resume: Resume | None = None
+    overrides: tuple[str, ...] = ()  # the command line's, kept in the checkpoint (resume=PATH)
+    pruning: EvaluationReporter | None = None  # a search's trial: its study's pruner
+
+    @property
+    def placement(self) -> Placement:
+        """Where this rank's batches go: device, memory format, share of the images."""
+        return Placement(self.device, self.channels_last, self.world.rank, self.world.world)
+
+
+def check(cfg: Config, world: DistInfo = ONE_PROCESS) -> NetSpec:
+    """Every setting that needs neither data nor a device, checked in one pass; the net
+    they describe. A bad value is a one-line UserError."""
+    net = NetSpec.from_config(cfg.model, cfg.depth, is_streamed(cfg.data))  # a bad depth first
+    check_settings(cfg, world)
+    return net
+
+
+def resolve(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    world: DistInfo = ONE_PROCESS,
+    stop: StopRequest | None = None,
+    overrides: tuple[str, ...] = (),
+    pruning: EvaluationReporter | None = None,
+) -> RunContext:
+    """The run's context: the settings checked, the net, device, precision and memory
+    format decided (a GPU claimed when several are visible and the device is ``auto``),
+    and the checkpoint it starts from loaded and checked, before any data is loaded."""
+    net, device, precision = _decide(cfg, world, claim=True)
+    with torch.device("meta"):  # the layers decide the memory format; no weights needed
+        layers = net.build(num_classes=1)
+    return RunContext(
+        run_dir=run_dir,
+        net=net,
+        device=device,
+        precision=precision,
+        channels_last=pick_channels_last(cfg.trainer.channels_last, layers, device),
+        world=world,
+        stop=stop if stop is not None else StopRequest(),
+        time_limit_s=parse_duration(cfg.trainer.time_limit),
+        resume=_starting_point(cfg, run_dir, world),
+        overrides=overrides,
+        pruning=pruning,
+    )
+
+
+def _starting_point(cfg: Config, run_dir: Path, world: DistInfo) -> Resume | None:
+    """The checkpoint a training run continues (``resume=``; a new run never writes over
+    another's, but a dry run may look) or ``mode=eval`` evaluates."""
+    if cfg.mode is Mode.eval:
+        return Resume.to_evaluate(cfg.resume, flat_config(cfg))
+    if cfg.mode is Mode.train:
+        return Resume.find(cfg.resume, run_dir, flat_config(cfg), world.world, cfg.dry_run)
+    return None
+
+
+def validate(cfg: Config, world: DistInfo = ONE_PROCESS) -> None:
+    """What ``resolve`` refuses, found without building or claiming anything: the
+    command asks this before it writes anything (a refused run leaves no folder)."""
+    _decide(cfg, world, claim=False)
+
+
+def _decide(cfg: Config, world: DistInfo, claim: bool) -> tuple[NetSpec, torch.device, Precision]:
+    """The net, the device and the precision; ``mode=diagnose`` measures in fp32 (tiny
+    gradients at the far end of a deep net must not round away)."""
+    net = check(cfg, world)
+    local_rank = world.local_rank if world.enabled else None
+    device = pick_device(cfg.trainer.device, local_rank, claim=claim)
+    precision = (
+        Precision.fp32
+        if cfg.mode is Mode.diagnose
+        else pick_precision(cfg.trainer.precision, device)
+    )
+    if cfg.trainer.sync_bn and device.type != "cuda":
+        raise UserError(
+            "trainer.sync_bn=true needs CUDA GPUs (SyncBatchNorm); on CPUs leave it off"
+        )
+    return net, device, precision

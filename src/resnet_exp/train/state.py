@@ -1,0 +1,75 @@
+"""A training run's state: who owns it, how it goes into ``last.pt`` and comes back.
+
+The owners (model, optimizer, schedule, grad scaler, loader, global RNG, running
+metrics) each keep a ``state_dict``; ``RunState`` puts them side by side in one
+checkpoint after each epoch (and at a stop) and hands them back on a resume, so a
+resumed run computes exactly what an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from resnet_exp.run import distributed
+from resnet_exp.run.checkpoint import CHECKPOINT, Checkpoint
+from resnet_exp.run.resume import Resume, Stateful
+from resnet_exp.run.runtime import GlobalRNG
+from resnet_exp.train.metrics import RunClock, RunningMetrics
+from resnet_exp.train.setup import Setup
+
+log = logging.getLogger("resnet_exp")
+
+
+class RunState:
+    """The owners of one run's state and its checkpoint; only rank 0 writes."""
+
+    def __init__(
+        self, s: Setup, metrics: RunningMetrics, clock: RunClock, config: dict[str, Any]
+    ) -> None:
+        self.s, self.metrics, self.clock = s, metrics, clock
+        self.config = config  # the run's config as a nested dict, kept in every checkpoint
+        self.path = s.ctx.run_dir / CHECKPOINT
+        self.saved_at: int | None = None  # the step of the last checkpoint written or resumed
+
+    def shared(self) -> dict[str, Stateful]:
+        """Owners whose state is the same on every rank."""
+        s = self.s
+        return {
+            "model": s.model,
+            "optimizer": s.optimizer,
+            "scheduler": s.scheduler,
+            "scaler": s.scaler,
+            "clock": self.clock,
+        }
+
+    def per_rank(self) -> dict[str, Stateful]:
+        """Owners whose state differs between ranks: data position, RNG, running sums."""
+        return {"loader": self.s.loader, "rng": GlobalRNG(), "metrics": self.metrics}
+
+    def save(self, step: int) -> None:
+        """The owners' state dicts side by side, with what a resume checks them against."""
+        self.saved_at = step
+        own = {name: owner.state_dict() for name, owner in self.per_rank().items()}
+        ranks = distributed.gather_to_main(own)
+        world = self.s.ctx.world
+        if not world.is_main:
+            return
+        shared = {name: owner.state_dict() for name, owner in self.shared().items()}
+        Checkpoint.of_run(
+            self.path,
+            {**shared, **own},
+            step=step,
+            world=world.world,
+            ranks=ranks if world.enabled else None,
+            config=self.config,
+            overrides=list(self.s.ctx.overrides),
+        ).save()
+
+    def restore(self, resume: Resume) -> None:
+        """Each owner's state from ``resume``'s checkpoint (this rank's own part of it)."""
+        world = self.s.ctx.world
+        resume.apply(
+            {**self.shared(), **self.per_rank()}, rank=world.rank if world.enabled else None
+        )
+        self.saved_at = resume.step
