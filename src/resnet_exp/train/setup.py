@@ -174,6 +174,8 @@ def _info(s: Setup, family: str, unit: str, params: int, batch: int, world: int)
         "data_source": s.data.source,
         "train_images": len(s.data.train),
         f"{s.data.eval_name}_images": len(s.data.eval_split),
+        "data_mean": list(s.data.mean),  # the input normalisation (per channel, in [0, 1]
+        "data_std": list(s.data.std),  # units): what an exported net expects (run/export.py)
         "optimizer": cfg.optimizer.name.value,
         "schedule": cfg.schedule.name.value,
         "device": str(s.device),
