@@ -353,6 +353,8 @@ def test_loading_refuses_what_is_not_an_export(runs, tmp_path: Path) -> None:
         resnet_exp.read_weights(tmp_path / "junk.safetensors")
     with pytest.raises(UserError, match="is not an export folder"):
         resnet_exp.read_weights(tmp_path / "nothing")
+    with pytest.raises(UserError, match="is neither an export folder"):
+        resnet_exp.load_pretrained(tmp_path)
 
 
 # --- a data-parallel run --------------------------------------------------------------

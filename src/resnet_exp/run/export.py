@@ -230,7 +230,10 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
         state, where, cfg = ckpt.state["model"], ckpt.path, ckpt.run_config()
         settings = net_settings(cfg, num_classes(state, cfg))
     else:
-        raise UserError(f"load_pretrained: {path} is not {ACCEPTS.rsplit(' or ', 1)[0]}")
+        raise UserError(
+            f"load_pretrained: {path} is neither an export folder (config.json, "
+            f"model.safetensors) nor a run folder (last.pt)"
+        )
     model = build_net(settings, str(where))
     load_into(model, state, where)
     return model.to(device).eval()
