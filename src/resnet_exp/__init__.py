@@ -2,13 +2,27 @@
 
 from resnet_exp.models import ShortcutSpec, build_model, count_params
 
-__all__ = ["ShortcutSpec", "build_model", "count_params", "load_run"]
+__all__ = [
+    "ShortcutSpec",
+    "build_model",
+    "count_params",
+    "load_pretrained",
+    "load_run",
+    "read_weights",
+]
 __version__ = "0.1.0"
 
+# Loaded on first use: load_run imports the trainer, the export readers safetensors.
+_LAZY = {
+    "load_run": "resnet_exp.modes.evaluate",
+    "load_pretrained": "resnet_exp.run.export",
+    "read_weights": "resnet_exp.run.export",
+}
 
-def __getattr__(name: str):  # load_run on first use: it imports the trainer
-    if name == "load_run":
-        from resnet_exp.modes.evaluate import load_run
 
-        return load_run
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'resnet_exp' has no attribute {name!r}")

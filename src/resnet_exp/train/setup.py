@@ -152,6 +152,8 @@ def describe(
         "data_source": data.source,
         "train_images": len(data.train),
         f"{data.eval_name}_images": len(data.eval_split),
+        "data_mean": list(data.mean),  # the input normalisation (per channel, in [0, 1]
+        "data_std": list(data.std),  # units): what an exported net expects (run/export.py)
         "optimizer": cfg.optimizer.name.value,
         "schedule": cfg.schedule.name.value,
         "device": str(ctx.device),
