@@ -53,7 +53,8 @@ def test_written_checkpoint_reads_back(saved: Path) -> None:
     assert ckpt.config is not None and ckpt.config["depth"] == 8
     cfg = ckpt.run_config()
     assert cfg.depth == 8 and cfg.data.image_size == 16
-    assert ckpt.owner_states()["loader"] == {"stand-in": "loader"}
+    assert Resume(ckpt, []).states(0, 1, ("loader",))["loader"] == {"stand-in": "loader"}
+    assert ckpt.schema == 2 and ckpt.made_on == {}
 
 
 @pytest.mark.parametrize(

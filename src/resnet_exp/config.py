@@ -10,7 +10,7 @@ does not list), so a typo in an override fails before anything is built.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,29 @@ class Switch(str, Enum):
             raise UserError(f"{key}={value!r} is not one of auto, true, false") from None
 
 
+STREAMED = "streamed"  # a setting that acts on streamed data only (data/interface.is_streamed)
+
+
+def since(before: Any, acts: str | None = None) -> dict[str, Any]:
+    """Field metadata of a setting added after checkpoints were written: ``before`` is the
+    value that reproduces what the tool did before the setting existed (a checkpoint
+    without the key is read as having it), ``acts`` when the setting acts on a run at all
+    (``STREAMED``: only on streamed data; a run it does not act on never compares it)."""
+    return {"since": {"before": before, "acts": acts}}
+
+
+def added_settings(node: type | None = None, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every setting declared with ``since``, as dotted keys."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in fields(node or Config):
+        if "since" in f.metadata:
+            out[prefix + f.name] = f.metadata["since"]
+        kind = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+        if isinstance(kind, type) and is_dataclass(kind):
+            out.update(added_settings(kind, f"{prefix}{f.name}."))
+    return out
+
+
 def config_dir() -> str:
     """The YAML configs: inside the package in a wheel, at the repository top otherwise.
 
@@ -154,7 +177,10 @@ class DataConfig:
     workers: int | None = None  # streamed: DataLoader workers per process; null: CPUs / processes
     decode: Decode = Decode.auto
     bad_images: BadImage = BadImage.fail  # streamed: what an undecodable image does
-    interpolation: Interpolation = Interpolation.bicubic  # streamed: crop and test resizes
+    # streamed: crop and test resizes (checkpoints from before the key: bilinear)
+    interpolation: Interpolation = field(
+        default=Interpolation.bicubic, metadata=since("bilinear", acts=STREAMED)
+    )
 
 
 @dataclass
@@ -202,6 +228,8 @@ class TrainerConfig:
     # Stop cleanly (checkpoint, status interrupted, exit 75) before this much wall-clock
     # time since the command started: 90s, 25m, 2h or seconds; null: no limit (train/stop.py)
     time_limit: str | None = None
+    # fp32 means fp32: TF32 tensor-core matmuls/convolutions on Ampere+ GPUs only when asked
+    tf32: bool = False
 
 
 @dataclass
@@ -212,6 +240,22 @@ class DiagnoseConfig:
 @dataclass
 class EvalConfig:
     split: EvalSplit = EvalSplit.auto  # what mode=eval evaluates
+    # recompute the BN running statistics over this many training batches first (0: off)
+    recalibrate_bn: int = 0
+
+
+class Head(str, Enum):
+    keep = "keep"  # load the classifier too (the same classes)
+    reset = "reset"  # a new classifier for this run's classes (fine-tuning)
+
+
+@dataclass
+class InitConfig:
+    """``init_from=PATH``: a new run (step 0, new optimizer) starting from given weights."""
+
+    path: str | None = None  # an export folder, a run folder (last.pt) or a .safetensors file
+    head: Head = Head.keep
+    strict: bool = True  # false: load what matches by name and shape, list the rest
 
 
 @dataclass
@@ -242,6 +286,9 @@ class Config:
     seed: int = 0
     # a last.pt, its run directory, or `auto` (this run directory's last.pt if any)
     resume: str | None = None
+    # read a checkpoint of the older pickle format (it could run code: only a trusted one)
+    trust_checkpoint: bool = False
+    init_from: InitConfig = field(default_factory=InitConfig)  # start from given weights
     dry_run: bool = False  # build model and data, print what would run, exit
     mode: Mode = Mode.train  # train | diagnose | eval (see Mode)
 

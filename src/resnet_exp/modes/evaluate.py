@@ -51,14 +51,15 @@ def check_eval_command(args: list[str]) -> None:
         raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
 
 
-def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(run: str | Path, device: str | torch.device = "cpu", trust: bool = False) -> LoadedRun:
     """A run's trained net (eval mode, on ``device``) and its config, from a run directory
-    or a checkpoint file.
+    or a checkpoint file (``trust``: one of the older pickle format, which could run code,
+    is read too: only a checkpoint from a source you trust).
 
     The net takes images normalised as in training: per channel, with the mean and
     std of the run's training images (``resnet_exp.data.load_dataset(cfg.data)``).
     """
-    ckpt = Checkpoint.load(Checkpoint.locate(run, "load_run"))
+    ckpt = Checkpoint.load(Checkpoint.locate(run, "load_run"), trust=trust)
     cfg = ckpt.run_config()  # the saved config, as it is: nothing to compare
     net = NetSpec.from_config(cfg.model, cfg.depth, is_streamed(cfg.data))
     fc = ckpt.state["model"].get("fc.weight")  # real data sets count their classes

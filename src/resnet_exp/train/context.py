@@ -21,6 +21,7 @@ from resnet_exp.data import Placement, is_streamed
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetSpec
 from resnet_exp.run.distributed import ONE_PROCESS, DistInfo
+from resnet_exp.run.moves import Place
 from resnet_exp.run.resume import Resume
 from resnet_exp.run.runtime import pick_channels_last, pick_device, pick_precision
 from resnet_exp.run.stop import StopRequest
@@ -92,19 +93,21 @@ def resolve(
         world=world,
         stop=stop if stop is not None else StopRequest(),
         time_limit_s=parse_duration(cfg.trainer.time_limit),
-        resume=_starting_point(cfg, run_dir, world),
+        resume=_starting_point(cfg, run_dir, Place(device.type, world.world, precision.value)),
         overrides=overrides,
         pruning=pruning,
     )
 
 
-def _starting_point(cfg: Config, run_dir: Path, world: DistInfo) -> Resume | None:
+def _starting_point(cfg: Config, run_dir: Path, here: Place) -> Resume | None:
     """The checkpoint a training run continues (``resume=``; a new run never writes over
     another's, but a dry run may look) or ``mode=eval`` evaluates."""
+    trust = cfg.trust_checkpoint
     if cfg.mode is Mode.eval:
-        return Resume.to_evaluate(cfg.resume, flat_config(cfg))
+        return Resume.to_evaluate(cfg.resume, flat_config(cfg), trust)
     if cfg.mode is Mode.train:
-        return Resume.find(cfg.resume, run_dir, flat_config(cfg), world.world, cfg.dry_run)
+        flat = flat_config(cfg)
+        return Resume.find(cfg.resume, run_dir, flat, here, cfg.dry_run, trust)
     return None
 
 
