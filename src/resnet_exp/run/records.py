@@ -40,6 +40,7 @@ HPARAM_KEYS = (
     "trainer.max_steps",
     "trainer.precision",
     "scale.name",
+    "init_from.",
 )
 # Summary values logged as the HPARAMS tab's metrics: the errors at the end of the
 # run only. A lowest-over-evaluations error is selected on the split it reports,

@@ -25,6 +25,11 @@ def check_settings(cfg: Config, world: DistInfo) -> None:
         raise UserError(f"trainer.max_steps={t.max_steps} must be at least 1 (or null)")
     if t.max_steps is None and t.epochs < 1:
         raise UserError(f"trainer.epochs={t.epochs} must be at least 1")
+    if cfg.eval.recalibrate_bn < 0:
+        raise UserError(
+            f"eval.recalibrate_bn={cfg.eval.recalibrate_bn} must be 0 (off) or a number of "
+            "training batches"
+        )
     check_optimizer(cfg.optimizer)
     check_schedule(cfg.schedule)
     check_batches(cfg, world)
