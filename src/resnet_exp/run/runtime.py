@@ -146,6 +146,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the conv kernels once
 
 
+def allow_tf32(allowed: bool) -> None:
+    """``trainer.tf32``: TF32 tensor-core convolutions and matmuls on Ampere and later GPUs
+    (10-bit mantissa). Off by default, so fp32 means fp32 (cuDNN's own default is on)."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
 def rng_state() -> dict[str, Any]:
     """The global generators' states as tensors and plain containers (a checkpoint loads
     with ``weights_only=True``): NumPy's key array becomes a tensor."""

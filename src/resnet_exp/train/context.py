@@ -82,6 +82,8 @@ def resolve(
     format decided (a GPU claimed when several are visible and the device is ``auto``),
     and the checkpoint it starts from loaded and checked, before any data is loaded."""
     net, device, precision = _decide(cfg, world, claim=True)
+    if device.type == "cuda":  # cuda:N: streams, graphs and allocations of this process there
+        torch.cuda.set_device(device)
     with torch.device("meta"):  # the layers decide the memory format; no weights needed
         layers = net.build(num_classes=1)
     return RunContext(

@@ -19,7 +19,7 @@ from resnet_exp.config import Config, Precision, TrainerConfig
 from resnet_exp.data import DataSource, TrainBatches, load_dataset
 from resnet_exp.errors import UserError
 from resnet_exp.models import count_params
-from resnet_exp.run.runtime import seed_everything
+from resnet_exp.run.runtime import allow_tf32, seed_everything
 from resnet_exp.train.checks import batch_of
 from resnet_exp.train.context import RunContext
 from resnet_exp.train.init_from import start_from
@@ -60,6 +60,7 @@ def prepare(cfg: Config, ctx: RunContext) -> tuple[DataSource, nn.Module]:
     """The run's data and its freshly initialised net on the run's device, seeded as
     training seeds them (so ``mode=diagnose`` sees the net and batch training would)."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
+    allow_tf32(cfg.trainer.tf32)
     data = load_dataset(cfg.data)
     key, batch = batch_of(cfg)
     if batch > len(data.train):
@@ -176,6 +177,7 @@ def describe(
         "device": str(ctx.device),
         "precision": ctx.precision.value,
         "precision_requested": cfg.trainer.precision.value,
+        "tf32": cfg.trainer.tf32,
         "channels_last": ctx.channels_last,
         "seed": cfg.seed,
         "processes": ctx.world.world,
