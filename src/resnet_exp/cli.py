@@ -40,6 +40,7 @@ from resnet_exp.run.stop import (
     requeue,
     signal_name,
     start_margin,
+    time_left,
 )
 from resnet_exp.sweep.search.study import trial_reporter
 from resnet_exp.train.context import RunContext, resolve
@@ -159,7 +160,7 @@ def too_late(time_limit: str | None, stop: StopRequest) -> RunResult | None:
     limit = parse_duration(time_limit)
     if limit is None:
         return None
-    left = stop.started + limit - stop.clock()
+    left = time_left(limit, stop)
     if left > start_margin(limit):
         return None
     message = (
