@@ -1,6 +1,7 @@
 """The README is the front door and docs/ holds the topics: every relative link
 between them resolves, to a file that exists and, with ``#anchor``, to one of its
-headings (GitHub's anchors); the README stays short and names the test command."""
+headings (GitHub's anchors); the README stays short and names the test command; and
+every command and Python block they show runs (below: how each is adapted)."""
 
 import os
 import re
