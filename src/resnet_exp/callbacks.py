@@ -83,6 +83,15 @@ class Reporter(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _refuse(check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir"))
+        if config.hydra.runtime.choices.get("hydra/launcher") == "gpus":
+            import torch
+
+            if not torch.cuda.is_available():
+                print(
+                    "resnet-exp: note: hydra/launcher=gpus, but this machine has no CUDA GPU: "
+                    f"the jobs run on the CPU, {config.hydra.launcher.n_jobs} at once",
+                    file=sys.stderr,
+                )
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -99,11 +108,13 @@ class Reporter(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         # Launchers that run jobs in other processes call on_job_end there: read the directories.
-        jobs = self.jobs or _jobs_on_disk(sweep_dir)
+        dry_run = bool(config.get("dry_run"))
+        jobs = self.jobs or _jobs_on_disk(sweep_dir, dry_run)
         failed = [(d, r) for d, r in jobs if not r.ok and not r.resumable]
         left = [(d, r) for d, r in jobs if r.resumable]
         if not failed and not left:
-            log.info("all %d jobs completed (%s)", len(jobs), sweep_dir)
+            done = "built (dry run: nothing trained)" if dry_run else "completed"
+            log.info("all %d jobs %s (%s)", len(jobs), done, sweep_dir)
             return
         if left:
             names = ", ".join(f"{d.name} ({_status_text(r)})" for d, r in left)
@@ -131,11 +142,17 @@ def _status_text(result: RunResult) -> str:
     return result.status.value.replace("_", " ")
 
 
-def _jobs_on_disk(sweep_dir: Path) -> list[tuple[Path, RunResult]]:
+def _jobs_on_disk(sweep_dir: Path, dry_run: bool = False) -> list[tuple[Path, RunResult]]:
+    """Each job's result from its summary.json. A dry run writes none (a completed one
+    would make resume=auto skip the job later): a dry-run job without one is done,
+    as a failed job writes its summary."""
     jobs = []
     for d in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
-        summary = json.loads((d / SUMMARY).read_text()) if (d / SUMMARY).exists() else {}
-        jobs.append((d, RunResult.from_summary(summary)))
+        if (d / SUMMARY).exists():
+            result = RunResult.from_summary(json.loads((d / SUMMARY).read_text()))
+        else:
+            result = RunResult(Status.completed if dry_run else Status.unfinished)
+        jobs.append((d, result))
     return jobs
 
 
