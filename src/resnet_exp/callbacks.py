@@ -2,7 +2,8 @@
 ``~hydra.callbacks.NAME`` turns one off).
 
 - ``Reporter`` refuses an output directory that cannot be written before Hydra
-  tries to create it, and ends a sweep with one line naming the jobs that failed
+  tries to create it, and a sweep on a CIFAR copy that is not there (data/stage.py),
+  and ends a sweep with one line naming the jobs that failed
   and a non-zero exit (1), or, when none failed but some were left at the time
   limit (stopped, or not started), one line naming those and how to continue
   (exit 75). It reads each job's ``RunResult`` (train/result.py). The
@@ -56,6 +57,21 @@ def _refuse(problem: str | None) -> None:
         raise SystemExit(2)
 
 
+def _refuse_missing_data(config: DictConfig) -> None:
+    """A sweep on a CIFAR copy that is not in data.root (and cannot be downloaded) stops
+    here, before any job is scheduled or the sweep's folder made: not in every job. A
+    download happens here once, not in each of the jobs running at once."""
+    if config.get("dry_run"):
+        return
+    from resnet_exp.data.stage import require
+
+    try:
+        require(str(config.data.name), Path(str(config.data.root)), bool(config.data.download))
+    except UserError as e:
+        print(f"resnet-exp: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # a callback's exceptions become warnings in Hydra
+
+
 class Reporter(Callback):
     def __init__(self) -> None:
         self.jobs: list[tuple[Path, RunResult]] = []
@@ -65,6 +81,7 @@ class Reporter(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _refuse(check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir"))
+        _refuse_missing_data(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
