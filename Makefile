@@ -20,7 +20,7 @@ else
 # wheelhouse` filled (torch and torchvision already installed, or in the folder: TORCH=1).
 $(STAMP): pyproject.toml
 	@test -d '$(WHEELS)' || { echo "make: WHEELS=$(WHEELS) is not a folder; make wheelhouse DIR=... fills one" >&2; exit 2; }
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-index --find-links '$(WHEELS)' resnet-exp $(if $(wildcard $(WHEELS)/pytest-*.whl),pytest)
 	touch $(STAMP)
 endif
