@@ -44,8 +44,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-from benchtools import cpu_name, run_killable  # noqa: E402
+from benchtools import cpu_name, run_killable  # noqa: E402  (scripts/ is first on sys.path)
 
 # The tests that skip without CUDA.
 CUDA_TESTS = [
@@ -259,14 +258,15 @@ def run_steps(args: argparse.Namespace, out: Path, results: dict[str, Any]) -> N
         flush=True,
     )
     preset = "dry" if args.dry else "gpu-check"
-    bench = ["--preset", preset]
+    bench = ["--preset", preset]  # then the overrides, in one run (argparse's positionals)
     if args.dry:
         bench += ["data.image_size=16", "data.batch_size=16", "trainer.device=cpu"]
-        bench += ["--repeats", "1", "--workers", "0"]
     else:
         bench += ["data.batch_size=64"]
     if args.data:
         bench += ["dataset=cifar10", f"data.root={args.data}", "data.download=false"]
+    if args.dry:
+        bench += ["--repeats", "1", "--workers", "0"]
     results["single"] = run_table("benchmark.py", bench, out / "single", "benchmark", args.timeout)
     print("gpu-check: single-run table " + results["single"].get("error", "done"), flush=True)
     pack = ["--preset", preset, "--data", args.data or "synthetic"]

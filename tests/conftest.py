@@ -76,6 +76,18 @@ def make_cifar_folders(root: Path, train: int = 16, test: int = 4, classes: int 
     return root
 
 
+def import_script(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A script of scripts/ as a module (its neighbours importable, as when it runs)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location(f"script_{name[:-3]}", REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, spec.name, module)  # where dataclasses look types up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def console_script() -> str:
     """The installed `resnet-exp`, next to this interpreter."""
     path = Path(sys.executable).parent / "resnet-exp"
