@@ -33,7 +33,7 @@ run: install  ## the default job (pre-act ResNet-110, CIFAR-10); extra overrides
 test: install  ## the quick test suite (CPU, under 5 minutes)
 	$(BIN)/pytest -q
 
-test-slow: install  ## the long checks marked slow: wheel build, torchrun, submitit, depth 1001, real CIFAR-10, torch.compile, the measuring scripts
+test-slow: install  ## the long checks marked slow: wheel build, torchrun, submitit, depth 1001, real CIFAR-10, torch.compile, the measuring scripts, an offline install and a GPU window rehearsed on the CPU
 	$(BIN)/pytest -q -m slow
 
 lint: install

@@ -161,12 +161,17 @@ def root_origin() -> str:
     return f"{DATA_ENV}={env}" if env else f"{DATA_ENV} is unset"
 
 
+def named_root(root: Path) -> str:
+    """``data.root='DIR'``, with the folder it names when DIR is relative."""
+    return f"data.root={str(root)!r}" + ("" if root.is_absolute() else f" ({root.resolve()})")
+
+
 def missing_cifar(name: str, root: Path) -> str:
     """The one line for a CIFAR copy that is not in ``root``: where it looked, where
     ``root`` came from, and the command that stages a copy."""
     folder, title = CIFAR[name][1:]
     return (
-        f"no {title} in data.root={str(root)!r} (expected {folder}/ or train/ + test/ folders; "
+        f"no {title} in {named_root(root)} (expected {folder}/ or train/ + test/ folders; "
         f"{root_origin()}); pass data.root=DIR holding one of them, or data.download=true, or stage "
         f"it on a machine with internet: resnet-exp-data download {root} --dataset {name}"
     )

@@ -34,6 +34,7 @@ from resnet_exp.data.sources import (
     find_cifar,
     list_images,
     missing_cifar,
+    named_root,
     root_origin,
 )
 from resnet_exp.data.splits import check_same_classes
@@ -108,7 +109,7 @@ def require(name: str, root: Path, download: bool) -> None:
         fetch([name], root)
     except UserError as e:
         raise UserError(
-            f"no {CIFAR[name][2]} in data.root={str(root)!r} ({root_origin()}), and {e}"
+            f"no {CIFAR[name][2]} in {named_root(root)} ({root_origin()}), and {e}"
         ) from e
 
 

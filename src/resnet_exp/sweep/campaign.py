@@ -108,20 +108,29 @@ def planned_jobs(overrides: list[str]) -> list[list[str]]:
     return [job for batch in batches for job in batch]
 
 
-def check_data(jobs: list[list[str]]) -> None:
-    """Every data set the jobs read is there (or downloaded once, here), else exit 2
-    in one line before anything is written. Jobs differ in their data keys rarely:
-    one config is composed per distinct set of them."""
+def data_sources(jobs: list[list[str]]) -> set[tuple[str, str, bool]]:
+    """(data.name, data.root, data.download) of a sweep's jobs: one config composed per
+    distinct set of data keys among them (usually one: its experiment may set them)."""
+    chosen: dict[tuple[str, ...], list[str]] = {}
+    for job in jobs:
+        keys = tuple(o for o in job if o.lstrip("+~").startswith(("data.", "dataset=")))
+        chosen.setdefault(keys, job)
+    sources = set()
+    for job in chosen.values():
+        data = compose([*job, "hydra/launcher=packed"]).data
+        sources.add((str(data.name), str(data.root), bool(data.download)))
+    return sources
+
+
+def check_data(sources: set[tuple[str, str, bool]]) -> None:
+    """Every data set is there (or downloaded once, here), else exit 2 in one line,
+    before anything is written."""
     from resnet_exp.data.stage import require
     from resnet_exp.errors import UserError
 
-    keyed = {
-        tuple(o for o in job if o.lstrip("+~").startswith(("data.", "dataset="))) for job in jobs
-    }
-    for overrides in sorted(keyed):
-        data = compose(list(overrides)).data
+    for name, root, download in sorted(sources):
         try:
-            require(str(data.name), Path(str(data.root)), bool(data.download))
+            require(name, Path(root), download)
         except UserError as e:
             fail(str(e))
 
@@ -344,7 +353,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, int], d
         }
     except Exception as e:  # a bad override in the file or on the command line
         fail(f"{args.config}: {str(e).splitlines()[0]}")
-    check_data([job for planned in jobs.values() for job in planned])
+    check_data(set().union(*(data_sources(planned) for planned in jobs.values())))
     path = args.campaign / STATE
     state = json.loads(path.read_text()) if path.exists() else {"calls": []}
     state.setdefault("failures", {})
