@@ -313,6 +313,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--campaign",
         dest="campaign",
         type=Path,
+        metavar="DIR",
         help="the campaign folder (default outputs/campaign, dry: outputs/campaign-dry)",
     )
     p.add_argument("--config", default=None, help="a campaign file (default: default, dry)")
