@@ -59,6 +59,35 @@ def cifar10_root() -> Path | None:
     return CIFAR10 if (CIFAR10 / "train").is_dir() and (CIFAR10 / "test").is_dir() else None
 
 
+def make_cifar_folders(root: Path, train: int = 16, test: int = 4, classes: int = 10) -> Path:
+    """A tiny CIFAR-10 copy in the class-folder layout runs read (train/<class>/ and
+    test/<class>/, 32x32 PNGs, ``train`` and ``test`` images per class): a data set
+    that is "there" without downloading 170 MB."""
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def import_script(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A script of scripts/ as a module (its neighbours importable, as when it runs)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location(f"script_{name[:-3]}", REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, spec.name, module)  # where dataclasses look types up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def console_script() -> str:
     """The installed `resnet-exp`, next to this interpreter."""
     path = Path(sys.executable).parent / "resnet-exp"

@@ -2,7 +2,8 @@
 ``~hydra.callbacks.NAME`` turns one off).
 
 - ``Reporter`` refuses an output directory that cannot be written before Hydra
-  tries to create it, and ends a sweep with one line naming the jobs that failed
+  tries to create it, and a sweep on a CIFAR copy that is not there (data/stage.py),
+  and ends a sweep with one line naming the jobs that failed
   and a non-zero exit (1), or, when none failed but some were left at the time
   limit (stopped, or not started), one line naming those and how to continue
   (exit 75). It reads each job's ``RunResult`` (train/result.py). The
@@ -58,8 +59,9 @@ def _refuse(problem: str | None) -> None:
 
 
 def _refuse_settings(config: DictConfig) -> None:
-    """A single run's settings, checked before Hydra makes its folder: a refused run
-    prints its one line and writes nothing (no run folder, no .hydra/, no log)."""
+    """A single run's settings and data, checked before Hydra makes its folder: a refused
+    run prints its one line and writes nothing (no run folder, no .hydra/, no log)."""
+    from resnet_exp.data.stage import require
     from resnet_exp.run import distributed
     from resnet_exp.train.context import validate
 
@@ -67,10 +69,29 @@ def _refuse_settings(config: DictConfig) -> None:
     with read_write(task), open_dict(task):
         del task["hydra"]
     try:
-        validate(OmegaConf.to_object(task), distributed.current())  # type: ignore[arg-type]
+        cfg: Any = OmegaConf.to_object(task)
+        validate(cfg, distributed.current())
+        require(cfg.data.name, Path(cfg.data.root), cfg.data.download)
     except UserError as e:
         print(f"resnet-exp: error: {e}", file=sys.stderr)
         raise SystemExit(EXIT_CODES[Status.failed]) from None
+
+
+def _refuse_missing_data(config: DictConfig) -> None:
+    """A sweep on a CIFAR copy that is not in data.root (and cannot be downloaded) stops
+    here, before any job is scheduled or the sweep's folder made: not in every job. A
+    download happens here once, not in each of the jobs running at once."""
+    if config.get("dry_run"):
+        return
+    if "Slurm" in str(config.hydra.launcher.get("_target_", "")):
+        return  # its jobs run on other machines, where data.root may name another folder
+    from resnet_exp.data.stage import require
+
+    try:
+        require(str(config.data.name), Path(str(config.data.root)), bool(config.data.download))
+    except UserError as e:
+        print(f"resnet-exp: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # a callback's exceptions become warnings in Hydra
 
 
 class Reporter(Callback):
@@ -92,6 +113,7 @@ class Reporter(Callback):
                     f"the jobs run on the CPU, {config.hydra.launcher.n_jobs} at once",
                     file=sys.stderr,
                 )
+        _refuse_missing_data(config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
