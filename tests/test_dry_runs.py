@@ -22,6 +22,7 @@ def sweep_config(sweep: Path, dry_run: bool, launcher: str = "basic", n_jobs: in
     return OmegaConf.create(
         {
             "dry_run": dry_run,
+            "data": {"name": "synthetic", "root": "data", "download": False},
             "hydra": {
                 "sweep": {"dir": str(sweep)},
                 "runtime": {"choices": {"hydra/launcher": launcher}},
@@ -94,6 +95,29 @@ def test_a_search_dry_run_of_a_job_that_cannot_be_built_fails(tmp_path: Path) ->
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("resnet-exp: error: the search's dry run failed: data.val_size=5000")
     assert not (sweep / JOURNAL).exists()
+
+
+def test_a_search_dry_run_on_the_test_set_is_refused_as_the_search_would_be(
+    tmp_path: Path,
+) -> None:
+    """A dry run means what the run means: a search without a validation split is
+    refused in its dry run too, before anything is written."""
+    pytest.importorskip("optuna", reason="pip install '.[optuna]'")
+    sweep = tmp_path / "sweep"
+    args = ["-m", "hydra/sweeper=search", *TINY, "optimizer.lr=interval(0.01, 0.1)"]
+    r = run_main([*args, "dry_run=true", f"hydra.sweep.dir={sweep}"], tmp_path, check=False)
+    assert r.returncode == 2 and "data.val_size=0 holds out no validation images" in r.stderr
+    assert not sweep.exists()
+
+
+def test_a_sweep_cannot_also_print_its_config_but_says_so_in_one_line(tmp_path: Path) -> None:
+    r = run_main(["-m", "block=original,preact", "--cfg", "job"], tmp_path, check=False)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "resnet-exp: error: --multirun and --cfg cannot go together: give one of --run, "
+        "--multirun, --cfg, --info, --shell-completion (--cfg job without -m prints one "
+        "job's config)"
+    ]
 
 
 @pytest.mark.slow  # worker processes import torch: ~30 s on 2 cores

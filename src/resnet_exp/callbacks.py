@@ -214,7 +214,7 @@ class RefuseTestSearch(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from resnet_exp.sweep.search.study import is_search
 
-        if not is_search(config.hydra.sweeper) or config.get("dry_run") or config.mode != "train":
+        if not is_search(config.hydra.sweeper) or config.mode != "train":
             return
         if config.data.val_size == 0:
             print(

@@ -228,6 +228,25 @@ def _one_line(e: BaseException) -> str:
     return message
 
 
+# Hydra's flags of which a command takes one (Hydra itself raises a bare ValueError).
+EXCLUSIVE_FLAGS = {
+    "--run": "-r", "--multirun": "-m", "--cfg": "-c", "--info": "-i", "--shell-completion": "-sc"
+}  # fmt: skip
+
+
+def check_hydra_flags(args: list[str]) -> None:
+    given = [
+        long
+        for long, short in EXCLUSIVE_FLAGS.items()
+        if any(a in (long, short) or a.startswith(f"{long}=") for a in args)
+    ]
+    if len(given) > 1:
+        raise UserError(
+            f"{' and '.join(given)} cannot go together: give one of "
+            f"{', '.join(EXCLUSIVE_FLAGS)} (--cfg job without -m prints one job's config)"
+        )
+
+
 def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints its own errors over several lines; with this set they reach the
@@ -235,6 +254,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     distributed.init_distributed()  # before Hydra: the ranks agree on the run directory
     try:
+        check_hydra_flags(sys.argv[1:])
         check_eval_command(sys.argv[1:])
         sys.argv[1:] = with_inherited_overrides(sys.argv[1:])
         _hydra_main()
