@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from resnet_exp.modes import export as export_command
+
 from conftest import TINY, run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +127,9 @@ def test_readme_is_the_short_front_door() -> None:
 # - a launcher that needs a cluster, GPUs or other processes (slurm, slurm_ddp, gpus,
 #   local) is composed with its keys (hydra.launcher.*), then the sweep's jobs run
 #   under the basic launcher; the packed launcher and the search sweeper run as written;
-# - torchrun lines run their resnet_exp arguments as one process.
+# - torchrun lines run their resnet_exp arguments as one process;
+# - a run that starts from a documented run's weights (init_from.path=) builds that
+#   tiny run's net (depth=8).
 # Python blocks of one file run in order in one namespace, as in a notebook, in the
 # same scratch directory.
 
@@ -273,6 +277,11 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
             dest = dest / "0_preact_8"
         if "*" not in rel and not dest.exists():
             shutil.copytree(run, dest)
+    export_command.main([str(run), "--out", str(run / "export")])
+    for rel in RUN_PATHS:  # each documented run's export where sharing.md names it
+        dest = root / rel
+        if "*" not in rel and not rel.startswith("outputs/multirun/"):
+            shutil.copytree(run / "export", dest / "export", dirs_exist_ok=True)
     return root
 
 
@@ -308,6 +317,8 @@ def adapted(c: Command, root: Path, n: int) -> tuple[list[str], list[list[str]]]
                 "data.synthetic_test=100",
                 "data.image_size=16",
             ]
+    if any(a.startswith("init_from.path=") for a in args):
+        extra.append("depth=8")  # the tiny run's net, whose weights it starts from
     if "-m" in args and not any(a.startswith("hydra.sweep.dir=") for a in args):
         extra.append(f"hydra.sweep.dir=sweeps/{n}")
     if "-m" not in args and not any(a.startswith("hydra.run.dir=") for a in args) and not resumes:

@@ -6,7 +6,7 @@
   and ends a sweep with one line naming the jobs that failed
   and a non-zero exit (1), or, when none failed but some were left at the time
   limit (stopped, or not started), one line naming those and how to continue
-  (exit 75). It reads each job's ``RunResult`` (train/result.py). The
+  (exit 75). It reads each job's ``RunResult`` (run/result.py). The
   jobs themselves never raise (cli.py records a failure in the job's directory
   and returns it): with Hydra's basic sweeper, a raising job stops the sweep
   after its batch and skips ``on_multirun_end``.

@@ -6,7 +6,7 @@ checkpoint, or a sweep left unfinished by it (resumable); 128 + N stopped by
 signal N (130 Ctrl-C, 143 SIGTERM), after saving a checkpoint; 1 a sweep with
 failed jobs, or an internal error.
 A run's result becomes the exit status in one place, :func:`leave`, after the
-table in train/result.py.
+table in run/result.py.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def _kept(result: RunResult, run_dir: Path) -> RunResult:
 
 
 def leave(result: RunResult, multirun: bool) -> RunResult:
-    """Where a run's result becomes the command's exit status (train/result.py's table),
+    """Where a run's result becomes the command's exit status (run/result.py's table),
     for every launcher. A stop request ends the command, a sweep too (the user asked
     to stop; a submitit job is requeued first); a single run that did not complete
     exits with its code; in a sweep the rest is the Reporter's to count."""

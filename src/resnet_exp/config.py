@@ -58,7 +58,7 @@ class Precision(str, Enum):
 class Mode(str, Enum):
     train = "train"
     diagnose = "diagnose"
-    eval = "eval"  # evaluate a trained run's checkpoint (resume=RUN_DIR), see evaluate.py
+    eval = "eval"  # evaluate a trained run's checkpoint (resume=RUN_DIR), see modes/evaluate.py
 
 
 class EvalSplit(str, Enum):
@@ -226,7 +226,7 @@ class TrainerConfig:
     progress: bool = True  # a bar on a terminal, one line per log_every steps otherwise
     log_gradflow_every: int = 0  # steps between per-unit gradient norms in TensorBoard (0: off)
     # Stop cleanly (checkpoint, status interrupted, exit 75) before this much wall-clock
-    # time since the command started: 90s, 25m, 2h or seconds; null: no limit (train/stop.py)
+    # time since the command started: 90s, 25m, 2h or seconds; null: no limit (run/stop.py)
     time_limit: str | None = None
     # fp32 means fp32: TF32 tensor-core matmuls/convolutions on Ampere+ GPUs only when asked
     tf32: bool = False

@@ -60,7 +60,7 @@ log = logging.getLogger("resnet_exp")
 
 def _quiet_worker(_: int) -> None:
     """Workers leave stop signals to the training process (it stops cleanly and
-    checkpoints; train/stop.py); they end with it."""
+    checkpoints; run/stop.py); they end with it."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 

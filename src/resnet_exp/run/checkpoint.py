@@ -44,7 +44,7 @@ CHECKPOINT = "last.pt"
 # last.pt's format. 2: every entry loads with torch.load(weights_only=True) (tensors, plain
 # containers) and says where it was made; 1 (no "schema" key): a pickle of Python objects.
 SCHEMA = 2
-# What a checkpoint needs for an exact continuation (see train/loop.py, train/resume.py).
+# What a checkpoint needs for an exact continuation (see train/loop.py, run/resume.py).
 REQUIRED = ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step")
 # ``resume=`` values that mean "start a new run"; ``auto`` continues this run
 # directory's last.pt when there is one.

@@ -1,6 +1,6 @@
 """What a run leaves in its directory: TensorBoard events, metrics.jsonl, summary.json.
 
-summary.json's content is a run's ``RunResult`` (train/result.py, which names
+summary.json's content is a run's ``RunResult`` (run/result.py, which names
 its keys once); this module writes it.
 """
 

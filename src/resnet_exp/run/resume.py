@@ -1,7 +1,7 @@
 """Resuming, in one place: which checkpoint, whether this config may continue it,
 and handing its state to the run's owners.
 
-A checkpoint (train/checkpoint.py) stores the run's full config and the
+A checkpoint (run/checkpoint.py) stores the run's full config and the
 overrides it was started with. ``resume=PATH`` reuses those overrides (so
 ``resnet-exp resume=DIR`` alone continues the run as it was), and overrides
 given with it take precedence: a longer run or another logging interval is
@@ -136,7 +136,7 @@ class Resume:
 
 def check_resumable(state: dict[str, Any], flat: dict[str, Any], path: Path) -> list[str]:
     """Raise UserError if the config changes what the checkpoint was trained on (a
-    resume allows no matched key to differ: train/checkpoint.py).
+    resume allows no matched key to differ: run/checkpoint.py).
 
     Returns the allowed changes as ``key: old -> new`` lines, for the log.
     """

@@ -2,7 +2,7 @@
 
 The first signal only sets a flag; the training loop reads it once per step
 (a Python attribute, no device sync), finishes that step, writes a checkpoint
-and returns an ``interrupted`` result (train/result.py); the command exits with
+and returns an ``interrupted`` result (run/result.py); the command exits with
 128 + the signal number.
 A second signal raises :class:`Abort` at once (checkpoints are written
 atomically, so that cannot corrupt ``last.pt``), and a third one gets the
