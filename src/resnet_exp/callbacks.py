@@ -12,6 +12,8 @@
 - ``SweepOverlay``: after a sweep of ``mode=diagnose`` runs, one figure overlaying them.
 - ``WriteReport``: report.md, report.csv and figures in the sweep directory.
 - ``RefuseTestSearch``: a search (``hydra/sweeper=search``) needs a validation split.
+- ``MlflowSweep``: with ``logger=mlflow``, the sweep's MLflow run, the parent of its
+  jobs' runs (run/tracking.py), with the report's files and the sweep's status at its end.
 """
 
 from __future__ import annotations
@@ -166,6 +168,61 @@ class WriteReport(Callback):
             return
         # print, not log: after the jobs, logging still points at the last job's log file
         print(f"resnet-exp: report in {written[0]}")
+
+
+class MlflowSweep(Callback):
+    """With ``logger=mlflow``, a training sweep is one MLflow run and each job's run its
+    child: the parent is made (or, for a resumed sweep, found) when the multirun starts,
+    its id written into the sweep folder for the jobs (any launcher or sweeper) to find."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _tracks(config):
+            return
+        from resnet_exp.run.tracking import resolve_uri, start_sweep
+
+        hc = config.hydra
+        tags = {
+            "overrides": " ".join(hc.overrides.task),
+            "launcher": str(hc.runtime.choices.get("hydra/launcher")),
+            "sweeper": str(hc.runtime.choices.get("hydra/sweeper")),
+        }
+        try:
+            start_sweep(
+                resolve_uri(config.mlflow.tracking_uri),
+                config.mlflow.experiment,
+                Path(str(hc.sweep.dir)),
+                tags,
+            )
+        except UserError as e:
+            print(f"resnet-exp: error: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_CODES[Status.failed]) from None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _tracks(config):
+            return
+        from resnet_exp.run.tracking import end_sweep, resolve_uri
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [r for _, r in _jobs_on_disk(sweep_dir)] if sweep_dir.is_dir() else []
+        if any(not r.ok and not r.resumable for r in jobs):
+            status = Status.failed
+        elif any(r.resumable for r in jobs):
+            status = Status.interrupted
+        else:
+            status = Status.completed
+        try:
+            end_sweep(resolve_uri(config.mlflow.tracking_uri), sweep_dir, status)
+        except Exception as e:  # the jobs' own runs are recorded; say so, and go on
+            print(f"resnet-exp: the sweep's MLflow run was not closed: {e}", file=sys.stderr)
+
+
+def _tracks(config: DictConfig) -> bool:
+    """A sweep whose jobs record to MLflow: training ones with logger.mlflow on."""
+    return bool(
+        OmegaConf.select(config, "logger.mlflow")
+        and config.get("mode") == "train"
+        and not config.get("dry_run")
+    )
 
 
 class RefuseTestSearch(Callback):

@@ -41,6 +41,7 @@ from resnet_exp.run.stop import (
     signal_name,
     start_margin,
 )
+from resnet_exp.run.tracking import SweepJob, Tracking
 from resnet_exp.sweep.search.study import trial_reporter
 from resnet_exp.train.context import RunContext, resolve
 
@@ -112,7 +113,17 @@ def context(cfg: Config, hc: DictConfig, stop: StopRequest) -> RunContext:
         stop=stop,
         overrides=tuple(resumable_overrides(list(hc.overrides.task))),
         pruning=pruning,
+        tracking=tracking(cfg, hc),
     )
+
+
+def tracking(cfg: Config, hc: DictConfig) -> Tracking:
+    """Where the run records (logger=...); a sweep's job is a child of the sweep's MLflow run,
+    which ``callbacks.MlflowSweep`` made and named in the sweep folder."""
+    sweep = None
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = SweepJob(Path(str(hc.sweep.dir)), int(hc.job.num))
+    return Tracking.of(cfg, Path(hc.runtime.output_dir), sweep)
 
 
 def run_job(
