@@ -12,8 +12,9 @@
 - ``SweepOverlay``: after a sweep of ``mode=diagnose`` runs, one figure overlaying them.
 - ``WriteReport``: report.md, report.csv and figures in the sweep directory.
 - ``RefuseTestSearch``: a search (``hydra/sweeper=search``) needs a validation split.
-- ``MlflowSweep``: with ``logger=mlflow``, the sweep's MLflow run, the parent of its
-  jobs' runs (run/tracking.py), with the report's files and the sweep's status at its end.
+- ``MlflowTracking``: with ``logger=mlflow``, the tracking store checked before a run
+  writes anything, and a sweep's MLflow run, the parent of its jobs' runs
+  (run/tracking.py), with the report's files and the sweep's status at its end.
 """
 
 from __future__ import annotations
@@ -170,23 +171,37 @@ class WriteReport(Callback):
         print(f"resnet-exp: report in {written[0]}")
 
 
-class MlflowSweep(Callback):
-    """With ``logger=mlflow``, a training sweep is one MLflow run and each job's run its
+class MlflowTracking(Callback):
+    """With ``logger=mlflow``: a run's store is reached before Hydra makes its folder (a
+    bad URI writes nothing); a training sweep is one MLflow run and each job's run its
     child: the parent is made (or, for a resumed sweep, found) when the multirun starts,
     its id written into the sweep folder for the jobs (any launcher or sweeper) to find."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _tracks(config):
+            return
+        from resnet_exp.run.tracking import check_store, resolve_uri
+
+        try:
+            check_store(resolve_uri(config.mlflow.tracking_uri), config.mlflow.experiment)
+        except UserError as e:
+            print(f"resnet-exp: error: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_CODES[Status.failed]) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracks(config):
             return
-        from resnet_exp.run.tracking import resolve_uri, start_sweep
+        from resnet_exp.run.tracking import check_mlflow, resolve_uri, start_sweep
 
         hc = config.hydra
         tags = {
-            "overrides": " ".join(hc.overrides.task),
+            # as typed: an override may hold ${hydra:job.num}, a job's value
+            "overrides": " ".join(OmegaConf.to_container(hc.overrides.task, resolve=False)),
             "launcher": str(hc.runtime.choices.get("hydra/launcher")),
             "sweeper": str(hc.runtime.choices.get("hydra/sweeper")),
         }
         try:
+            check_mlflow(config.mlflow.tracking_uri, config.mlflow.experiment)
             start_sweep(
                 resolve_uri(config.mlflow.tracking_uri),
                 config.mlflow.experiment,

@@ -119,19 +119,30 @@ class Tracking:
 
 def check_tracking(cfg: Config) -> None:
     """``logger=mlflow``'s settings and package, before anything is written."""
-    if not cfg.logger.mlflow or cfg.mode is not Mode.train:
-        return
+    if cfg.logger.mlflow and cfg.mode is Mode.train:
+        check_mlflow(cfg.mlflow.tracking_uri, cfg.mlflow.experiment)
+
+
+def check_mlflow(tracking_uri: str, experiment: str) -> None:
+    """``mlflow.*`` set, and the package there, without importing it."""
     for key, value in (
-        ("tracking_uri", cfg.mlflow.tracking_uri),
-        ("experiment", cfg.mlflow.experiment),
+        ("tracking_uri", tracking_uri),
+        ("experiment", experiment),
     ):
         if not str(value).strip():
             raise UserError(f"mlflow.{key}={value!r} is empty: logger=mlflow needs one")
-    if importlib.util.find_spec("mlflow") is None:
+    if not _installed("mlflow"):
         raise UserError(
             "logger=mlflow needs the mlflow package, which is not installed: "
             "pip install 'resnet-exp[mlflow]' (or leave logger=tensorboard)"
         )
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a module set to None (no spec): not importable
+        return False
 
 
 def resolve_uri(uri: str, cwd: Path | None = None) -> str:
@@ -176,6 +187,18 @@ def unusable(uri: str, e: BaseException) -> UserError:
     return UserError(f"mlflow.tracking_uri={uri!r} cannot be used: {first[:300]}")
 
 
+def check_store(uri: str, experiment: str) -> None:
+    """The store reached and the experiment able to take runs (missing: made later), before
+    a run writes anything."""
+    mlflow = client(uri)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+    except Exception as e:
+        raise unusable(uri, e) from e
+    if found is not None:
+        _active(found, experiment, uri)
+
+
 def experiment_id(mlflow: Any, name: str, uri: str) -> str:
     """The experiment ``name``'s id, made if missing (another job may make it meanwhile)."""
     found = mlflow.get_experiment_by_name(name)
@@ -186,6 +209,10 @@ def experiment_id(mlflow: Any, name: str, uri: str) -> str:
             found = mlflow.get_experiment_by_name(name)
             if found is None:
                 raise
+    return _active(found, name, uri)
+
+
+def _active(found: Any, name: str, uri: str) -> str:
     if found.lifecycle_stage != "active":
         raise UserError(
             f"mlflow.experiment={name!r} is deleted in {uri}: restore it "
