@@ -180,10 +180,10 @@ class MlflowTracking(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracks(config):
             return
-        from resnet_exp.run.tracking import check_store, resolve_uri
+        from resnet_exp.run.tracking import check_store
 
         try:
-            check_store(resolve_uri(config.mlflow.tracking_uri), config.mlflow.experiment)
+            check_store(_mlflow_uri(config), config.mlflow.experiment)
         except UserError as e:
             print(f"resnet-exp: error: {e}", file=sys.stderr)
             raise SystemExit(EXIT_CODES[Status.failed]) from None
@@ -191,7 +191,7 @@ class MlflowTracking(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracks(config):
             return
-        from resnet_exp.run.tracking import check_mlflow, resolve_uri, start_sweep
+        from resnet_exp.run.tracking import check_mlflow, start_sweep
 
         hc = config.hydra
         tags = {
@@ -203,10 +203,7 @@ class MlflowTracking(Callback):
         try:
             check_mlflow(config.mlflow.tracking_uri, config.mlflow.experiment)
             start_sweep(
-                resolve_uri(config.mlflow.tracking_uri),
-                config.mlflow.experiment,
-                Path(str(hc.sweep.dir)),
-                tags,
+                _mlflow_uri(config), config.mlflow.experiment, Path(str(hc.sweep.dir)), tags
             )
         except UserError as e:
             print(f"resnet-exp: error: {e}", file=sys.stderr)
@@ -215,7 +212,7 @@ class MlflowTracking(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracks(config):
             return
-        from resnet_exp.run.tracking import end_sweep, resolve_uri
+        from resnet_exp.run.tracking import end_sweep
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [r for _, r in _jobs_on_disk(sweep_dir)] if sweep_dir.is_dir() else []
@@ -226,9 +223,16 @@ class MlflowTracking(Callback):
         else:
             status = Status.completed
         try:
-            end_sweep(resolve_uri(config.mlflow.tracking_uri), sweep_dir, status)
+            end_sweep(_mlflow_uri(config), sweep_dir, status)
         except Exception as e:  # the jobs' own runs are recorded; say so, and go on
             print(f"resnet-exp: the sweep's MLflow run was not closed: {e}", file=sys.stderr)
+
+
+def _mlflow_uri(config: DictConfig) -> str:
+    """``mlflow.tracking_uri``, a relative path in it taken from where the command started."""
+    from resnet_exp.run.tracking import resolve_uri
+
+    return resolve_uri(config.mlflow.tracking_uri, Path(str(config.hydra.runtime.cwd)))
 
 
 def _tracks(config: DictConfig) -> bool:

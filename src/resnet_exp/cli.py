@@ -123,7 +123,8 @@ def tracking(cfg: Config, hc: DictConfig) -> Tracking:
     sweep = None
     if hc.mode == RunMode.MULTIRUN:
         sweep = SweepJob(Path(str(hc.sweep.dir)), int(hc.job.num))
-    return Tracking.of(cfg, Path(hc.runtime.output_dir), sweep)
+    # A relative tracking_uri is the command's: a cluster job may start elsewhere.
+    return Tracking.of(cfg, Path(hc.runtime.output_dir), sweep, Path(str(hc.runtime.cwd)))
 
 
 def run_job(

@@ -95,11 +95,14 @@ class Tracking:
         self.run_id: str | None = None
 
     @classmethod
-    def of(cls, cfg: Config, run_dir: Path, sweep: SweepJob | None = None) -> Tracking:
-        """What ``cfg.logger`` asks for; a sweep's job is a child of the sweep's MLflow run."""
+    def of(
+        cls, cfg: Config, run_dir: Path, sweep: SweepJob | None = None, cwd: Path | None = None
+    ) -> Tracking:
+        """What ``cfg.logger`` asks for; a sweep's job is a child of the sweep's MLflow run.
+        ``cwd``: where the command was started (a relative tracking_uri is taken from there)."""
         if not (cfg.logger.mlflow and cfg.mode is Mode.train and not cfg.dry_run):
             return cls(cfg.logger.tensorboard)
-        uri = resolve_uri(cfg.mlflow.tracking_uri)
+        uri = resolve_uri(cfg.mlflow.tracking_uri, cwd)
         params = {k: str(v) for k, v in flat_config(cfg).items() if k not in NOT_PARAMS}
         tags = {"run_dir": str(run_dir.resolve()), "host": socket.gethostname()}
         if sweep is not None:
