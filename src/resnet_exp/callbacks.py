@@ -178,8 +178,10 @@ class MlflowTracking(Callback):
     its id written into the sweep folder for the jobs (any launcher or sweeper) to find."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not _tracks(config):
-            return
+        from resnet_exp.run import distributed
+
+        if not _tracks(config) or not distributed.current().is_main:
+            return  # the other ranks of a data-parallel run record nothing
         from resnet_exp.run.tracking import check_store
 
         try:
