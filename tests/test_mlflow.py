@@ -171,6 +171,19 @@ def test_packed_runs_are_children_of_their_sweep(tmp_path: Path, mlflow_store: P
     check_sweep(mlflow_store, sweep)
 
 
+def test_a_diverged_job_fails_its_run_and_its_sweep(tmp_path: Path, mlflow_store: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "optimizer.lr=0.1,1e30", *JOB, *MLFLOW, f"hydra.sweep.dir={sweep}"]
+    assert run_main(args, tmp_path, check=False).returncode == 1  # a sweep with a failed job
+    every = {r.info.run_name: r for r in runs(mlflow_store)}
+    ok, diverged, parent = every["0_preact_8"], every["1_preact_8"], every[str(sweep)]
+    assert (ok.info.status, ok.data.tags["status"]) == ("FINISHED", "completed")
+    assert (diverged.info.status, diverged.data.tags["status"]) == ("FAILED", "diverged")
+    summary = json.loads((sweep / "1_preact_8" / "summary.json").read_text())
+    assert diverged.data.metrics["diverged_at_step"] == summary["diverged_at_step"]
+    assert (parent.info.status, parent.data.tags["status"]) == ("FAILED", "failed")
+
+
 @pytest.mark.slow  # a search: Optuna's study, two trials (~15 s on 2 busy cores)
 def test_a_search_is_a_parent_run_with_a_child_per_trial(
     tmp_path: Path, mlflow_store: Path
