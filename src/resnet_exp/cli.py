@@ -119,12 +119,13 @@ def context(cfg: Config, hc: DictConfig, stop: StopRequest) -> RunContext:
 
 def tracking(cfg: Config, hc: DictConfig) -> Tracking:
     """Where the run records (logger=...); a sweep's job is a child of the sweep's MLflow run,
-    which ``callbacks.MlflowSweep`` made and named in the sweep folder."""
+    which ``callbacks.MlflowTracking`` made and named in the sweep folder."""
+    # Relative paths are the command's: a cluster job may start in another directory.
+    started = Path(str(hc.runtime.cwd))
     sweep = None
     if hc.mode == RunMode.MULTIRUN:
-        sweep = SweepJob(Path(str(hc.sweep.dir)), int(hc.job.num))
-    # A relative tracking_uri is the command's: a cluster job may start elsewhere.
-    return Tracking.of(cfg, Path(hc.runtime.output_dir), sweep, Path(str(hc.runtime.cwd)))
+        sweep = SweepJob(started / str(hc.sweep.dir), int(hc.job.num))
+    return Tracking.of(cfg, Path(hc.runtime.output_dir), sweep, started)
 
 
 def run_job(

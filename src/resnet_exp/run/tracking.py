@@ -12,7 +12,7 @@ process (sweep/pack.py).
 
 A resumed run continues its MLflow run: ``Tracking`` is a state owner of the run
 (train/state.py), so the id goes into last.pt as a plain str. A sweep is one MLflow run
-whose children are its jobs' runs (``mlflow.parentRunId``): ``callbacks.MlflowSweep``
+whose children are its jobs' runs (``mlflow.parentRunId``): ``callbacks.MlflowTracking``
 makes it when the multirun starts and writes its id into the sweep folder (``PARENT_FILE``),
 where ``cli.context`` finds it for each job; a resumed sweep reuses it.
 
