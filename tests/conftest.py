@@ -301,3 +301,27 @@ def restore_torch_modes_after_module():
     """Module-scoped fixtures (a module's reference runs) train outside any one test."""
     with torch_modes_restored():
         yield
+
+
+# --- MLflow (logger=mlflow) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, made once (making its tables takes seconds)."""
+    pytest.importorskip("mlflow", reason="pip install '.[mlflow]'")
+    from resnet_exp.run.tracking import client
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, mlflow_template: Path) -> Path:
+    """A copy of the empty store where ``logger=mlflow`` writes by default when the command
+    runs in ``tmp_path``: ``mlruns/mlflow.db`` there."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(mlflow_template, db)
+    return db

@@ -13,6 +13,9 @@
 - ``SweepOverlay``: after a sweep of ``mode=diagnose`` runs, one figure overlaying them.
 - ``WriteReport``: report.md, report.csv and figures in the sweep directory.
 - ``RefuseTestSearch``: a search (``hydra/sweeper=search``) needs a validation split.
+- ``MlflowTracking``: with ``logger=mlflow``, the tracking store checked before a run
+  writes anything, and a sweep's MLflow run, the parent of its jobs' runs
+  (run/tracking.py), with the report's files and the sweep's status at its end.
 """
 
 from __future__ import annotations
@@ -205,6 +208,81 @@ class WriteReport(Callback):
             return
         # print, not log: after the jobs, logging still points at the last job's log file
         print(f"resnet-exp: report in {written[0]}")
+
+
+class MlflowTracking(Callback):
+    """With ``logger=mlflow``: a run's store is reached before Hydra makes its folder (a
+    bad URI writes nothing); a training sweep is one MLflow run and each job's run its
+    child: the parent is made (or, for a resumed sweep, found) when the multirun starts,
+    its id written into the sweep folder for the jobs (any launcher or sweeper) to find."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from resnet_exp.run import distributed
+
+        if not _tracks(config) or not distributed.current().is_main:
+            return  # the other ranks of a data-parallel run record nothing
+        from resnet_exp.run.tracking import check_store
+
+        try:
+            check_store(_mlflow_uri(config), config.mlflow.experiment)
+        except UserError as e:
+            print(f"resnet-exp: error: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_CODES[Status.failed]) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _tracks(config):
+            return
+        from resnet_exp.run.tracking import check_mlflow, start_sweep
+
+        hc = config.hydra
+        tags = {
+            # as typed: an override may hold ${hydra:job.num}, a job's value
+            "overrides": " ".join(OmegaConf.to_container(hc.overrides.task, resolve=False)),
+            "launcher": str(hc.runtime.choices.get("hydra/launcher")),
+            "sweeper": str(hc.runtime.choices.get("hydra/sweeper")),
+        }
+        try:
+            check_mlflow(config.mlflow.tracking_uri, config.mlflow.experiment)
+            start_sweep(
+                _mlflow_uri(config), config.mlflow.experiment, Path(str(hc.sweep.dir)), tags
+            )
+        except UserError as e:
+            print(f"resnet-exp: error: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_CODES[Status.failed]) from None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _tracks(config):
+            return
+        from resnet_exp.run.tracking import end_sweep
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [r for _, r in _jobs_on_disk(sweep_dir)] if sweep_dir.is_dir() else []
+        if any(not r.ok and not r.resumable for r in jobs):
+            status = Status.failed
+        elif any(r.resumable for r in jobs):
+            status = Status.interrupted
+        else:
+            status = Status.completed
+        try:
+            end_sweep(_mlflow_uri(config), sweep_dir, status)
+        except Exception as e:  # the jobs' own runs are recorded; say so, and go on
+            print(f"resnet-exp: the sweep's MLflow run was not closed: {e}", file=sys.stderr)
+
+
+def _mlflow_uri(config: DictConfig) -> str:
+    """``mlflow.tracking_uri``, a relative path in it taken from where the command started."""
+    from resnet_exp.run.tracking import resolve_uri
+
+    return resolve_uri(config.mlflow.tracking_uri, Path(str(config.hydra.runtime.cwd)))
+
+
+def _tracks(config: DictConfig) -> bool:
+    """A sweep whose jobs record to MLflow: training ones with logger.mlflow on."""
+    return bool(
+        OmegaConf.select(config, "logger.mlflow")
+        and config.get("mode") == "train"
+        and not config.get("dry_run")
+    )
 
 
 class RefuseTestSearch(Callback):

@@ -42,6 +42,7 @@ from resnet_exp.run.stop import (
     start_margin,
     time_left,
 )
+from resnet_exp.run.tracking import SweepJob, Tracking
 from resnet_exp.sweep.search.study import trial_reporter
 from resnet_exp.train.context import RunContext, resolve
 
@@ -113,7 +114,19 @@ def context(cfg: Config, hc: DictConfig, stop: StopRequest) -> RunContext:
         stop=stop,
         overrides=tuple(resumable_overrides(list(hc.overrides.task))),
         pruning=pruning,
+        tracking=tracking(cfg, hc),
     )
+
+
+def tracking(cfg: Config, hc: DictConfig) -> Tracking:
+    """Where the run records (logger=...); a sweep's job is a child of the sweep's MLflow run,
+    which ``callbacks.MlflowTracking`` made and named in the sweep folder."""
+    # Relative paths are the command's: a cluster job may start in another directory.
+    started = Path(str(hc.runtime.cwd))
+    sweep = None
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = SweepJob(started / str(hc.sweep.dir), int(hc.job.num))
+    return Tracking.of(cfg, Path(hc.runtime.output_dir), sweep, started)
 
 
 def run_job(

@@ -273,6 +273,25 @@ class ScaleConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Where a training run's curves and results go besides its folder's metrics.jsonl and
+    summary.json (set by the `logger` group: `tensorboard`, or `mlflow` for both)."""
+
+    tensorboard: bool = True  # event files in the run's folder (HPARAMS tab included)
+    mlflow: bool = False  # an MLflow run (needs resnet-exp[mlflow]; see `mlflow` below)
+
+
+@dataclass
+class MlflowConfig:
+    """Where ``logger=mlflow`` records runs (run/tracking.py). Nothing is sent anywhere but
+    to this URI; a relative path in it is taken from the directory the command runs in."""
+
+    # An SQLite file beside outputs/ (no server); or http(s)://HOST:PORT of an MLflow server
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "resnet-exp"  # the MLflow experiment's name (made when missing)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -282,6 +301,8 @@ class Config:
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     depth: int = 110
     seed: int = 0
     # a last.pt, its run directory, or `auto` (this run directory's last.pt if any)

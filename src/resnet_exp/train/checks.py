@@ -10,6 +10,7 @@ from __future__ import annotations
 from resnet_exp.config import Config, Mode, parse_duration
 from resnet_exp.errors import UserError
 from resnet_exp.run.distributed import DistInfo
+from resnet_exp.run.tracking import check_tracking
 from resnet_exp.train.optim import check_optimizer, check_schedule
 
 
@@ -34,6 +35,7 @@ def check_settings(cfg: Config, world: DistInfo) -> None:
     check_schedule(cfg.schedule)
     check_batches(cfg, world)
     check_bn_group(cfg, world)
+    check_tracking(cfg)
 
 
 def batch_of(cfg: Config) -> tuple[str, int]:

@@ -25,6 +25,7 @@ from resnet_exp.run.moves import Place
 from resnet_exp.run.resume import Resume
 from resnet_exp.run.runtime import pick_channels_last, pick_device, pick_precision
 from resnet_exp.run.stop import StopRequest
+from resnet_exp.run.tracking import Tracking
 from resnet_exp.train.checks import check_settings
 
 
@@ -54,6 +55,8 @@ class RunContext:
     resume: Resume | None = None
     overrides: tuple[str, ...] = ()  # the command line's, kept in the checkpoint (resume=PATH)
     pruning: EvaluationReporter | None = None  # a search's trial: its study's pruner
+    # TensorBoard, MLflow (logger=...); the MLflow run id, kept in the checkpoint
+    tracking: Tracking = field(default_factory=Tracking)
 
     @property
     def placement(self) -> Placement:
@@ -77,6 +80,7 @@ def resolve(
     stop: StopRequest | None = None,
     overrides: tuple[str, ...] = (),
     pruning: EvaluationReporter | None = None,
+    tracking: Tracking | None = None,
 ) -> RunContext:
     """The run's context: the settings checked, the net, device, precision and memory
     format decided (a GPU claimed when several are visible and the device is ``auto``),
@@ -98,6 +102,7 @@ def resolve(
         resume=_starting_point(cfg, run_dir, Place(device.type, world.world, precision.value)),
         overrides=overrides,
         pruning=pruning,
+        tracking=tracking if tracking is not None else Tracking.of(cfg, run_dir),
     )
 
 

@@ -43,6 +43,7 @@ class RunState:
             "scheduler": s.scheduler,
             "scaler": s.scaler,
             "clock": self.clock,
+            "mlflow_run_id": s.ctx.tracking,  # a str (or None): a resume continues that run
         }
 
     def per_rank(self) -> dict[str, Stateful]:
