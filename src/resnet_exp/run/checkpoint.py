@@ -321,18 +321,11 @@ class Checkpoint:
         try:
             model.load_state_dict(weights)
         except RuntimeError as e:  # torch lists every key over many lines
-            ours = model.state_dict()
-            missing = [k for k in ours if k not in weights]
-            extra = [k for k in weights if k not in ours]
-            shaped = [k for k in ours if k in weights and ours[k].shape != weights[k].shape]
-            first = (shaped or missing or extra or ["?"])[0]
             raise UserError(
                 f"{self.path} holds weights of another net than its config describes "
                 f"(depth={net.depth}, block={net.block.value}, family={net.family.value}, "
-                f"unit={net.unit.value}): "
-                f"{len(missing)} tensors missing, {len(extra)} unexpected, {len(shaped)} of "
-                f"another shape (first: {first}); was the checkpoint replaced or written by "
-                f"another net?"
+                f"unit={net.unit.value}): {Mismatch.of(model.state_dict(), weights)}; was the "
+                f"checkpoint replaced or written by another net?"
             ) from e
 
     # --- the one rule -----------------------------------------------------------------
@@ -380,6 +373,34 @@ class Checkpoint:
             for k in sorted(set(saved) | set(flat))
             if not matches(k, ignore) and saved.get(k) != flat.get(k)
         ]
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """How a state dict differs from a net's: the one account every loader of weights
+    gives (torch lists every key over many lines)."""
+
+    missing: list[str]  # the net's tensors the state lacks
+    extra: list[str]  # the state's tensors the net has not
+    shaped: list[str]  # in both, of another shape
+
+    @classmethod
+    def of(cls, ours: dict[str, Any], given: dict[str, Any]) -> Mismatch:
+        return cls(
+            [k for k in ours if k not in given],
+            [k for k in given if k not in ours],
+            [k for k in ours if k in given and ours[k].shape != given[k].shape],
+        )
+
+    @property
+    def first(self) -> str:
+        return (self.shaped or self.missing or self.extra or ["?"])[0]
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.missing)} tensors missing, {len(self.extra)} unexpected, "
+            f"{len(self.shaped)} of another shape (first: {self.first})"
+        )
 
 
 def _corrupt(path: Path, e: Exception) -> UserError:

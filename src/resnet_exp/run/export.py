@@ -36,7 +36,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from resnet_exp.config import Config
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetOptions, NetSpec, ResNet, ShortcutSpec, build_model
-from resnet_exp.run.checkpoint import CHECKPOINT, Checkpoint
+from resnet_exp.run.checkpoint import CHECKPOINT, Checkpoint, Mismatch
 
 WEIGHTS, CONFIG, CARD, ONNX = "model.safetensors", "config.json", "README.md", "model.onnx"
 FORMAT, FORMAT_VERSION = "resnet-exp-export", 1
@@ -130,15 +130,9 @@ def load_into(model: nn.Module, state: StateDict, where: str | Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        ours = model.state_dict()
-        missing = [k for k in ours if k not in state]
-        extra = [k for k in state if k not in ours]
-        shaped = [k for k in ours if k in state and ours[k].shape != state[k].shape]
-        first = (shaped or missing or extra or ["?"])[0]
         raise UserError(
             f"{where} holds weights of another net than its settings describe: "
-            f"{len(missing)} tensors missing, {len(extra)} unexpected, {len(shaped)} of "
-            f"another shape (first: {first})"
+            f"{Mismatch.of(model.state_dict(), state)}"
         ) from e
 
 

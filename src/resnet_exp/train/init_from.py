@@ -17,6 +17,7 @@ from torch import nn
 
 from resnet_exp.config import Head, InitConfig
 from resnet_exp.errors import UserError
+from resnet_exp.run.checkpoint import Mismatch
 from resnet_exp.run.export import read_weights
 
 log = logging.getLogger("resnet_exp")
@@ -58,22 +59,20 @@ def start_from(model: nn.Module, init: InitConfig, trust: bool = False) -> dict[
 
 def _mismatch(key: str, ours: dict[str, Any], given: dict[str, Any]) -> str:
     """One line naming the first tensor that differs, and what would take it."""
-    shaped = [k for k in ours if k in given and given[k].shape != ours[k].shape]
-    missing = [k for k in ours if k not in given]
-    extra = [k for k in given if k not in ours]
-    if shaped:
-        first = shaped[0]
+    m = Mismatch.of(ours, given)
+    first = m.first
+    if m.shaped:
         what = f"{first} is {tuple(given[first].shape)} there, {tuple(ours[first].shape)} here"
-    elif missing:
-        what = f"{missing[0]} is missing there"
+    elif m.missing:
+        what = f"{first} is missing there"
     else:
-        what = f"{extra[0]} is not in this net"
+        what = f"{first} is not in this net"
     hint = (
         "for other classes pass init_from.head=reset"
-        if shaped and all(k.startswith(HEAD) for k in shaped) and not missing and not extra
+        if m.shaped and all(k.startswith(HEAD) for k in m.shaped) and not (m.missing or m.extra)
         else "pass weights of this net (depth, block, unit), or init_from.strict=false"
     )
     return (
-        f"{key} holds weights of another net ({len(shaped)} of another shape, "
-        f"{len(missing)} missing, {len(extra)} unexpected; first: {what}); {hint}"
+        f"{key} holds weights of another net ({len(m.shaped)} of another shape, "
+        f"{len(m.missing)} missing, {len(m.extra)} unexpected; first: {what}); {hint}"
     )
