@@ -158,7 +158,9 @@ def signal_figure(rows: list[Row]) -> Figure:
     ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
     ax.set_xlabel("iterations")
     ax.set_ylabel(r"$\|\partial E/\partial x_0\| \,/\, \|\partial E/\partial x_L\|$")
-    ax.set_title("gradient reaching the first unit, relative to the last (Eq. 5; median over seeds)")
+    ax.set_title(
+        "gradient reaching the first unit, relative to the last (Eq. 5; median over seeds)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     return fig

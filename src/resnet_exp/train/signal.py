@@ -84,8 +84,11 @@ class SignalTracker:
         first = flow.unit_rows()[0]["grad_ratio"]
         records.scalars(
             step,
-            {"signal/loss": loss, "signal/grad_ratio_first": first, **flow.stage_summary("signal/")},
+            {
+                "signal/loss": loss,
+                "signal/grad_ratio_first": first,
+                **flow.stage_summary("signal/"),
+            },
         )
         records.append(SIGNAL, {"step": step, "loss": loss, "units": flow.unit_rows()})
         return time.perf_counter() - t0
-
