@@ -15,8 +15,9 @@ each unit ``||F(x_l)||``, the norm of its residual branch's output.
 training (``trainer.track_signal_every``, train/signal.py) run.
 
 A forward pre-hook on each unit sees its input, a forward hook on its branch
-the branch's output, and a tensor hook on the input sees its gradient. The module hooks exist only while ``capture()`` is open, so
-an unmeasured step runs untouched. No unit overwrites its input in place (the
+the branch's output, and a tensor hook on the input sees its gradient. The
+module hooks exist only while ``capture()`` is open, so an unmeasured step
+runs untouched. No unit overwrites its input in place (the
 identity shortcut still reads it), so the tensor hooked is the one the next
 unit used, even with in-place ReLUs elsewhere; the pre-act first unit's shared
 BN-ReLU is inside that unit, so ``x_0`` is the stem output it reads.
@@ -102,7 +103,7 @@ class GradFlow:
     def stage_summary(self, prefix: str = "") -> dict[str, float]:
         """Per stage ``k``: ``stage{k}/grad_ratio_first`` (the gradient ratio at the stage's first
         unit) and ``stage{k}/branch_identity_ratio`` (the median over its units of
-        ``||F(x_l)|| / ||x_l||``: the median leaves out the one unit that changes the shape)."""
+        ``||F(x_l)|| / ||x_l||``, which the one unit that changes the shape barely moves)."""
         rows = self.unit_rows()
         out: dict[str, float] = {}
         for k in sorted({r["stage"] for r in rows}):
@@ -276,15 +277,17 @@ def measure(
     """
     probe = probe if probe is not None else GradFlowProbe(model)
     saved = [b.detach().clone() for b in model.buffers()]
-    with torch.random.fork_rng(devices=rng_devices(x.device)):
-        with probe.capture():
-            loss = F.cross_entropy(model(x), y)
-        if probe.first is None or not probe.first.requires_grad:
-            raise RuntimeError("the first unit's input does not require a gradient")
-        torch.autograd.grad(loss, probe.first)  # the hooks read dE/dx_l on the way
-    with torch.no_grad():
-        for b, value in zip(model.buffers(), saved):
-            b.copy_(value)
+    try:
+        with torch.random.fork_rng(devices=rng_devices(x.device)):
+            with probe.capture():
+                loss = F.cross_entropy(model(x), y)
+            if probe.first is None or not probe.first.requires_grad:
+                raise RuntimeError("the first unit's input does not require a gradient")
+            torch.autograd.grad(loss, probe.first)  # the hooks read dE/dx_l on the way
+    finally:
+        with torch.no_grad():  # in place: a captured CUDA graph holds these tensors
+            for b, value in zip(model.buffers(), saved):
+                b.copy_(value)
     return probe.result(), loss.item()
 
 

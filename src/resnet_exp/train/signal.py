@@ -81,14 +81,14 @@ class SignalTracker:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         flow, loss = measure(self.model, *self.batch, self.probe)
-        first = flow.unit_rows()[0]["grad_ratio"]
+        units = flow.unit_rows()
         records.scalars(
             step,
             {
                 "signal/loss": loss,
-                "signal/grad_ratio_first": first,
+                "signal/grad_ratio_first": units[0]["grad_ratio"],
                 **flow.stage_summary("signal/"),
             },
         )
-        records.append(SIGNAL, {"step": step, "loss": loss, "units": flow.unit_rows()})
+        records.append(SIGNAL, {"step": step, "loss": loss, "units": units})
         return time.perf_counter() - t0
