@@ -18,6 +18,7 @@ model, batch size and SGD settings.
     python scripts/benchmark.py --preset gpu dataset=cifar10 data.root=DIR data.download=false
     python scripts/benchmark.py depth=1001 block=preact --variant "trainer.precision=bf16" \\
         --variant "trainer.precision=bf16 trainer.cuda_graphs=false" --no-reference
+    python scripts/benchmark.py --preset signal      # the cost of trainer.track_signal_every=100
 
 Positional arguments are overrides for every measurement (with ``--preset``, added
 to each of its nets); ``--variant`` is a space-separated set of overrides measured
@@ -87,6 +88,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "steps": 20,
         "warmup": 10,
     },
+    # The cost of trainer.track_signal_every=100 (docs/gradient-flow.md): ResNet-110 at
+    # batch 128 on the CPU, without and with, twice in turn; a 100-step window holds one
+    # measurement.
+    "signal": {
+        "models": ["block=preact depth=110 trainer.device=cpu"],
+        "variants": ["default", "trainer.track_signal_every=100"],
+        "rounds": 2,
+        "steps": 100,
+        "warmup": 2,
+        "repeats": 1,
+        "reference": False,
+    },
     # gpu_check.py --dry: the same table with tiny nets on the CPU.
     "dry": {
         "models": ["block=original depth=8", "block=preact depth=11"],
@@ -145,9 +158,17 @@ def project_worker(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(cfg, resolve(cfg, Path(run_dir)))
         s = trainer.s
+
+        tracking: list[float] = []  # seconds each step spent measuring the signal
+
+        def step() -> None:  # the loop's step, and the signal measured when it is due
+            trainer.train_step()
+            tracking.append(trainer.signal.after_step(trainer.step, trainer.records))
+
         if s.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(s.device)
         t = cfg.trainer
+        timed = measure(step, s.device, args)
         return {
             "kind": "resnet-exp",
             "batch": cfg.data.batch_size,
@@ -156,7 +177,9 @@ def project_worker(args: argparse.Namespace) -> dict[str, Any]:
             "cuda_graphs": isinstance(s.train_step, CudaGraphStep),
             "compile": t.compile_mode if t.compile else "off",
             "checkpointing": cfg.model.checkpointing,
-            **measure(trainer.train_step, s.device, args),
+            **timed,
+            # the share of the timed windows spent measuring the signal (records are off)
+            "tracking_share": sum(tracking[args.warmup :]) / sum(timed["windows_s"]),
         }
 
 
@@ -303,6 +326,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return markdown(COLUMNS, rows, cells, keys=["model", "variant"])
 
 
+def tracking_note(rows: list[dict[str, Any]]) -> str:
+    """Of the runs that tracked the signal: the share of their time spent measuring it."""
+    shares = [
+        f"{r['variant']}: {100 * r['tracking_share']:.2f}%" for r in rows if r.get("tracking_share")
+    ]
+    return (
+        f"\nTime spent measuring the signal (within the windows): {'; '.join(shares)}\n"
+        if shares
+        else ""
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,7 +349,7 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, help="timed windows per measurement (default 3)")
     p.add_argument(
         "--workers", type=int, default=4, help="DataLoader workers of the reference loop"
     )
@@ -325,6 +360,7 @@ def main() -> None:
 
     preset = PRESETS.get(args.preset or "", {})
     args.steps = args.steps or preset.get("steps", 10)
+    args.repeats = args.repeats or preset.get("repeats", 3)
     args.warmup = args.warmup if args.warmup is not None else preset.get("warmup", 5)
     if args.worker:
         worker = project_worker if args.worker == "project" else reference_worker
@@ -340,9 +376,10 @@ def main() -> None:
     for model in models:
         common = [*BASE, *shlex.split(model), *args.overrides]
         label = " ".join([*shlex.split(model), *args.overrides]) or "default"
-        ref = None if args.no_reference else measure_in_subprocess(args, label, None, common)
+        skip = args.no_reference or not preset.get("reference", True)
+        ref = None if skip else measure_in_subprocess(args, label, None, common)
         group = [ref] if ref else []
-        for variant in variants:
+        for variant in variants * preset.get("rounds", 1):  # in turn: the machine's drift
             overrides = [*common, *variant_overrides(variant)]
             group.append(measure_in_subprocess(args, label, variant, overrides))
         for r in group:
@@ -354,7 +391,7 @@ def main() -> None:
     text = (
         f"Device: {device}; overrides: {' '.join(args.overrides) or 'none'}; median of "
         f"{args.repeats} windows of {args.steps} steps after {args.warmup} warm-up steps.\n\n"
-        f"{table(rows)}\n"
+        f"{table(rows)}\n{tracking_note(rows)}"
     )
     payload = {"device": device, "overrides": args.overrides, "rows": rows}
     write_results(Path(args.out), "benchmark", text, payload)

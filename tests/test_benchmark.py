@@ -48,6 +48,26 @@ def test_project_worker_times_the_trainers_step(monkeypatch: pytest.MonkeyPatch)
     assert result["cuda_graphs"] is False
 
 
+def test_tracking_variant_times_the_signals_measurements(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--variant trainer.track_signal_every=N: the measurements fall inside the timed windows."""
+    from resnet_exp.train.signal import SignalTracker
+
+    bench = load_benchmark()
+    measured = []
+    real = SignalTracker.record
+    monkeypatch.setattr(
+        SignalTracker,
+        "record",
+        lambda self, step, rec: measured.append(step) or real(self, step, rec),
+    )
+    overrides = [*bench.BASE, *TINY_BENCH, "trainer.track_signal_every=2", "diagnose.batch_size=4"]
+    args = argparse.Namespace(overrides=overrides, steps=2, warmup=1, repeats=2)
+    result = bench.project_worker(args)
+    assert measured == [2, 4]  # steps 2-5 are timed
+    assert 0 < result["tracking_share"] < 1
+    assert "trainer.track_signal_every=100" in bench.PRESETS["signal"]["variants"]
+
+
 @pytest.mark.slow
 def test_benchmark_command_writes_table_and_json(tmp_path: Path) -> None:
     """Both loops in their subprocesses, as `make bench` runs them."""

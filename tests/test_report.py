@@ -356,3 +356,33 @@ def test_full_run_curves_are_log_scaled_with_distinct_labels(tmp_path: Path) -> 
     for colour in ((31, 119, 180), (255, 127, 14)):  # each run's line, not a dot
         assert coloured_pixels(png, colour, left=True) > 100
         assert coloured_pixels(png, colour, left=False) > 100
+
+
+def test_signal_figure_draws_the_median_first_unit_ratio_per_ordering(tmp_path: Path) -> None:
+    """Two orderings x three seeds of tracked runs (one seed measured at fewer steps):
+    one line per ordering through the median over seeds at each step."""
+
+    def run(block: str, seed: int, curve: list[tuple[int, float]]) -> Run:
+        config = {"data.name": "cifar10", "depth": 110, "model.block": block, "seed": seed}
+        summary = {"status": "completed", "final_test_error": 7.0}
+        return Run(Path(f"{block}{seed}"), config, summary, [], first_grad_ratio=curve)
+
+    runs = [
+        run("original", 1, [(0, 3.0), (100, 2.0), (200, 1.5)]),
+        run("original", 2, [(0, 5.0), (100, 4.0), (200, 0.5)]),
+        run("original", 3, [(0, 4.0), (100, 9.0)]),  # stopped before step 200
+        run("preact", 1, [(0, 1.0), (100, 1.1), (200, 1.2)]),
+        run("preact", 2, [(0, 1.4), (100, 1.3), (200, 1.0)]),
+        run("preact", 3, [(0, 1.2), (100, 1.2), (200, 1.1)]),
+    ]
+    rows = group_rows(runs)
+    fig = figures.signal_figure(rows)
+    ax = fig.axes[0]
+    lines = [line for line in ax.lines if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["original (3 seeds)", "preact (3 seeds)"]
+    assert list(lines[0].get_xdata()) == [0, 100, 200]
+    assert list(lines[0].get_ydata()) == [4.0, 4.0, 1.0]  # the 200 median: two seeds
+    assert list(lines[1].get_ydata()) == pytest.approx([1.2, 1.2, 1.1])
+    png = figures.signal(rows, tmp_path / "signal.png")
+    for colour in ((31, 119, 180), (255, 127, 14)):  # tab:blue, tab:orange
+        assert coloured_pixels(png, colour, left=True) > 50

@@ -225,6 +225,9 @@ class TrainerConfig:
     log_every: int = 50  # steps between train-loss points (TensorBoard, progress line)
     progress: bool = True  # a bar on a terminal, one line per log_every steps otherwise
     log_gradflow_every: int = 0  # steps between per-unit gradient norms in TensorBoard (0: off)
+    # steps between measurements of the signal per unit on a fixed batch of
+    # diagnose.batch_size images, to signal.jsonl and TensorBoard (0: off; train/signal.py)
+    track_signal_every: int = 0
     # Stop cleanly (checkpoint, status interrupted, exit 75) before this much wall-clock
     # time since the command started: 90s, 25m, 2h or seconds; null: no limit (run/stop.py)
     time_limit: str | None = None

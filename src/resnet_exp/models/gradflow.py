@@ -5,14 +5,19 @@ mappings ``x_L = x_l + sum F``, so ``dE/dx_l = dE/dx_L (1 + d/dx_l sum F)``
 and the gradient reaching any unit carries an unmodified copy of the deepest
 one. For one forward/backward pass the probe records ``x_0 .. x_L`` (the
 input of every unit and the output of the last one) and, for each,
-``std(x_l)``, ``||dE/dx_l||`` (the L2 norm over the whole batch) and the
-*identity coefficient* ``<dE/dx_l, dE/dx_e> / ||dE/dx_e||^2``, where ``x_e``
+``std(x_l)``, ``||x_l||``, ``||dE/dx_l||`` (L2 norms over the whole batch) and
+the *identity coefficient* ``<dE/dx_l, dE/dx_e> / ||dE/dx_e||^2``, where ``x_e``
 is the last signal of the same shape (the end of ``x_l``'s stage): 1 when
-``dE/dx_l`` holds ``dE/dx_e`` unchanged plus parts orthogonal to it.
+``dE/dx_l`` holds ``dE/dx_e`` unchanged plus parts orthogonal to it; and for
+each unit ``||F(x_l)||``, the norm of its residual branch's output.
 
-A forward pre-hook on each unit sees its input and a tensor hook on that input
-sees its gradient. The module hooks exist only while ``capture()`` is open, so
-an unmeasured step runs untouched. No unit overwrites its input in place (the
+``measure`` is the one pass both ``mode=diagnose`` and the tracking during
+training (``trainer.track_signal_every``, train/signal.py) run.
+
+A forward pre-hook on each unit sees its input, a forward hook on its branch
+the branch's output, and a tensor hook on the input sees its gradient. The
+module hooks exist only while ``capture()`` is open, so an unmeasured step
+runs untouched. No unit overwrites its input in place (the
 identity shortcut still reads it), so the tensor hooked is the one the next
 unit used, even with in-place ReLUs elsewhere; the pre-act first unit's shared
 BN-ReLU is inside that unit, so ``x_0`` is the stem output it reads.
@@ -21,12 +26,14 @@ BN-ReLU is inside that unit, so ``x_0`` is the stem output it reads.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from resnet_exp.errors import UserError
@@ -54,6 +61,8 @@ class GradFlow:
     identity_coef: list[float]  # <dE/dx_l, dE/dx_e> / ||dE/dx_e||^2, x_e the end of x_l's stage
     stage: list[int]  # 0, 1, 2, ...: which map size x_l has
     numel: list[int]  # elements of x_l (batch x channels x height x width)
+    norm: list[float] = field(default_factory=list)  # ||x_l||, the L2 norm over the batch
+    branch_norm: list[float] = field(default_factory=list)  # per unit l < L: ||F(x_l)||
 
     @property
     def units(self) -> int:
@@ -74,6 +83,38 @@ class GradFlow:
             "grad_ratio_first_last": self.grad_ratio,
             "forward_growth_last_first": self.forward_growth,
         }
+
+    def unit_rows(self) -> list[dict[str, Any]]:
+        """Per residual unit ``l``: its stage (the map size of its output), ``||x_l||``,
+        ``||F(x_l)||``, ``||dE/dx_l||`` and ``||dE/dx_l|| / ||dE/dx_L||`` (the paper's Eq. 5)."""
+        last = self.grad_norm[-1]
+        return [
+            {
+                "unit": i,
+                "stage": self.stage[i + 1],
+                "identity_norm": self.norm[i],
+                "branch_norm": self.branch_norm[i],
+                "grad_norm": self.grad_norm[i],
+                "grad_ratio": _ratio(self.grad_norm[i], last),
+            }
+            for i in range(self.units)
+        ]
+
+    def stage_summary(self, prefix: str = "") -> dict[str, float]:
+        """Per stage ``k``: ``stage{k}/grad_ratio_first`` (the gradient ratio at the stage's first
+        unit) and ``stage{k}/branch_identity_ratio`` (the median over its units of
+        ``||F(x_l)|| / ||x_l||``, which the one unit that changes the shape barely moves)."""
+        rows = self.unit_rows()
+        out: dict[str, float] = {}
+        for k in sorted({r["stage"] for r in rows}):
+            units = [r for r in rows if r["stage"] == k]
+            ratios = [_ratio(r["branch_norm"], r["identity_norm"]) for r in units]
+            ratios = [r for r in ratios if not math.isnan(r)]  # a diverged net's
+            out[f"{prefix}stage{k}/grad_ratio_first"] = units[0]["grad_ratio"]
+            out[f"{prefix}stage{k}/branch_identity_ratio"] = (
+                statistics.median(ratios) if ratios else math.nan
+            )
+        return out
 
     def rows(self) -> list[dict[str, Any]]:
         n = self.units
@@ -112,11 +153,14 @@ class GradFlowProbe:
         n = len(self.units) + 1
         # Statistics stay tensors on the device until result(): one host sync per pass.
         self._std: list[torch.Tensor | None] = [None] * n
+        self._norm: list[torch.Tensor | None] = [None] * n
+        self._branch: list[torch.Tensor | None] = [None] * (n - 1)
         self._grad: list[torch.Tensor | None] = [None] * n
         self._coef: list[torch.Tensor | None] = [None] * n
         self._shape: list[tuple[int, ...]] = [()] * n
         self._ends: list[int] | None = None
         self._ref: torch.Tensor | None = None  # dE/dx_e of the stage backward is in
+        self.first: torch.Tensor | None = None  # x_0 as the first unit read it
 
     @property
     def captured(self) -> bool:
@@ -127,8 +171,11 @@ class GradFlowProbe:
         if self._std[i] is not None or not isinstance(x, torch.Tensor):
             return
         with torch.no_grad():
-            self._std[i] = x.detach().float().std()
+            xf = x.detach().float()
+            self._std[i], self._norm[i] = xf.std(), xf.norm()
         self._shape[i] = tuple(x.shape)
+        if i == 0:
+            self.first = x
         if x.requires_grad:
             x.register_hook(lambda g: self._on_grad(i, g))
 
@@ -140,6 +187,11 @@ class GradFlowProbe:
                 end = i
             ends[i] = end
         return ends
+
+    @torch.no_grad()
+    def _record_branch(self, i: int, out: Any) -> None:
+        if self._branch[i] is None and isinstance(out, torch.Tensor):
+            self._branch[i] = out.detach().float().norm()
 
     @torch.no_grad()
     def _on_grad(self, i: int, g: torch.Tensor) -> None:
@@ -168,6 +220,11 @@ class GradFlowProbe:
         handles.append(
             self.units[-1].register_forward_hook(lambda _m, _a, out: self._record(last, out))
         )
+        handles += [
+            unit.branch.register_forward_hook(lambda _m, _a, out, i=i: self._record_branch(i, out))
+            for i, unit in enumerate(self.units)
+            if isinstance(getattr(unit, "branch", None), nn.Module)
+        ]
         try:
             yield self
         finally:
@@ -181,20 +238,57 @@ class GradFlowProbe:
             raise RuntimeError("no forward pass was captured")
         nan = self._std[0].new_full((), math.nan)  # type: ignore[union-attr]
         n = len(self._std)
-        values = torch.stack(
-            [v if v is not None else nan for v in (*self._std, *self._grad, *self._coef)]
-        ).tolist()
+        captured = (*self._std, *self._grad, *self._coef, *self._norm, *self._branch)
+        values = torch.stack([v if v is not None else nan for v in captured]).tolist()
         sizes = [s[-1] for s in self._shape]
         stage_of = {size: k for k, size in enumerate(sorted(set(sizes), reverse=True))}
         flow = GradFlow(
             std=values[:n],
             grad_norm=[v / loss_scale for v in values[n : 2 * n]],
-            identity_coef=values[2 * n :],
+            identity_coef=values[2 * n : 3 * n],
             stage=[stage_of[s] for s in sizes],
             numel=[math.prod(s) for s in self._shape],
+            norm=values[3 * n : 4 * n],
+            branch_norm=values[4 * n :],
         )
-        self._ref = None
+        self._ref, self.first = None, None
         return flow
+
+
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA device whose random stream ``torch.random.fork_rng`` keeps (none elsewhere)."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.current_device() if device.index is None else device.index]
+
+
+def measure(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, probe: GradFlowProbe | None = None
+) -> tuple[GradFlow, float]:
+    """One forward and backward pass of ``(x, y)`` through ``model`` as it is (in training
+    mode: the batch's statistics), read by ``probe``; the pass's numbers and its
+    cross-entropy loss. Runs in the precision of the caller's context: fp32 outside autocast.
+
+    The model is left as it was found, so a run that measures between its steps trains
+    exactly as one that does not: gradients are asked of ``x_0`` only (no parameter's
+    ``.grad`` is written, and the weights' gradients are not computed), the buffers
+    (batch-norm running statistics, their batch counters) are saved and written back, and
+    the random streams a unit may draw from (dropout shortcuts) are forked.
+    """
+    probe = probe if probe is not None else GradFlowProbe(model)
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        with torch.random.fork_rng(devices=rng_devices(x.device)):
+            with probe.capture():
+                loss = F.cross_entropy(model(x), y)
+            if probe.first is None or not probe.first.requires_grad:
+                raise RuntimeError("the first unit's input does not require a gradient")
+            torch.autograd.grad(loss, probe.first)  # the hooks read dE/dx_l on the way
+    finally:
+        with torch.no_grad():  # in place: a captured CUDA graph holds these tensors
+            for b, value in zip(model.buffers(), saved):
+                b.copy_(value)
+    return probe.result(), loss.item()
 
 
 class GradFlowMonitor:

@@ -4,7 +4,8 @@ One run builds the model as training would (same seed, same data), takes one
 batch of the training set, runs one forward and backward pass with the batch
 norms in training mode (batch statistics, as in every training step; at
 initialisation the running statistics are not yet an estimate of anything)
-and writes, in its run directory:
+and writes, in its run directory (the pass is ``models.gradflow.measure``, the
+one ``trainer.track_signal_every`` repeats during training, train/signal.py):
 
 - ``gradflow.csv``: one row per signal x_0 .. x_L (see ``gradflow.py``);
 - ``gradflow.png``: std, gradient norm and identity coefficient against the index;
@@ -26,15 +27,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch.nn.functional as F
-
 from resnet_exp.config import Config, Mode
 from resnet_exp.models import count_params
-from resnet_exp.models.gradflow import GradFlow, GradFlowProbe
+from resnet_exp.models.gradflow import GradFlow, measure
 from resnet_exp.run.records import SUMMARY, RunRecords
 from resnet_exp.run.result import RunResult, Status, SummaryKey
 from resnet_exp.train.context import RunContext
 from resnet_exp.train.setup import prepare
+from resnet_exp.train.signal import probe_batch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,19 +72,13 @@ def diagnose(cfg: Config, ctx: RunContext) -> RunResult:
         return RunResult(Status.completed, info)
 
     run_dir, block = ctx.run_dir, net.block.value
-    loader = data.train_loader(batch // ctx.world.world, cfg.seed, ctx.placement)
-    x, y = loader.next()
-    probe = GradFlowProbe(model)
-    with probe.capture():
-        loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    flow = probe.result()
+    flow, loss = measure(model, *probe_batch(data, batch, cfg.seed, ctx.placement))
 
     result = RunResult(
         Status.completed,
         {
             **info,
-            "loss": loss.item(),
+            "loss": loss,
             **flow.summary(),
             SummaryKey.wall_time_s: round(time.perf_counter() - t_start, 2),
         },

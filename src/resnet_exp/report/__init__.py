@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from resnet_exp.report import diagnose
-from resnet_exp.report.figures import curves, final_errors
+from resnet_exp.report.figures import curves, final_errors, signal
 from resnet_exp.report.runs import Run, load_runs
 from resnet_exp.report.tables import Row, group_rows, markdown, write_csv
 
 REPORT_MD, REPORT_CSV = "report.md", "report.csv"
-CURVES_PNG, ERRORS_PNG = "curves.png", "final_error.png"
+CURVES_PNG, ERRORS_PNG, SIGNAL_PNG = "curves.png", "final_error.png", "signal.png"
 
 __all__ = ["Row", "Run", "group_rows", "load_runs", "write_report"]
 
@@ -33,6 +33,8 @@ def write_report(dirs: list[Path], out: Path) -> list[Path]:
         figures.append(curves(rows, out / CURVES_PNG))
     if any(row.median is not None for row in rows):
         figures.append(final_errors(rows, out / ERRORS_PNG))
+    if any(run.first_grad_ratio for run in trained):  # some run tracked its signal
+        figures.append(signal(rows, out / SIGNAL_PNG))
     text = markdown(rows, [Path(d) for d in dirs], figures)
     if diagnosed:
         links = diagnose.figures(diagnosed, [Path(d) for d in dirs], out)

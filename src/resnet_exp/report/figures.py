@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -124,3 +125,42 @@ def final_errors(rows: list[Row], path: Path) -> Path:
     ax.grid(True, axis="x", alpha=0.3)
     fig.savefig(path, dpi=90)
     return path
+
+
+def signal(rows: list[Row], path: Path) -> Path:
+    """The first unit's gradient ratio over training, one line per configuration (the
+    ordering, in a sweep over orderings), the median over its seeds at each step."""
+    signal_figure(rows).savefig(path, dpi=90)
+    return path
+
+
+def signal_figure(rows: list[Row]) -> Figure:
+    colors = matplotlib.colormaps["tab10" if len(rows) <= 10 else "tab20"]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    drawn: list[float] = []
+    for i, row in enumerate(rows):
+        by_step: dict[int, list[float]] = {}
+        for run in row.runs:
+            for step, ratio in run.first_grad_ratio:
+                by_step.setdefault(step, []).append(ratio)
+        if not by_step:
+            continue
+        steps = sorted(by_step)
+        medians = [statistics.median(by_step[s]) for s in steps]
+        drawn += medians
+        seeds = max(len(v) for v in by_step.values())
+        style = {"marker": "o", "ms": 5} if len(steps) == 1 else {"lw": 1.5}
+        label = f"{row.label} ({seeds} seed{'s' if seeds > 1 else ''})"
+        ax.plot(steps, medians, color=colors(i % colors.N), label=label, **style)
+    if drawn and min(drawn) > 0 and max(drawn) / min(drawn) >= 10:
+        ax.set_yscale("log")
+    ax.axhline(1.0, color="0.5", lw=0.8, ls=":")
+    ax.set_xlabel("iterations")
+    ax.set_ylabel(r"$\|\partial E/\partial x_0\| \,/\, \|\partial E/\partial x_L\|$")
+    ax.set_title(
+        "gradient reaching the first unit, relative to the last (Eq. 5; median over seeds)"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    return fig

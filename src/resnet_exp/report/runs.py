@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from resnet_exp.config import flatten
 from resnet_exp.errors import UserError
 from resnet_exp.run.records import METRICS, SUMMARY, read_metrics
 from resnet_exp.run.result import Status, SummaryKey
+from resnet_exp.train.signal import SIGNAL
 
 CONFIG = Path(".hydra") / "config.yaml"
 # Keys that do not change what a run computes: runs that differ only in these
@@ -29,6 +31,7 @@ NOT_CONFIGURATION = {
     "trainer.progress",
     "trainer.log_every",
     "trainer.time_limit",  # each window of a run may have its own
+    "trainer.track_signal_every",  # measured between steps: training is bit-identical
 }
 
 
@@ -39,6 +42,8 @@ class Run:
     summary: dict[str, Any]
     metrics: list[dict[str, Any]]
     train_loss: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    # (step, ||dE/dx_0|| / ||dE/dx_L||) from signal.jsonl (trainer.track_signal_every)
+    first_grad_ratio: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def status(self) -> Status:
@@ -109,6 +114,7 @@ def load_run(path: Path, curves: bool = True) -> Run:
     run = Run(path, flat, summary, read_metrics(path / METRICS))
     if curves:
         run.train_loss = _train_loss_curve(run)
+        run.first_grad_ratio = _first_grad_ratio(path / SIGNAL)
     return run
 
 
@@ -134,3 +140,15 @@ def _train_loss_curve(run: Run) -> list[tuple[int, float]]:
             points = {e.step: e.value for e in acc.Scalars("train/loss")}  # a resume rewrites steps
             return sorted(points.items())
     return [(r["step"], r["train_loss"]) for r in run.metrics if r.get("train_loss") is not None]
+
+
+def _first_grad_ratio(path: Path) -> list[tuple[int, float]]:
+    """The first unit's gradient ratio at each measured step (a non-finite one, written
+    as null, left out)."""
+    out = []
+    for row in read_metrics(path):
+        units = row.get("units") or [{}]
+        ratio = units[0].get("grad_ratio")
+        if isinstance(ratio, (int, float)) and math.isfinite(ratio):
+            out.append((int(row["step"]), float(ratio)))
+    return out

@@ -86,7 +86,7 @@ class RunRecords:
                 str(run_dir), purge_step=start_step + 1 if start_step else None
             )
         if start_step:
-            _truncate_metrics(run_dir / METRICS, start_step)
+            truncate_rows(run_dir / METRICS, start_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -115,6 +115,12 @@ class RunRecords:
             f.write(json.dumps(_clean(row)) + "\n")
         if self.writer is not None:
             self.writer.flush()
+
+    def append(self, name: str, row: dict[str, Any]) -> None:
+        """One row appended to the run's JSON-lines file ``name`` (flushed at once)."""
+        if self.enabled:
+            with open(self.run_dir / name, "a") as f:
+                f.write(json.dumps(_clean(row)) + "\n")
 
     def summary(self, summary: dict[str, Any], config: dict[str, Any] | None = None) -> None:
         """Write summary.json; with the run's ``config`` (dotted keys), also its HPARAMS entry."""
@@ -182,7 +188,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_rows(path: Path, step: int) -> None:
     """Keep the rows up to ``step``: a resumed run rewrites what came after."""
     rows = read_metrics(path)
     kept = [r for r in rows if r.get("step", 0) <= step]

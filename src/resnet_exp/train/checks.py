@@ -36,6 +36,7 @@ def check_settings(cfg: Config, world: DistInfo) -> None:
     check_batches(cfg, world)
     check_bn_group(cfg, world)
     check_tracking(cfg)
+    check_signal(cfg, world)
 
 
 def batch_of(cfg: Config) -> tuple[str, int]:
@@ -59,6 +60,21 @@ def check_batches(cfg: Config, world: DistInfo) -> None:
         raise UserError(
             f"{key}={batch} does not split evenly over {world.world} processes; "
             f"use a multiple of {world.world}"
+        )
+
+
+def check_signal(cfg: Config, world: DistInfo) -> None:
+    """trainer.track_signal_every, and the batch it measures (mode=diagnose's)."""
+    every = cfg.trainer.track_signal_every
+    if every < 0:
+        raise UserError(
+            f"trainer.track_signal_every={every} must be 0 (off) or a positive step count"
+        )
+    batch = cfg.diagnose.batch_size
+    if every and cfg.mode is Mode.train and (batch < 2 or batch % world.world):
+        raise UserError(
+            f"diagnose.batch_size={batch} (the batch trainer.track_signal_every measures) "
+            f"must be at least 2 and a multiple of the {world.world} processes"
         )
 
 

@@ -30,6 +30,7 @@ from resnet_exp.train.evaluation import Evaluation, Evaluator
 from resnet_exp.train.metrics import Mean, RunClock, RunningMetrics
 from resnet_exp.train.progress import Progress
 from resnet_exp.train.setup import Setup, build_setup
+from resnet_exp.train.signal import SignalTracker
 from resnet_exp.train.state import RunState
 
 log = logging.getLogger("resnet_exp")
@@ -63,6 +64,7 @@ class Trainer:
         self.state = RunState(self.s, self.metrics, self.clock, tree)
         self.evaluator = Evaluator(self.s, cfg.trainer.eval_every)
         self.gradflow = GradFlowMonitor(self.s.model, cfg.trainer.log_gradflow_every)
+        self.signal = SignalTracker(self.s, cfg.trainer.track_signal_every)
         self.steps_per_epoch = self.s.loader.steps_per_epoch
         self.time_limit = time_limit_of(self.s)
         self.ending = Ending(
@@ -129,6 +131,7 @@ class Trainer:
             self.steps_per_epoch,
             enabled=self.cfg.trainer.progress and self.ctx.world.is_main,
         )
+        self.signal.start(self.step, self.records)
         self.t_mark, self.images = time.perf_counter(), 0
         if self.time_limit is not None:
             self.time_limit.begin()
@@ -136,6 +139,7 @@ class Trainer:
             for step in range(self.step + 1, s.total_steps + 1):
                 self.train_step()
                 self.gradflow.log(self.records, step)
+                self.t_mark += self.signal.after_step(step, self.records)  # not training time
                 progress.step(step)
                 ended = self.finish_step(step, progress)
                 if ended is not None:
