@@ -142,6 +142,10 @@ class DataConfig:
     augment: bool = True  # pad-4 random crop + horizontal flip
     pad: int = 4
     pad_value: PadValue = PadValue.mean  # colour of the crop's padding
+    # Beyond the paper (docs/fidelity.md): per-batch regularisers on the device, 0 = off
+    cutout: int = 0  # side (pixels) of the square set to 0 (the mean colour) in each image
+    mixup_alpha: float = 0.0  # mixup: pairs within the batch mixed by lambda ~ Beta(a, a)
+    cutmix_alpha: float = 0.0  # cutmix: a box pasted from the pair (with mixup: one or the other)
     num_classes: int | None = None  # synthetic only; real data sets count their classes
     synthetic_train: int = 5000
     synthetic_test: int = 1000
@@ -181,6 +185,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, evaluated beside them (train/ema.py)."""
+
+    decay: float | None = None  # 0 or null: off; e.g. 0.999
+    # decay_t = min(decay, (1 + t) / (warmup_steps + t)) after t updates; 0: decay throughout
+    warmup_steps: int = 10
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 164  # 164 x 390 steps ~ the paper's 64k iterations at batch 128
     max_steps: int | None = None  # overrides epochs
@@ -199,6 +212,8 @@ class TrainerConfig:
     log_every: int = 50  # steps between train-loss points (TensorBoard, progress line)
     progress: bool = True  # a bar on a terminal, one line per log_every steps otherwise
     log_gradflow_every: int = 0  # steps between per-unit gradient norms in TensorBoard (0: off)
+    label_smoothing: float = 0.0  # the training loss's (0: off; evaluation is plain cross-entropy)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     # Stop cleanly (checkpoint, status interrupted, exit 75) before this much wall-clock
     # time since the command started: 90s, 25m, 2h or seconds; null: no limit (train/stop.py)
     time_limit: str | None = None
@@ -245,6 +260,17 @@ class Config:
     dry_run: bool = False  # build model and data, print what would run, exit
     mode: Mode = Mode.train  # train | diagnose | eval (see Mode)
 
+
+# The switches beyond the paper's recipe and their "off" values: the paper's recipe,
+# and what a run written before they existed trained with (run/checkpoint.py).
+RECIPE_OFF: dict[str, Any] = {
+    "trainer.label_smoothing": 0.0,
+    "trainer.ema.decay": None,
+    "trainer.ema.warmup_steps": EmaConfig.warmup_steps,
+    "data.cutout": 0,
+    "data.mixup_alpha": 0.0,
+    "data.cutmix_alpha": 0.0,
+}
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 

@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from resnet_exp.config import Config, flatten
+from resnet_exp.config import RECIPE_OFF, Config, flatten
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetSpec
 
@@ -67,6 +67,7 @@ TRAINING = (
     "data.interpolation",
     "optimizer.name",
     "schedule.name",
+    *RECIPE_OFF,
 )
 HOW_TO_RUN = ("model.checkpointing",)  # under a matched prefix, but never matched
 
@@ -252,7 +253,9 @@ class Checkpoint:
     def config(self) -> dict[str, Any] | None:
         """The saved config, as dotted keys; None if the checkpoint keeps none."""
         saved = self.state.get("config")
-        return flatten(saved) if isinstance(saved, dict) and saved else None
+        if not (isinstance(saved, dict) and saved):
+            return None
+        return {**RECIPE_OFF, **flatten(saved)}  # a run from before those keys had them off
 
     def run_config(self) -> Config:
         """The saved config, as the run's ``Config``."""

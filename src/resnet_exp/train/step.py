@@ -16,6 +16,14 @@ from resnet_exp.train.context import RunContext
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+def train_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The training loss: cross-entropy against labels, or against soft targets (rows of
+    class probabilities, from mixup/cutmix), with ``label_smoothing`` mixing in the
+    uniform distribution (torch's: ``(1 - eps) * target + eps / classes``). Evaluation
+    is plain cross-entropy (train/evaluation.py)."""
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
 class EagerStep:
     """Forward under autocast, backward through the grad scaler, optimizer step.
 
@@ -31,14 +39,16 @@ class EagerStep:
         scaler: torch.amp.GradScaler,
         device: torch.device,
         precision: Precision,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.forward, self.model, self.optimizer, self.scaler = forward, model, optimizer, scaler
         self.device, self.precision = device, precision
+        self.label_smoothing = label_smoothing
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, plain: bool = False) -> Batch:
         with autocast(self.device, self.precision):
             logits = (self.model if plain else self.forward)(x)
-            loss = F.cross_entropy(logits, y)
+            loss = train_loss(logits, y, self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -65,6 +75,7 @@ class CudaGraphStep:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         precision: Precision,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.forward, self.model, self.optimizer, self.precision = (
             forward,
@@ -72,6 +83,7 @@ class CudaGraphStep:
             optimizer,
             precision,
         )
+        self.label_smoothing = label_smoothing
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _compute(self) -> Batch:
@@ -82,7 +94,7 @@ class CudaGraphStep:
             cache_enabled=False,
         ):
             logits = self.forward(self.static_x)
-            loss = F.cross_entropy(logits, self.static_y)
+            loss = train_loss(logits, self.static_y, self.label_smoothing)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), logits.detach()
@@ -150,6 +162,7 @@ def make_train_step(
     compile_mode: str = "default",
     cuda_graphs: str = "auto",
     hooks: bool = False,
+    label_smoothing: float = 0.0,
 ) -> EagerStep | CudaGraphStep:
     """The step the trainer runs: compiled or not, eager or replayed from a CUDA graph.
 
@@ -167,8 +180,8 @@ def make_train_step(
     if choice == Switch.true and blockers:
         raise UserError(f"trainer.cuda_graphs=true needs {'; '.join(blockers)}")
     if choice == Switch.false or blockers:
-        return EagerStep(forward, model, optimizer, scaler, device, precision)
-    return CudaGraphStep(forward, model, optimizer, precision)
+        return EagerStep(forward, model, optimizer, scaler, device, precision, label_smoothing)
+    return CudaGraphStep(forward, model, optimizer, precision, label_smoothing)
 
 
 def graph_blockers(
