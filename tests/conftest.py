@@ -311,7 +311,8 @@ def run_outcome(run: Path) -> dict[str, Any]:
     from resnet_exp.run.records import read_metrics
 
     state = torch.load(run / "last.pt", weights_only=False)
-    state["metrics"].pop("throughput")
+    for part in [state, *(state.get("ranks") or [])]:  # a data-parallel run: each rank's too
+        part["metrics"].pop("throughput")
     state.pop("clock")
     summary = json.loads((run / "summary.json").read_text())
     return {
