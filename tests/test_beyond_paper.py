@@ -283,6 +283,7 @@ def test_the_average_is_evaluated_logged_and_checkpointed(sweeps: tuple[Path, Pa
     assert rows[-1]["test_loss_ema"] == summary["final_test_loss_ema"]
     scalars = tb_scalars(run)
     assert scalars["test/error_ema"][20] == pytest.approx(summary["final_test_error_ema"])
+    assert scalars["hparams/final_test_error_ema"][20] == pytest.approx(rows[-1]["test_error_ema"])
     # The checkpoint's average, evaluated afresh, gives the summary's numbers; the
     # net's own weights give other ones.
     state = torch.load(run / "last.pt", weights_only=False)
@@ -298,6 +299,19 @@ def test_the_average_is_evaluated_logged_and_checkpointed(sweeps: tuple[Path, Pa
     assert values["loss"] == pytest.approx(summary["final_test_loss_ema"], rel=1e-6)
     assert values["error"] == summary["final_test_error_ema"]
     assert summary["final_test_loss"] != summary["final_test_loss_ema"]
+
+
+def test_with_a_validation_split_the_average_meets_the_test_set_at_the_end(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run_main(
+        [*FP32, "data.val_size=32", "trainer.max_steps=8", "trainer.ema.decay=0.9",
+         f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("final_val_error_ema", "final_val_loss_ema", "test_error_ema", "test_loss_ema"):
+        assert isinstance(summary[key], float), key
+    assert summary["test_loss_ema"] != summary["test_loss"]
 
 
 def test_the_report_tells_the_recipes_apart(sweeps: tuple[Path, Path], tmp_path: Path) -> None:
