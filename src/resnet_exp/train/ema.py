@@ -43,7 +43,8 @@ def check_ema(cfg: EmaConfig) -> None:
 
 def ema_update(decay: float, warmup_steps: int):
     """``AveragedModel``'s ``multi_avg_fn``: ``avg <- d * avg + (1 - d) * current`` for the
-    floating-point tensors, with ``d`` the warmed-up decay (a device tensor: no host sync)."""
+    floating-point tensors, with ``d`` the warmed-up decay (a device tensor: no host sync
+    of its own)."""
 
     full: dict[torch.device, torch.Tensor] = {}  # the decay on each device, made once
 
@@ -59,7 +60,11 @@ def ema_update(decay: float, warmup_steps: int):
         d = full[device]
         if warmup_steps:
             d = torch.minimum(d, (1.0 + n_averaged) / (warmup_steps + n_averaged))
-        torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
+        # avg + (1 - d) * (current - avg); the tensor-weight ops read d on the device
+        # (_foreach_lerp_ would take it as a Scalar: a host sync).
+        step = torch._foreach_sub(current, averaged)
+        torch._foreach_mul_(step, (1 - d).to(averaged[0].dtype))
+        torch._foreach_add_(averaged, step)
 
     return update
 
