@@ -1,15 +1,17 @@
 """What the benchmark scripts share: a run's config from Hydra overrides, the
-subprocess each measurement runs in, the results table and files, and the
-machine's name and peak memory."""
+subprocess each measurement runs in (killed at a timeout), the results table and
+files, and the machine's name and peak memory."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +28,65 @@ def compose(overrides: list[str]):
         return OmegaConf.to_object(hydra_compose("config", overrides=overrides))
 
 
+# A measurement that takes longer has hung (a wedged GPU, a deadlocked worker): killed.
+WORKER_TIMEOUT_S = float(os.environ.get("RESNET_EXP_WORKER_TIMEOUT", 600))
+
+
+@dataclass
+class Finished:
+    """What a subprocess left: ``returncode`` None when it was killed at its timeout."""
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+    timeout_s: float
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+    def error(self, what: str) -> str | None:
+        """One line when it did not succeed, else None."""
+        if self.timed_out:
+            return f"{what} timed out after {self.timeout_s:.0f} s (killed)"
+        if self.returncode != 0:
+            tail = (self.stderr.strip().splitlines() or ["?"])[-1]
+            return f"{what} exited {self.returncode}: {tail}"
+        return None
+
+
+def run_killable(cmd: list[str], timeout_s: float, cwd: Path | None = None) -> Finished:
+    """``cmd`` in its own process group, killed with everything it started (a benchmark's
+    workers too) when it runs past ``timeout_s``."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return Finished(proc.returncode, out, err, timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return Finished(None, out, err, timeout_s)
+    finally:
+        if proc.poll() is None:  # interrupted while waiting: leave no orphans behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def run_worker(script: str, worker_args: list[str]) -> dict[str, Any]:
     """``script --worker ...`` in a fresh process (its peak memory is its own): the JSON
-    of its last output line, or ``{"error": its last error line}``."""
-    cmd = [sys.executable, script, "--worker", *worker_args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        return {"error": tail[0]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    of its last output line, or ``{"error": ...}`` (its last error line, or its timeout)."""
+    done = run_killable([sys.executable, script, "--worker", *worker_args], WORKER_TIMEOUT_S)
+    error = done.error("the measurement")
+    if error is not None:
+        return {"error": error}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def markdown(

@@ -18,16 +18,22 @@ peak memory, against the textbook PyTorch loop measured in the same call:
     python scripts/gpu_check.py                    # outputs/gpu-check/<time>/
     python scripts/gpu_check.py --data DIR         # CIFAR-10 images instead of synthetic ones
     python scripts/gpu_check.py --dry              # the same on the CPU with tiny nets (~1 min)
+    python scripts/gpu_check.py --out DIR          # into DIR (make gpu-check OUT=DIR)
 
-Without a GPU (and without --dry) it says so in one line and exits with 2. The
-targets printed in the summary are the project's aims, not checks: nothing here
-fails on a slow figure.
+Without a GPU (and without --dry), or with --data naming a folder that holds no
+CIFAR-10, it says so in one line and exits with 2, writing nothing. Each step (the
+tests, each table) runs in its own process group and is killed at --timeout
+(default 600 s; one measurement of a table at half of it) and reported as timed
+out; the summary is written whatever happened. Exit status: 0, or 1 when a test
+failed or a step did not finish. The targets printed in the summary are the
+project's aims, not checks: nothing here fails on a slow figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -38,6 +44,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+from benchtools import cpu_name, run_killable  # noqa: E402  (scripts/ is first on sys.path)
+
 # The tests that skip without CUDA.
 CUDA_TESTS = [
     "tests/test_gpu.py",
@@ -69,9 +77,6 @@ def environment(dry: bool) -> dict[str, Any]:
         env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1))
         env["driver"] = _nvidia_smi("driver_version")
     else:
-        sys.path.insert(0, str(HERE))
-        from benchtools import cpu_name
-
         env["device"] = cpu_name()
     return env
 
@@ -89,13 +94,16 @@ def _nvidia_smi(field: str) -> str | None:
         return None
 
 
-def run_tests(out: Path) -> dict[str, Any]:
+def run_tests(out: Path, timeout_s: float) -> dict[str, Any]:
     """The CUDA-only tests (they skip on a CPU: the dry mode runs their plumbing)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"]
     cmd += ["--junitxml", str(out / "tests.xml"), *CUDA_TESTS]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    (out / "tests.txt").write_text(proc.stdout + proc.stderr)
+    done = run_killable(cmd, timeout_s, cwd=REPO)
+    (out / "tests.txt").write_text(done.stdout + done.stderr)
     counts = {"passed": 0, "failed": 0, "skipped": 0, "errors": 0}
+    result: dict[str, Any] = {"exit": done.returncode, "command": " ".join(cmd[1:])}
+    if done.timed_out:  # the JUnit file is written at the end: none, or a stale one
+        return {**counts, "errors": 1, **result, "error": done.error("the tests")}
     try:
         suite = ET.parse(out / "tests.xml").getroot()
         suite = suite if suite.tag == "testsuite" else suite[0]
@@ -105,18 +113,23 @@ def run_tests(out: Path) -> dict[str, Any]:
         counts["passed"] = total - counts["failed"] - counts["errors"] - counts["skipped"]
     except (OSError, ET.ParseError, IndexError):
         counts["errors"] = 1
-    return {**counts, "exit": proc.returncode, "command": " ".join(cmd[1:])}
+        result["error"] = done.error("the tests") or "the tests wrote no readable tests.xml"
+    return {**counts, **result}
 
 
-def run_table(script: str, args: list[str], out: Path, stem: str) -> dict[str, Any]:
+def run_table(
+    script: str, args: list[str], out: Path, stem: str, timeout_s: float
+) -> dict[str, Any]:
     """A benchmark script (each of its measurements in its own subprocess) into ``out``."""
     cmd = [sys.executable, str(HERE / script), *args, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    (out.parent / f"{stem}.log").write_text(proc.stdout + proc.stderr)
+    done = run_killable(cmd, timeout_s, cwd=REPO)
+    (out.parent / f"{stem}.log").write_text(done.stdout + done.stderr)
     path = out / f"{stem}.json"
-    if proc.returncode != 0 or not path.exists():
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {"error": f"{script} exited {proc.returncode}: {tail}", "rows": []}
+    error = done.error(script)
+    if error is None and not path.exists():
+        error = f"{script} wrote no {path.name}"
+    if error is not None:
+        return {"error": error, "rows": []}
     return json.loads(path.read_text())
 
 
@@ -129,7 +142,8 @@ def summary(env: dict[str, Any], tests: dict[str, Any], single: dict, packing: d
         f"cuDNN {env['cudnn']}, driver {env.get('driver') or '—'}, Python {env['python']}",
         "",
         f"CUDA-only tests: {tests['passed']} passed, {tests['failed']} failed, "
-        f"{tests['errors']} errors, {tests['skipped']} skipped (tests.txt)",
+        f"{tests['errors']} errors, {tests['skipped']} skipped (tests.txt)"
+        + (f"; {tests['error']}" if tests.get("error") else ""),
         "",
         f"## One run at batch {16 if env['dry'] else 64} (single/benchmark.md)",
         "",
@@ -195,23 +209,80 @@ def targets(single: dict, packing: dict) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--dry", action="store_true", help="on the CPU with tiny nets (~1 minute)")
     p.add_argument("--data", default=None, help="CIFAR-10 root (default: synthetic images)")
     p.add_argument("--out", type=Path, default=None, help="default outputs/gpu-check/<time>")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="seconds each step (the tests, each table) may take before it is killed "
+        "and reported as timed out; one measurement of a table: half of it (default 600)",
+    )
     args = p.parse_args(argv)
-    t0 = time.monotonic()
+    if args.timeout <= 0:
+        p.error(f"--timeout {args.timeout:g} must be positive")
+    return args
+
+
+def refusal(args: argparse.Namespace) -> str | None:
+    """Why nothing can run here (no GPU, the data not there), before anything is written."""
     import torch
 
     if not args.dry and not torch.cuda.is_available():
-        print(
-            "gpu-check: needs a CUDA GPU (torch.cuda.is_available() is false here); "
-            "--dry runs the same checks on the CPU with tiny nets",
-            file=sys.stderr,
+        return (
+            "needs a CUDA GPU (torch.cuda.is_available() is false here); "
+            "--dry runs the same checks on the CPU with tiny nets"
         )
+    if args.data:
+        from resnet_exp.data.stage import require
+        from resnet_exp.errors import UserError
+
+        try:
+            require("cifar10", Path(args.data), download=False)
+        except UserError as e:
+            return str(e)
+    return None
+
+
+def run_steps(args: argparse.Namespace, out: Path, results: dict[str, Any]) -> None:
+    """The tests, then the two tables, each into ``results`` as it ends."""
+    results["tests"] = tests = run_tests(out, args.timeout)
+    print(
+        f"gpu-check: tests: {tests['passed']} passed, {tests['failed']} failed, "
+        f"{tests['skipped']} skipped" + (f"; {tests['error']}" if tests.get("error") else ""),
+        flush=True,
+    )
+    preset = "dry" if args.dry else "gpu-check"
+    bench = ["--preset", preset]  # then the overrides, in one run (argparse's positionals)
+    if args.dry:
+        bench += ["data.image_size=16", "data.batch_size=16", "trainer.device=cpu"]
+    else:
+        bench += ["data.batch_size=64"]
+    if args.data:
+        bench += ["dataset=cifar10", f"data.root={args.data}", "data.download=false"]
+    if args.dry:
+        bench += ["--repeats", "1", "--workers", "0"]
+    results["single"] = run_table("benchmark.py", bench, out / "single", "benchmark", args.timeout)
+    print("gpu-check: single-run table " + results["single"].get("error", "done"), flush=True)
+    pack = ["--preset", preset, "--data", args.data or "synthetic"]
+    if args.dry:
+        pack += ["--batch", "16", "--repeats", "1", "--device", "cpu", "--synthetic-images", "512"]
+    results["packing"] = run_table(
+        "benchmark_packing.py", pack, out / "packing", "packing", args.timeout
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.monotonic()
+    problem = refusal(args)
+    if problem is not None:
+        print(f"gpu-check: error: {problem}", file=sys.stderr)
         return 2
     kind = "gpu-check-dry" if args.dry else "gpu-check"
     out = args.out or REPO / "outputs" / kind / time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -219,42 +290,31 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.dry)
     (out / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     print(f"gpu-check: {env.get('gpu') or env.get('device')}; results in {out}", flush=True)
-
-    tests = run_tests(out)
-    print(
-        f"gpu-check: tests: {tests['passed']} passed, {tests['failed']} failed, {tests['skipped']} skipped",
-        flush=True,
-    )
-    preset = "dry" if args.dry else "gpu-check"
-    bench = ["--preset", preset]
-    if args.dry:
-        bench += ["data.image_size=16", "data.batch_size=16", "trainer.device=cpu"]
-        bench += ["--repeats", "1", "--workers", "0"]
-    else:
-        bench += ["data.batch_size=64"]
-    if args.data:
-        bench += ["dataset=cifar10", f"data.root={args.data}", "data.download=false"]
-    single = run_table("benchmark.py", bench, out / "single", "benchmark")
-    print("gpu-check: single-run table done", flush=True)
-    pack = ["--preset", preset, "--data", args.data or "synthetic"]
-    if args.dry:
-        pack += ["--batch", "16", "--repeats", "1", "--device", "cpu", "--synthetic-images", "512"]
-    packing = run_table("benchmark_packing.py", pack, out / "packing", "packing")
-    text = summary(env, tests, single, packing)
-    took = time.monotonic() - t0
-    payload = {
-        "env": env,
-        "tests": tests,
-        "took_s": round(took, 1),
-        "single": single,
-        "packing": packing,
+    # A measurement alone gets half a step's time: a hung one is reported in its row.
+    os.environ["RESNET_EXP_WORKER_TIMEOUT"] = str(args.timeout / 2)
+    not_run = {"error": "not run", "rows": []}
+    results: dict[str, Any] = {
+        "tests": {"passed": 0, "failed": 0, "skipped": 0, "errors": 0, "error": "not run"},
+        "single": dict(not_run),
+        "packing": dict(not_run),
     }
-    (out / "summary.md").write_text(text)
-    (out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        run_steps(args, out, results)
+    finally:  # written whatever happened above (a step killed, an interrupt)
+        text = summary(env, results["tests"], results["single"], results["packing"])
+        took = time.monotonic() - t0
+        payload = {"env": env, "took_s": round(took, 1), **results}
+        (out / "summary.md").write_text(text)
+        (out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
     print()
     print(text)
     print(f"gpu-check: {took:.0f} s; everything in {out}")
-    bad = tests["failed"] or tests["errors"] or "error" in single or "error" in packing
+    tests = results["tests"]
+    bad = (
+        tests["failed"]
+        or tests["errors"]
+        or any("error" in results[k] for k in ("single", "packing"))
+    )
     return 1 if bad else 0
 
 

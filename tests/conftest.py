@@ -59,6 +59,35 @@ def cifar10_root() -> Path | None:
     return CIFAR10 if (CIFAR10 / "train").is_dir() and (CIFAR10 / "test").is_dir() else None
 
 
+def make_cifar_folders(root: Path, train: int = 16, test: int = 4, classes: int = 10) -> Path:
+    """A tiny CIFAR-10 copy in the class-folder layout runs read (train/<class>/ and
+    test/<class>/, 32x32 PNGs, ``train`` and ``test`` images per class): a data set
+    that is "there" without downloading 170 MB."""
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    for split, n in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = gen.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def import_script(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A script of scripts/ as a module (its neighbours importable, as when it runs)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location(f"script_{name[:-3]}", REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    monkeypatch.setitem(sys.modules, spec.name, module)  # where dataclasses look types up
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def console_script() -> str:
     """The installed `resnet-exp`, next to this interpreter."""
     path = Path(sys.executable).parent / "resnet-exp"
@@ -272,6 +301,30 @@ def restore_torch_modes_after_module():
     """Module-scoped fixtures (a module's reference runs) train outside any one test."""
     with torch_modes_restored():
         yield
+
+
+# --- MLflow (logger=mlflow) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, made once (making its tables takes seconds)."""
+    pytest.importorskip("mlflow", reason="pip install '.[mlflow]'")
+    from resnet_exp.run.tracking import client
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    client(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, mlflow_template: Path) -> Path:
+    """A copy of the empty store where ``logger=mlflow`` writes by default when the command
+    runs in ``tmp_path``: ``mlruns/mlflow.db`` there."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(mlflow_template, db)
+    return db
 
 
 # --- stopping a run where a test wants it, and comparing what runs computed ----------

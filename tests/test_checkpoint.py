@@ -10,6 +10,7 @@ import pytest
 
 from resnet_exp.config import Config, config_tree, flat_config
 from resnet_exp.errors import UserError
+from resnet_exp.models import NetSpec
 from resnet_exp.run.checkpoint import CHECKPOINT, REQUIRED, Checkpoint
 from resnet_exp.run.resume import Resume, check_resumable
 
@@ -53,7 +54,8 @@ def test_written_checkpoint_reads_back(saved: Path) -> None:
     assert ckpt.config is not None and ckpt.config["depth"] == 8
     cfg = ckpt.run_config()
     assert cfg.depth == 8 and cfg.data.image_size == 16
-    assert ckpt.owner_states()["loader"] == {"stand-in": "loader"}
+    assert Resume(ckpt, []).states(0, 1, ("loader",))["loader"] == {"stand-in": "loader"}
+    assert ckpt.schema == 2 and ckpt.made_on == {}
 
 
 @pytest.mark.parametrize(
@@ -126,3 +128,19 @@ def test_paths(tmp_path: Path, saved: Path) -> None:
     assert Checkpoint.run_dir_of(str(run), "default") == str(run)
     assert Checkpoint.run_dir_of("auto", "default") == "default"
     assert Checkpoint.run_dir_of(str(missing), "default") == "default"
+
+
+@pytest.mark.parametrize(
+    ("depth", "unit"), [(18, "basic"), (34, "basic"), (50, "bottleneck"), (152, "bottleneck")]
+)
+def test_another_nets_weights_name_the_nets_own_unit(depth: int, unit: str, tmp_path: Path) -> None:
+    """The ImageNet nets' units come from their depth table (not the CIFAR 6n+2/9n+2 rule):
+    a checkpoint of another net is refused naming this net as it is."""
+    net = NetSpec.of("preact", depth, family="imagenet", width=4)
+    other = NetSpec.of("preact", 18 if depth != 18 else 34, family="imagenet", width=4)
+    ckpt = Checkpoint(tmp_path / "last.pt", {"model": other.build(10).state_dict()})
+    with pytest.raises(UserError) as info:
+        ckpt.load_weights(net.build(10), net)
+    message = str(info.value)
+    assert f"(depth={depth}, block=preact, family=imagenet, unit={unit})" in message
+    assert "\n" not in message and "fits neither" not in message

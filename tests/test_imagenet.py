@@ -325,10 +325,14 @@ def test_resume_restores_the_stream_position_exactly(folder: Path) -> None:
     assert not torch.equal(full[0][0], full[4][0])  # epochs differ
 
 
-@pytest.mark.parametrize("variant", [{"workers": 2}, {"decode": Decode.device}])
+@pytest.mark.parametrize(
+    "variant",
+    [{"workers": 2}, {"decode": Decode.device}, {"decode": Decode.device, "workers": 2}],
+)
 def test_batches_do_not_depend_on_workers_or_decoder(folder: Path, variant: dict) -> None:
     """Two worker processes, or the GPU path's decoding (batched decode_jpeg, then
-    crops on the device; here the CPU), give the same batches as one process."""
+    crops on the device; here the CPU), or both (the workers read, the device decodes),
+    give the same batches as one process."""
     cpu = torch.device("cpu")
     data = load_streamed(data_cfg(folder))
     base = take(StreamLoader(data.train, data_cfg(folder), 6, cpu, 0), 5)
@@ -607,3 +611,17 @@ def test_two_processes_under_torchrun(folder: Path, tmp_path: Path) -> None:
     # 9 test images over 2 ranks (5 + 4): every error is a multiple of 1/9
     for key in ("final_test_error", "final_test_error_48"):
         assert abs(s[key] * 9 / 100 - round(s[key] * 9 / 100)) < 1e-6
+
+
+def test_raw_batches_cross_processes_as_one_tensor(folder: Path) -> None:
+    """For device decode the workers read each batch's files raw and send them packed in
+    one tensor (one shared-memory file per batch, not one per image)."""
+    from resnet_exp.data.decode import Packed, read_all
+    from resnet_exp.data.stream import _TrainBatches
+
+    data = load_streamed(data_cfg(folder))
+    batch = _TrainBatches(data.train, 6, 32, 0, 0, 1, raw=True)[(0, 0)]
+    assert isinstance(batch.images, Packed) and batch.images.data.dtype == torch.uint8
+    items, _ = read_all([data.train.path(int(i)) for i in batch.index], raw=True)
+    for got, want in zip(batch.images.items(), items):
+        assert torch.equal(got, want)

@@ -128,6 +128,7 @@ def test_each_job_claims_a_gpu_and_releases_it_when_it_ends(
     monkeypatch.setenv("RESNET_EXP_GPU_LOCKS", str(locks))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     seen: list[tuple[int, list[bool], torch.device, list[bool]]] = []
     claims: list[list[bool]] = []  # the locks as each claim found them
     real_claim = runtime.claim_gpu

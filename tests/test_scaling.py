@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,11 +80,23 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     # Stopped at step 6 and resumed under torchrun: the same result as the run above.
     part = tmp_path / "part"
     torchrun([*DDP_JOB, "trainer.max_steps=6", f"hydra.run.dir={part}"], cwd=tmp_path)
+    moved = tmp_path / "moved"
+    shutil.copytree(part, moved)
     torchrun(["trainer.max_steps=10", f"resume={part}"], cwd=tmp_path)
     s3 = summary(part)
     assert s3["steps_done"] == 10
     assert s3["final_train_loss"] == s2["final_train_loss"]
     assert s3["final_test_error"] == s2["final_test_error"]
+
+    # The 2-process run stopped at step 6 continued on one process: the same images at each
+    # step (the data order is kept), so the loss of the 2-process run up to BatchNorm's
+    # statistics over 64 images instead of 2 x 32, as above; said once in the log.
+    run_cli(["trainer.max_steps=10", f"resume={moved}"], cwd=tmp_path, env=ENV)
+    s4 = summary(moved)
+    assert (s4["steps_done"], s4["processes"], s4["parts"]) == (10, 1, 2)
+    assert abs(s4["final_train_loss"] - s2["final_train_loss"]) / s2["final_train_loss"] < 0.02
+    log = (moved / "resnet-exp.log").read_text()
+    assert log.count("continuing a run made elsewhere (processes 2 -> 1)") == 1
 
 
 def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Short GPU windows: the time limit through the command and a packed sweep, gpu-check
-and reproduce (their CPU dry modes run in the slow suite)."""
+"""Short GPU windows: the time limit through the command and a packed sweep, gpu-check's
+refusals and timeouts (its CPU dry mode and reproduce's run in test_offline.py's
+rehearsal of a window; reproduce's failures in test_campaign.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ONE_THREAD, REPO, TINY, console_script, run_cli
+from conftest import ONE_THREAD, REPO, TINY, console_script, import_script, run_cli
 
 SCRIPTS = REPO / "scripts"
 
@@ -43,10 +44,65 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path: Path) -> None:
     proc = script("gpu_check.py", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "gpu-check: needs a CUDA GPU (torch.cuda.is_available() is false here); "
+        "gpu-check: error: needs a CUDA GPU (torch.cuda.is_available() is false here); "
         "--dry runs the same checks on the CPU with tiny nets"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_refuses_data_that_is_not_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    gpu_check = import_script("gpu_check.py", monkeypatch)
+    out = tmp_path / "out"
+    assert gpu_check.main(["--dry", "--data", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"gpu-check: error: no CIFAR-10 in data.root='{tmp_path}'"
+    )
+    assert f"resnet-exp-data download {tmp_path}" in err[0]
+    assert not out.exists()
+
+
+def test_a_step_past_its_timeout_is_killed_with_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    benchtools = import_script("benchtools.py", monkeypatch)
+    pids = tmp_path / "pids"
+    hang = f"sleep 600 & echo $$ $! > {pids}; wait"  # a process and its child, both hanging
+    done = benchtools.run_killable(["sh", "-c", hang], timeout_s=2)
+    assert done.timed_out and done.error("the step") == "the step timed out after 2 s (killed)"
+    for pid in pids.read_text().split():
+        assert not alive(int(pid)), pid
+    quick = benchtools.run_killable([sys.executable, "-c", "print('ok')"], timeout_s=60)
+    assert (quick.returncode, quick.stdout, quick.error("it")) == (0, "ok\n", None)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow  # ~20 s: gpu-check's steps killed at a 5 s timeout
+def test_gpu_check_reports_a_hung_step_and_writes_its_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    gpu_check = import_script("gpu_check.py", monkeypatch)
+    hung = tmp_path / "test_hang.py"
+    hung.write_text("import time\n\ndef test_hangs():\n    time.sleep(3600)\n")
+    monkeypatch.setattr(gpu_check, "CUDA_TESTS", [str(hung)])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "check"
+    assert gpu_check.main(["--dry", "--timeout", "5", "--out", str(out)]) == 1
+    result = json.loads((out / "summary.json").read_text())
+    assert result["tests"]["error"] == "the tests timed out after 5 s (killed)"
+    assert result["tests"]["errors"] == 1 and result["tests"]["exit"] is None
+    assert "the tests timed out after 5 s (killed)" in (out / "summary.md").read_text()
+    assert "gpu-check: tests: 0 passed" in capsys.readouterr().out
 
 
 def test_the_default_campaign_plans_the_papers_sweeps() -> None:
@@ -119,55 +175,3 @@ def test_a_packed_sweep_ends_at_its_deadline_and_continues(tmp_path: Path) -> No
     # Once more: every run is finished, and is skipped.
     run_cli(again, tmp_path)
     assert "nothing to do" in (sweep / names[2] / "resnet-exp.log").read_text()
-
-
-@pytest.mark.slow  # ~1 minute on an idle 2-core CPU
-def test_gpu_check_dry_writes_its_folder(tmp_path: Path) -> None:
-    out = tmp_path / "check"
-    proc = script("gpu_check.py", "--dry", "--out", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("env.json", "tests.xml", "tests.txt", "summary.md", "summary.json"):
-        assert (out / name).is_file(), name
-    for name in ("single/benchmark.md", "single/benchmark.json"):
-        assert (out / name).is_file(), name
-    for name in ("packing/packing.md", "packing/packing.json"):
-        assert (out / name).is_file(), name
-    result = json.loads((out / "summary.json").read_text())
-    assert result["env"]["torch"] == torch.__version__
-    assert result["tests"]["failed"] == 0 and result["tests"]["skipped"] >= 3  # CUDA-only
-    single = [r for r in result["single"]["rows"] if r["variant"] != "reference"]
-    assert len(single) == 2 and all(r["images_per_s"] > 0 and r["ratio"] > 0 for r in single)
-    packs = result["packing"]["rows"]
-    assert [r["runs"] for r in packs] == [1, 2] and all(r["images_per_s"] > 0 for r in packs)
-    assert proc.stdout.rstrip().endswith(f"everything in {out}")
-    assert "## Packed runs" in proc.stdout  # the summary, printed
-
-
-@pytest.mark.slow  # ~2 minutes: two calls of about a minute each
-def test_reproduce_dry_banks_results_and_continues(tmp_path: Path) -> None:
-    campaign = tmp_path / "campaign"
-    first = script("resnet-exp-reproduce", "--dry", "--campaign", str(campaign))
-    assert first.returncode == 0, first.stdout + first.stderr
-    state = json.loads((campaign / "campaign.json").read_text())["sweeps"]
-    assert state["a_depth8_orderings"]["done"]  # the short sweep finished
-    assert not state["b_depth11_long"]["done"]  # the long one was cut
-    report = (campaign / "report" / "report.md").read_text()
-    assert "## Each ordering against the original unit" in report
-    assert "| ResNet-8, preact" in report.split("## Each ordering")[1]
-    assert "## Runs not finished" in report
-    for name in ("curves.png", "final_error.png", "report.csv"):
-        assert (campaign / "report" / name).is_file()
-    assert "reproduce: left:" in first.stdout and "b_depth11_long" in first.stdout
-    assert " MB of checkpoints)" in first.stdout
-    done = {
-        p.parent.name: json.loads(p.read_text()).get("steps_done", 0)
-        for p in (campaign / "b_depth11_long").glob("*/summary.json")
-    }
-
-    second = script("resnet-exp-reproduce", "--dry", "--campaign", str(campaign), "--budget", "45s")
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert "a_depth8_orderings:" not in second.stdout.split("budget")[1].split("report:")[0]
-    for name, steps in done.items():  # continued from its checkpoint, further along
-        run = campaign / "b_depth11_long" / name
-        assert "resumed from" in (run / "resnet-exp.log").read_text()
-        assert json.loads((run / "summary.json").read_text())["steps_done"] > steps

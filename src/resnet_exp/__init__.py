@@ -1,8 +1,10 @@
 """resnet-exp: experiments on where BN and ReLU sit in a residual unit (He et al. 2016)."""
 
 from resnet_exp.models import ShortcutSpec, build_model, count_params
+from resnet_exp.version import __version__
 
 __all__ = [
+    "__version__",
     "ShortcutSpec",
     "build_model",
     "count_params",
@@ -10,7 +12,6 @@ __all__ = [
     "load_run",
     "read_weights",
 ]
-__version__ = "0.1.0"
 
 # Loaded on first use: load_run imports the trainer, the export readers safetensors.
 _LAZY = {

@@ -6,7 +6,7 @@ checkpoint, or a sweep left unfinished by it (resumable); 128 + N stopped by
 signal N (130 Ctrl-C, 143 SIGTERM), after saving a checkpoint; 1 a sweep with
 failed jobs, or an internal error.
 A run's result becomes the exit status in one place, :func:`leave`, after the
-table in train/result.py.
+table in run/result.py.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from resnet_exp.run.stop import (
     requeue,
     signal_name,
     start_margin,
+    time_left,
 )
+from resnet_exp.run.tracking import SweepJob, Tracking
 from resnet_exp.sweep.search.study import trial_reporter
 from resnet_exp.train.context import RunContext, resolve
 
@@ -112,7 +114,19 @@ def context(cfg: Config, hc: DictConfig, stop: StopRequest) -> RunContext:
         stop=stop,
         overrides=tuple(resumable_overrides(list(hc.overrides.task))),
         pruning=pruning,
+        tracking=tracking(cfg, hc),
     )
+
+
+def tracking(cfg: Config, hc: DictConfig) -> Tracking:
+    """Where the run records (logger=...); a sweep's job is a child of the sweep's MLflow run,
+    which ``callbacks.MlflowTracking`` made and named in the sweep folder."""
+    # Relative paths are the command's: a cluster job may start in another directory.
+    started = Path(str(hc.runtime.cwd))
+    sweep = None
+    if hc.mode == RunMode.MULTIRUN:
+        sweep = SweepJob(started / str(hc.sweep.dir), int(hc.job.num))
+    return Tracking.of(cfg, Path(hc.runtime.output_dir), sweep, started)
 
 
 def run_job(
@@ -159,7 +173,7 @@ def too_late(time_limit: str | None, stop: StopRequest) -> RunResult | None:
     limit = parse_duration(time_limit)
     if limit is None:
         return None
-    left = stop.started + limit - stop.clock()
+    left = time_left(limit, stop)
     if left > start_margin(limit):
         return None
     message = (
@@ -195,7 +209,7 @@ def _kept(result: RunResult, run_dir: Path) -> RunResult:
 
 
 def leave(result: RunResult, multirun: bool) -> RunResult:
-    """Where a run's result becomes the command's exit status (train/result.py's table),
+    """Where a run's result becomes the command's exit status (run/result.py's table),
     for every launcher. A stop request ends the command, a sweep too (the user asked
     to stop; a submitit job is requeued first); a single run that did not complete
     exits with its code; in a sweep the rest is the Reporter's to count."""
@@ -227,6 +241,25 @@ def _one_line(e: BaseException) -> str:
     return message
 
 
+# Hydra's flags of which a command takes one (Hydra itself raises a bare ValueError).
+EXCLUSIVE_FLAGS = {
+    "--run": "-r", "--multirun": "-m", "--cfg": "-c", "--info": "-i", "--shell-completion": "-sc"
+}  # fmt: skip
+
+
+def check_hydra_flags(args: list[str]) -> None:
+    given = [
+        long
+        for long, short in EXCLUSIVE_FLAGS.items()
+        if any(a in (long, short) or a.startswith(f"{long}=") for a in args)
+    ]
+    if len(given) > 1:
+        raise UserError(
+            f"{' and '.join(given)} cannot go together: give one of "
+            f"{', '.join(EXCLUSIVE_FLAGS)} (--cfg job without -m prints one job's config)"
+        )
+
+
 def main() -> None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Hydra prints its own errors over several lines; with this set they reach the
@@ -234,6 +267,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     distributed.init_distributed()  # before Hydra: the ranks agree on the run directory
     try:
+        check_hydra_flags(sys.argv[1:])
         check_eval_command(sys.argv[1:])
         sys.argv[1:] = with_inherited_overrides(sys.argv[1:])
         _hydra_main()

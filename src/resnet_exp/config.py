@@ -10,7 +10,7 @@ does not list), so a typo in an override fails before anything is built.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ class Precision(str, Enum):
 class Mode(str, Enum):
     train = "train"
     diagnose = "diagnose"
-    eval = "eval"  # evaluate a trained run's checkpoint (resume=RUN_DIR), see evaluate.py
+    eval = "eval"  # evaluate a trained run's checkpoint (resume=RUN_DIR), see modes/evaluate.py
 
 
 class EvalSplit(str, Enum):
@@ -93,6 +93,29 @@ class Switch(str, Enum):
             return cls(str(value).lower())
         except ValueError:
             raise UserError(f"{key}={value!r} is not one of auto, true, false") from None
+
+
+STREAMED = "streamed"  # a setting that acts on streamed data only (data/interface.is_streamed)
+
+
+def since(before: Any, acts: str | None = None) -> dict[str, Any]:
+    """Field metadata of a setting added after checkpoints were written: ``before`` is the
+    value that reproduces what the tool did before the setting existed (a checkpoint
+    without the key is read as having it), ``acts`` when the setting acts on a run at all
+    (``STREAMED``: only on streamed data; a run it does not act on never compares it)."""
+    return {"since": {"before": before, "acts": acts}}
+
+
+def added_settings(node: type | None = None, prefix: str = "") -> dict[str, dict[str, Any]]:
+    """Every setting declared with ``since``, as dotted keys."""
+    out: dict[str, dict[str, Any]] = {}
+    for f in fields(node or Config):
+        if "since" in f.metadata:
+            out[prefix + f.name] = f.metadata["since"]
+        kind = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+        if isinstance(kind, type) and is_dataclass(kind):
+            out.update(added_settings(kind, f"{prefix}{f.name}."))
+    return out
 
 
 def config_dir() -> str:
@@ -143,9 +166,12 @@ class DataConfig:
     pad: int = 4
     pad_value: PadValue = PadValue.mean  # colour of the crop's padding
     # Beyond the paper (docs/fidelity.md): per-batch regularisers on the device, 0 = off
-    cutout: int = 0  # side (pixels) of the square set to 0 (the mean colour) in each image
-    mixup_alpha: float = 0.0  # mixup: pairs within the batch mixed by lambda ~ Beta(a, a)
-    cutmix_alpha: float = 0.0  # cutmix: a box pasted from the pair (with mixup: one or the other)
+    # side (pixels) of the square set to 0 (the mean colour) in each image
+    cutout: int = field(default=0, metadata=since(0))
+    # mixup: pairs within the batch mixed by lambda ~ Beta(a, a)
+    mixup_alpha: float = field(default=0.0, metadata=since(0.0))
+    # cutmix: a box pasted from the pair (with mixup: each batch one or the other)
+    cutmix_alpha: float = field(default=0.0, metadata=since(0.0))
     num_classes: int | None = None  # synthetic only; real data sets count their classes
     synthetic_train: int = 5000
     synthetic_test: int = 1000
@@ -158,7 +184,10 @@ class DataConfig:
     workers: int | None = None  # streamed: DataLoader workers per process; null: CPUs / processes
     decode: Decode = Decode.auto
     bad_images: BadImage = BadImage.fail  # streamed: what an undecodable image does
-    interpolation: Interpolation = Interpolation.bicubic  # streamed: crop and test resizes
+    # streamed: crop and test resizes (checkpoints from before the key: bilinear)
+    interpolation: Interpolation = field(
+        default=Interpolation.bicubic, metadata=since("bilinear", acts=STREAMED)
+    )
 
 
 @dataclass
@@ -188,9 +217,9 @@ class ScheduleConfig:
 class EmaConfig:
     """An exponential moving average of the weights, evaluated beside them (train/ema.py)."""
 
-    decay: float | None = None  # 0 or null: off; e.g. 0.999
+    decay: float | None = field(default=None, metadata=since(None))  # 0 or null: off
     # decay_t = min(decay, (1 + t) / (warmup_steps + t)) after t updates; 0: decay throughout
-    warmup_steps: int = 10
+    warmup_steps: int = field(default=10, metadata=since(10))
 
 
 @dataclass
@@ -212,11 +241,14 @@ class TrainerConfig:
     log_every: int = 50  # steps between train-loss points (TensorBoard, progress line)
     progress: bool = True  # a bar on a terminal, one line per log_every steps otherwise
     log_gradflow_every: int = 0  # steps between per-unit gradient norms in TensorBoard (0: off)
-    label_smoothing: float = 0.0  # the training loss's (0: off; evaluation is plain cross-entropy)
+    # the training loss's (0: off; evaluation is plain cross-entropy)
+    label_smoothing: float = field(default=0.0, metadata=since(0.0))
     ema: EmaConfig = field(default_factory=EmaConfig)
     # Stop cleanly (checkpoint, status interrupted, exit 75) before this much wall-clock
-    # time since the command started: 90s, 25m, 2h or seconds; null: no limit (train/stop.py)
+    # time since the command started: 90s, 25m, 2h or seconds; null: no limit (run/stop.py)
     time_limit: str | None = None
+    # fp32 means fp32: TF32 tensor-core matmuls/convolutions on Ampere+ GPUs only when asked
+    tf32: bool = False
 
 
 @dataclass
@@ -227,6 +259,22 @@ class DiagnoseConfig:
 @dataclass
 class EvalConfig:
     split: EvalSplit = EvalSplit.auto  # what mode=eval evaluates
+    # recompute the BN running statistics over this many training batches first (0: off)
+    recalibrate_bn: int = 0
+
+
+class Head(str, Enum):
+    keep = "keep"  # load the classifier too (the same classes)
+    reset = "reset"  # a new classifier for this run's classes (fine-tuning)
+
+
+@dataclass
+class InitConfig:
+    """``init_from=PATH``: a new run (step 0, new optimizer) starting from given weights."""
+
+    path: str | None = None  # an export folder, a run folder (last.pt) or a .safetensors file
+    head: Head = Head.keep
+    strict: bool = True  # false: load what matches by name and shape, list the rest
 
 
 @dataclass
@@ -244,6 +292,25 @@ class ScaleConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Where a training run's curves and results go besides its folder's metrics.jsonl and
+    summary.json (set by the `logger` group: `tensorboard`, or `mlflow` for both)."""
+
+    tensorboard: bool = True  # event files in the run's folder (HPARAMS tab included)
+    mlflow: bool = False  # an MLflow run (needs resnet-exp[mlflow]; see `mlflow` below)
+
+
+@dataclass
+class MlflowConfig:
+    """Where ``logger=mlflow`` records runs (run/tracking.py). Nothing is sent anywhere but
+    to this URI; a relative path in it is taken from the directory the command runs in."""
+
+    # An SQLite file beside outputs/ (no server); or http(s)://HOST:PORT of an MLflow server
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "resnet-exp"  # the MLflow experiment's name (made when missing)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -253,24 +320,18 @@ class Config:
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     depth: int = 110
     seed: int = 0
     # a last.pt, its run directory, or `auto` (this run directory's last.pt if any)
     resume: str | None = None
+    # read a checkpoint of the older pickle format (it could run code: only a trusted one)
+    trust_checkpoint: bool = False
+    init_from: InitConfig = field(default_factory=InitConfig)  # start from given weights
     dry_run: bool = False  # build model and data, print what would run, exit
     mode: Mode = Mode.train  # train | diagnose | eval (see Mode)
 
-
-# The switches beyond the paper's recipe and their "off" values: the paper's recipe,
-# and what a run written before they existed trained with (run/checkpoint.py).
-RECIPE_OFF: dict[str, Any] = {
-    "trainer.label_smoothing": 0.0,
-    "trainer.ema.decay": None,
-    "trainer.ema.warmup_steps": EmaConfig.warmup_steps,
-    "data.cutout": 0,
-    "data.mixup_alpha": 0.0,
-    "data.cutmix_alpha": 0.0,
-}
 
 _DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 

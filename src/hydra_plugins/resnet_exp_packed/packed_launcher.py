@@ -176,6 +176,7 @@ class PackedLauncher(Launcher):
             del task_cfg["hydra"]
         ret.cfg = task_cfg
         run_cfg = copy.deepcopy(task_cfg)
+        OmegaConf.resolve(run_cfg)  # ${hydra:...} here, with this job's Hydra config current
         if device.type == "cuda" and task_cfg.trainer.device == "auto":
             run_cfg.trainer.device = str(device)  # the pack's GPU, not one claimed per run
         ret.hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)

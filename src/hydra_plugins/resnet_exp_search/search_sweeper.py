@@ -4,7 +4,7 @@ The sweeper asks the study for ``n_jobs`` trials at a time, launches them as
 sweep jobs through the configured launcher (trial N is job N, in directory
 ``N_<block>_<depth>``), and tells the study each job's outcome: its final
 validation error, ``pruned`` (the trial stopped itself on the pruner's word,
-see resnet_exp/search_study.py), or failed. The study lives in its storage
+see resnet_exp/sweep/search/study.py), or failed. The study lives in its storage
 (by default a journal file in the sweep folder), so a search can be continued
 (``resume=auto``) and fed by several sweeps at once (``hydra.sweeper.storage``).
 

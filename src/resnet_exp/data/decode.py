@@ -3,7 +3,9 @@ cannot be read does to its batch (``data.bad_images``)."""
 
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -54,6 +56,36 @@ def read_all(paths: list[str], raw: bool) -> tuple[list[Any], list[Bad]]:
             text = str(e).strip()
             bad.append((path, text.splitlines()[0] if text else type(e).__name__))
     return items, bad
+
+
+@dataclass
+class Packed:
+    """A batch's raw items (JPEG bytes, or images another format had decoded) in ONE uint8
+    tensor, as the DataLoader's workers send it: every tensor crosses to the main process
+    through its own shared memory (a file descriptor each), so a list of per-image tensors
+    would cost one per image and batch."""
+
+    data: torch.Tensor  # the items' bytes, one after another
+    shapes: list[tuple[int, ...] | None]  # each item's shape; None where it failed
+
+    @classmethod
+    def of(cls, items: list[Any]) -> Packed:
+        parts = [it.reshape(-1) for it in items if it is not None]
+        data = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+        return cls(data, [None if it is None else tuple(it.shape) for it in items])
+
+    def items(self) -> list[torch.Tensor | None]:
+        """The items again: views of the one tensor."""
+        out: list[torch.Tensor | None] = []
+        at = 0
+        for shape in self.shapes:
+            if shape is None:
+                out.append(None)
+                continue
+            n = math.prod(shape)
+            out.append(self.data[at : at + n].view(shape))
+            at += n
+        return out
 
 
 def decode_on_device(items: list, device: torch.device) -> tuple[list, list[int]]:

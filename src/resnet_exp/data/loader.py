@@ -93,7 +93,7 @@ class TrainLoader:
         self.batch_size, self.normalize, self.device = batch_size, normalize, device
         self.augment, self.pad, self.channels_last = augment, pad, channels_last
         self.pad_value = pad_value
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.seed = rank, world, seed
         # Drop the last partial batch: constant shapes suit cudnn autotuning and compiled graphs.
         self.steps_per_epoch = len(split) // (batch_size * world)
         self.order_gen = torch.Generator().manual_seed(seed)
@@ -137,10 +137,18 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The saved position; augmentation draws saved on a device of another type (a
+        CUDA generator's state is no CPU generator's) or for another rank (``None``)
+        continue from a generator seeded from the seed, the rank and the position."""
         self.epoch, self.pos = state["epoch"], state["pos"]
         self.perm = state["perm"].to(self.device)
         self.order_gen.set_state(state["order_gen"])
-        self.aug_gen.set_state(state["aug_gen"])
+        aug = state.get("aug_gen")
+        if aug is not None and aug.numel() == self.aug_gen.get_state().numel():
+            self.aug_gen.set_state(aug)
+        else:
+            where = (self.seed + 1 + self.rank) * 1_000_003 + self.epoch * 100_003 + self.pos
+            self.aug_gen.manual_seed(where % 2**63)
 
 
 def eval_batches(

@@ -74,6 +74,7 @@ CIFAR = {
     "cifar100": ("CIFAR100", "cifar-100-python", "CIFAR-100"),
 }
 SOURCES = ("cifar10", "cifar100", "imagefolder", "imagenet", "synthetic")
+DATA_ENV = "RESNET_EXP_DATA"  # data.root's default (config.py), the Makefile's data folder
 
 
 def load_in_memory(cfg: DataConfig) -> InMemorySource:
@@ -131,24 +132,59 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
 # --- CIFAR -------------------------------------------------------------------
 
 
+FOLDERS, BATCHES = "folders", "batches"  # the two layouts of a CIFAR copy
+
+
+def find_cifar(name: str, root: Path) -> tuple[str, Path] | None:
+    """Which layout of CIFAR ``name`` lies in ``root``, and the root to load it from:
+    ``folders`` (train/ + test/ class folders) or ``batches`` (torchvision's
+    cifar-10-batches-py/ or cifar-100-python/, or ``root`` pointing at it); None: neither."""
+    folder = CIFAR[name][1]
+    if root.name == folder:  # pointed at the batches folder itself
+        root = root.parent
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return FOLDERS, root
+    if (root / folder).is_dir():
+        return BATCHES, root
+    return None
+
+
+def root_origin() -> str:
+    """Where data.root's default comes from, as it is here."""
+    env = os.environ.get(DATA_ENV)
+    return f"{DATA_ENV}={env}" if env else f"{DATA_ENV} is unset"
+
+
+def named_root(root: Path) -> str:
+    """``data.root='DIR'``, with the folder it names when DIR is relative."""
+    return f"data.root={str(root)!r}" + ("" if root.is_absolute() else f" ({root.resolve()})")
+
+
+def missing_cifar(name: str, root: Path) -> str:
+    """The one line for a CIFAR copy that is not in ``root``: where it looked, where
+    ``root`` came from, and the command that stages a copy."""
+    folder, title = CIFAR[name][1:]
+    return (
+        f"no {title} in {named_root(root)} (expected {folder}/ or train/ + test/ folders; "
+        f"{root_origin()}); pass data.root=DIR holding one of them, or data.download=true, or stage "
+        f"it on a machine with internet: resnet-exp-data download {root} --dataset {name}"
+    )
+
+
 def _load_cifar(cfg: DataConfig) -> tuple[Split, Split, list[str], str]:
     import torchvision.datasets
 
     name, folder, title = CIFAR[cfg.name]
     cls = getattr(torchvision.datasets, name)
-    root = Path(cfg.root)
-    if root.name == folder:  # pointed at the batches folder itself
-        root = root.parent
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    found = find_cifar(cfg.name, Path(cfg.root))
+    root = found[1] if found else Path(cfg.root)
+    if found and found[0] == FOLDERS:
         train, test, classes = _load_folder_splits(root, cfg)
         return train, test, classes, f"{title} image folders in {root}"
-    if not (root / folder).is_dir():
+    if found is None:
         if not cfg.download:
-            raise UserError(
-                f"no {title} in data.root={str(root)!r} (expected {folder}/ or train/ + test/ folders); "
-                f"pass data.root=DIR holding one of them, or data.download=true"
-            )
-        _download(cls, root, title)
+            raise UserError(missing_cifar(cfg.name, root))
+        download_cifar(cfg.name, root)
     try:
         splits = [cls(str(root), train=t, download=False) for t in (True, False)]
     except RuntimeError as e:  # torchvision's integrity check
@@ -165,7 +201,11 @@ def _load_cifar(cfg: DataConfig) -> tuple[Split, Split, list[str], str]:
     return train, test, list(splits[0].classes), f"{title} ({folder}) in {root}"
 
 
-def _download(cls: type, root: Path, title: str) -> None:
+def download_cifar(name: str, root: Path) -> None:
+    """torchvision's download of CIFAR ``name`` into ``root`` (checked, extracted)."""
+    import torchvision.datasets
+
+    cls, title = getattr(torchvision.datasets, CIFAR[name][0]), CIFAR[name][2]
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
@@ -174,7 +214,8 @@ def _download(cls: type, root: Path, title: str) -> None:
         reason = getattr(e, "reason", None) or e
         raise UserError(
             f"could not download {title} into data.root={str(root)!r} ({reason}); "
-            f"offline? pass data.root=DIR holding an existing copy"
+            f"offline? pass data.root=DIR holding an existing copy, or stage one on a machine "
+            f"with internet: resnet-exp-data download {root} --dataset {name}"
         ) from e
 
 
@@ -194,13 +235,7 @@ def _load_folder_splits(root: Path, cfg: DataConfig) -> tuple[Split, Split, list
 
 def load_folder(folder: Path, size: int, cache_dir: str | None = None) -> tuple[Split, list[str]]:
     """Decode ``folder/<class>/*`` into uint8 ``size`` x ``size`` images, cached on disk."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-    try:
-        classes, class_to_idx = find_classes(str(folder))
-        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
-    except (FileNotFoundError, OSError) as e:
-        raise UserError(f"no images in {folder}: needs class subfolders holding image files") from e
+    classes, samples = list_images(folder)
     cache = _cache_path(folder, size, samples, cache_dir)
     if cache is not None and cache.exists():
         try:
@@ -213,6 +248,18 @@ def load_folder(folder: Path, size: int, cache_dir: str | None = None) -> tuple[
     if cache is not None:
         _write_cache(cache, images, labels)
     return Split(images, labels), classes
+
+
+def list_images(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The classes of ``folder/<class>/*`` and its (image path, class index) pairs."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    try:
+        classes, class_to_idx = find_classes(str(folder))
+        samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    except (FileNotFoundError, OSError) as e:
+        raise UserError(f"no images in {folder}: needs class subfolders holding image files") from e
+    return classes, samples
 
 
 def _cache_path(folder: Path, size: int, samples: list, cache_dir: str | None) -> Path | None:

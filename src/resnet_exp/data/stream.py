@@ -46,6 +46,7 @@ from resnet_exp.data.augment import (
 )
 from resnet_exp.data.decode import (
     Bad,
+    Packed,
     decode_on_device,
     policy_check,
     read_all,
@@ -59,7 +60,7 @@ log = logging.getLogger("resnet_exp")
 
 def _quiet_worker(_: int) -> None:
     """Workers leave stop signals to the training process (it stops cleanly and
-    checkpoints; train/stop.py); they end with it."""
+    checkpoints; run/stop.py); they end with it."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -96,7 +97,7 @@ def shard_indices(seed: int, epoch: int, n: int, rank: int, world: int) -> np.nd
 @dataclass
 class _Batch:
     key: tuple[int, int]
-    images: Any  # uint8 (B,3,S,S) crops, or (device decode) a list of raw/decoded images
+    images: Any  # uint8 (B,3,S,S) crops, or (device decode) the raw items, Packed
     colour: torch.Tensor | None  # (B, 9) float64
     labels: torch.Tensor
     index: np.ndarray
@@ -134,7 +135,9 @@ class _TrainBatches(torch.utils.data.Dataset):
         index = self.indices(epoch, pos)
         items, bad = read_all([self.split.path(int(i)) for i in index], self.raw)
         labels = substitute(items, self.split.labels[index])
-        if self.raw or len(bad) == len(items):
+        if self.raw:
+            return _Batch(key, Packed.of(items), None, labels, index, bad)
+        if len(bad) == len(items):
             return _Batch(key, items, None, labels, index, bad)
         x, colour = augment_batch(items, index, self.seed, epoch, self.size, self.interpolation)
         return _Batch(key, x, colour, labels, index, bad)
@@ -288,11 +291,11 @@ def _as_is(batch: Any) -> Any:
 
 
 def _decode_here(
-    split: FileSplit, items: list, index: np.ndarray, bad: list[Bad], device: torch.device
+    split: FileSplit, packed: Packed, index: np.ndarray, bad: list[Bad], device: torch.device
 ) -> list:
     """A batch read raw by the workers, decoded on ``device``; failures are added to ``bad``
     and their places hold ``None``."""
-    images, failed = decode_on_device(items, device)
+    images, failed = decode_on_device(packed.items(), device)
     bad += [(split.path(int(index[i])), "cannot decode") for i in failed]
     return images
 
@@ -302,7 +305,7 @@ def _decode_here(
 
 @dataclass
 class _EvalBatch:
-    views: Any  # list of uint8 (B,3,c,c) per crop, or (device decode) the images
+    views: Any  # list of uint8 (B,3,c,c) per crop, or (device decode) the raw items, Packed
     labels: torch.Tensor
     index: np.ndarray
     bad: list[Bad]
@@ -340,7 +343,7 @@ class _EvalBatches(torch.utils.data.Dataset):
         items, bad = read_all([self.split.path(int(i)) for i in index], self.raw)
         labels = _uncounted(items, self.split.labels[index].clone())
         if self.raw:
-            return _EvalBatch(items, labels, index, bad)
+            return _EvalBatch(Packed.of(items), labels, index, bad)
         views = eval_views(items, self.crops, self.ratio, self.interpolation)
         return _EvalBatch(views, labels, index, bad)
 

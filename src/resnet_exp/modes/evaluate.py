@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
 from resnet_exp.config import Config, EvalSplit, Mode
 from resnet_exp.data import DataSource, is_streamed
@@ -25,6 +26,7 @@ from resnet_exp.models import NetSpec
 from resnet_exp.run.checkpoint import NO_RESUME, Checkpoint
 from resnet_exp.run.records import write_json
 from resnet_exp.run.result import RunResult, Status
+from resnet_exp.run.runtime import autocast
 from resnet_exp.train.context import RunContext
 from resnet_exp.train.evaluation import evaluate_split
 from resnet_exp.train.setup import prepare
@@ -51,14 +53,15 @@ def check_eval_command(args: list[str]) -> None:
         raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
 
 
-def load_run(run: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(run: str | Path, device: str | torch.device = "cpu", trust: bool = False) -> LoadedRun:
     """A run's trained net (eval mode, on ``device``) and its config, from a run directory
-    or a checkpoint file.
+    or a checkpoint file (``trust``: one of the older pickle format, which could run code,
+    is read too: only a checkpoint from a source you trust).
 
     The net takes images normalised as in training: per channel, with the mean and
     std of the run's training images (``resnet_exp.data.load_dataset(cfg.data)``).
     """
-    ckpt = Checkpoint.load(Checkpoint.locate(run, "load_run"))
+    ckpt = Checkpoint.load(Checkpoint.locate(run, "load_run"), trust=trust)
     cfg = ckpt.run_config()  # the saved config, as it is: nothing to compare
     net = NetSpec.from_config(cfg.model, cfg.depth, is_streamed(cfg.data))
     fc = ckpt.state["model"].get("fc.weight")  # real data sets count their classes
@@ -107,9 +110,27 @@ def run_eval(cfg: Config, ctx: RunContext) -> RunResult:
         "device": str(ctx.device),
         "precision": ctx.precision.value,
     }
+    if cfg.eval.recalibrate_bn:
+        result["recalibrated_bn"] = recalibrated(cfg, ctx, data, model, split)
     if ctx.world.is_main:
         _report(result, ckpt, ctx.run_dir / EVAL)
     return RunResult(Status.completed, result)
+
+
+def recalibrated(
+    cfg: Config, ctx: RunContext, data: DataSource, model: nn.Module, split: Sized
+) -> dict[str, Any]:
+    """The evaluation again after recomputing the batch-norm running statistics over
+    ``eval.recalibrate_bn`` training batches (as training draws them, augmented), with
+    torch's ``update_bn``: the statistics of the final weights rather than a moving
+    average over the weights of the last steps (fb.resnet.torch's "recompute the BN
+    statistics"). The checkpoint is not changed."""
+    n = cfg.eval.recalibrate_bn
+    loader = data.train_loader(cfg.data.batch_size // ctx.world.world, cfg.seed, ctx.placement)
+    with autocast(ctx.device, ctx.precision):
+        update_bn((loader.next()[0] for _ in range(n)), model)
+    ev, _ = evaluate_split(model, data, split, ctx.placement, ctx.precision)
+    return {"batches": n, **ev}
 
 
 def _report(result: dict[str, Any], ckpt: Checkpoint, path: Path) -> None:
@@ -126,4 +147,11 @@ def _report(result: dict[str, Any], ckpt: Checkpoint, path: Path) -> None:
     for c, err in per_class.items():
         cell = "no images" if err is None else f"{err:6.2f}%"
         print(f"  {c:<{width}}  {cell}  ({result['per_class_images'][c]} images)")
+    again = result.get("recalibrated_bn")
+    if again is not None:
+        print(
+            f"after recomputing the batch-norm statistics over {again['batches']} training "
+            f"batches: loss {again['loss']:.4f} | top-1 error {again['error']:.2f}% | "
+            f"top-5 error {again['top5_error']:.2f}%"
+        )
     print(f"written to {path}")

@@ -205,7 +205,7 @@ def input_spec(cfg: Config, mean: list[float], std: list[float]) -> dict[str, An
 def export_config(
     net: dict[str, Any], inputs: dict[str, Any], run: Path, step: int, status: Status
 ) -> dict[str, Any]:
-    from resnet_exp import __version__
+    from resnet_exp.version import __version__
 
     return {
         "format": ex.FORMAT,

@@ -326,14 +326,16 @@ def imagenet_table(rows: list[Row]) -> list[str]:
 
 
 def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
+    """The training runs' part of report.md (none: a line saying so)."""
     runs = [r for row in rows for r in row.runs]
     done = sum(len(row.completed) for row in rows)
-    lines = [
-        "# resnet-exp report",
-        "",
-        f"{len(runs)} runs in {len(rows)} configurations ({done} completed), from "
-        + ", ".join(f"`{s}`" for s in sources)
-        + ".",
+    where = ", ".join(f"`{s}`" for s in sources)
+    lines = ["# resnet-exp report", ""]
+    if not rows:
+        lines.append(f"No training runs in {where}: no error table or training figures.")
+        return "\n".join(lines) + "\n"
+    lines += [
+        f"{len(runs)} runs in {len(rows)} configurations ({done} completed), from {where}.",
         "",
     ]
     scales = {r.config.get("scale.name") for r in runs}

@@ -22,7 +22,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,17 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from resnet_exp.config import RECIPE_OFF, Config, flatten
+from resnet_exp.config import STREAMED, Config, added_settings, flatten
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetSpec
 
+log = logging.getLogger("resnet_exp")
+
 CHECKPOINT = "last.pt"
-# What a checkpoint needs for an exact continuation (see train/loop.py, train/resume.py).
+# last.pt's format. 2: every entry loads with torch.load(weights_only=True) (tensors, plain
+# containers) and says where it was made; 1 (no "schema" key): a pickle of Python objects.
+SCHEMA = 2
+# What a checkpoint needs for an exact continuation (see train/loop.py, run/resume.py).
 REQUIRED = ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step")
 # ``resume=`` values that mean "start a new run"; ``auto`` continues this run
 # directory's last.pt when there is one.
@@ -67,7 +75,12 @@ TRAINING = (
     "data.interpolation",
     "optimizer.name",
     "schedule.name",
-    *RECIPE_OFF,
+    # beyond the paper's recipe (docs/fidelity.md)
+    "trainer.label_smoothing",
+    "trainer.ema",
+    "data.cutout",
+    "data.mixup_alpha",
+    "data.cutmix_alpha",
 )
 HOW_TO_RUN = ("model.checkpointing",)  # under a matched prefix, but never matched
 
@@ -77,12 +90,28 @@ def matches(key: str, names: tuple[str, ...]) -> bool:
 
 
 def fingerprint(flat: dict[str, Any], allow: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The part of a config a checkpoint's use depends on, but for the keys in ``allow``."""
+    """The part of a config a checkpoint's use depends on, but for the keys in ``allow``.
+
+    A setting added after a checkpoint was written (``config.since``) counts with the
+    value that reproduces the older behaviour when the config lacks it, and not at all
+    where it does not act on the run (interpolation on in-memory CIFAR)."""
+    added = added_settings()
+    flat = {**{k: a["before"] for k, a in added.items()}, **flat}
     return {
         k: v
         for k, v in flat.items()
-        if matches(k, (*NET_AND_DATA, *TRAINING)) and not matches(k, (*HOW_TO_RUN, *allow))
+        if matches(k, (*NET_AND_DATA, *TRAINING))
+        and not matches(k, (*HOW_TO_RUN, *allow))
+        and (k not in added or _acts(added[k]["acts"], flat))
     }
+
+
+def _acts(where: str | None, flat: dict[str, Any]) -> bool:
+    """Whether a setting that acts only ``where`` acts on the run ``flat`` describes."""
+    if where == STREAMED:
+        name = flat.get("data.name")
+        return name == "imagenet" or (name == "imagefolder" and bool(flat.get("data.stream")))
+    return True
 
 
 def fingerprint_hash(fp: dict[str, Any]) -> str:
@@ -166,13 +195,17 @@ class Checkpoint:
         ranks: list[dict[str, Any]] | None,
         config: dict[str, Any],
         overrides: list[str],
+        made_on: dict[str, Any] | None = None,
     ) -> Checkpoint:
         """A run's checkpoint: its owners' state dicts (``ranks``: each rank's own, in a
         data-parallel run) with what a resume checks them against (``config``: the run's
-        config as nested dicts, ``config.config_tree``)."""
+        config as nested dicts, ``config.config_tree``) and where it was made
+        (``made_on``: device type and count, precision, versions)."""
         fp = fingerprint(flatten(config))
         state = {
             **owners,
+            "schema": SCHEMA,
+            "made_on": made_on or {},
             "step": step,
             "world": world,
             **({"ranks": ranks} if ranks is not None else {}),
@@ -211,25 +244,52 @@ class Checkpoint:
 
     @classmethod
     def load(
-        cls, path: Path, map_location: str | torch.device = "cpu", mmap: bool = False
+        cls,
+        path: Path,
+        map_location: str | torch.device = "cpu",
+        mmap: bool = False,
+        trust: bool = False,
     ) -> Checkpoint:
-        """Load a checkpoint; a missing, truncated or foreign file is a UserError naming it.
+        """Load a checkpoint; a missing, truncated, foreign or unsafe file is a UserError
+        naming it.
 
+        Loaded with ``weights_only=True``: tensors and plain containers, nothing a file
+        could make run. A file that needs more (a pickle of Python objects: the format
+        before ``SCHEMA`` 2, or a planted object) is refused unless ``trust`` (the
+        ``trust_checkpoint=true`` setting); its next save writes the safe format.
         ``mmap=True`` maps the tensors instead of reading them: cheap when only the
         small entries (config, step, overrides) are needed.
         """
         if not path.is_file():
             raise UserError(f"checkpoint {path} does not exist")
         try:
-            # The checkpoint holds RNG states and plain containers besides tensors.
-            state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
-        except Exception as e:  # unpickling a damaged file can fail in many ways
-            raise UserError(
-                f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); cannot resume from it"
-            ) from e
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            if "GLOBAL " not in str(e):  # no object named: a damaged file, not an unsafe one
+                raise _corrupt(path, e) from e
+            state = _unsafe(path, map_location, trust, e)
+        except Exception as e:  # a damaged file can fail in many ways
+            raise _corrupt(path, e) from e
         if not isinstance(state, dict) or any(k not in state for k in REQUIRED):
             raise UserError(f"checkpoint {path} is not a resnet-exp training checkpoint")
+        schema = int(state.get("schema", 1))
+        if schema > SCHEMA:
+            raise UserError(
+                f"checkpoint {path} is of format {schema}, written by a newer resnet-exp; this "
+                f"one reads formats up to {SCHEMA}: upgrade resnet-exp to use it"
+            )
         return cls(path, state)
+
+    @property
+    def schema(self) -> int:
+        """The file's format: 1 (the older pickle) or ``SCHEMA``."""
+        return int(self.state.get("schema", 1))
+
+    @property
+    def made_on(self) -> dict[str, Any]:
+        """Where the run was when this was written (device type and count, precision,
+        torch and resnet-exp versions); checkpoints of format 1 did not say."""
+        return dict(self.state.get("made_on") or {})
 
     @property
     def step(self) -> int:
@@ -244,18 +304,11 @@ class Checkpoint:
         """The command-line overrides the run was started with."""
         return list(self.state.get("overrides", []))
 
-    def owner_states(self, rank: int | None = None) -> dict[str, Any]:
-        """Each owner's state; ``rank``: a data-parallel run's own rank, whose data
-        position, RNG and running sums differ from the others'."""
-        return {**self.state, **self.state["ranks"][rank]} if rank is not None else self.state
-
     @property
     def config(self) -> dict[str, Any] | None:
         """The saved config, as dotted keys; None if the checkpoint keeps none."""
         saved = self.state.get("config")
-        if not (isinstance(saved, dict) and saved):
-            return None
-        return {**RECIPE_OFF, **flatten(saved)}  # a run from before those keys had them off
+        return flatten(saved) if isinstance(saved, dict) and saved else None
 
     def run_config(self) -> Config:
         """The saved config, as the run's ``Config``."""
@@ -333,3 +386,33 @@ class Checkpoint:
             for k in sorted(set(saved) | set(flat))
             if not matches(k, ignore) and saved.get(k) != flat.get(k)
         ]
+
+
+def _corrupt(path: Path, e: Exception) -> UserError:
+    return UserError(
+        f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); cannot use it"
+    )
+
+
+def _unsafe(
+    path: Path, map_location: str | torch.device, trust: bool, e: Exception
+) -> dict[str, Any]:
+    """A checkpoint whose pickle names Python objects: loading it could run code."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
+    named = f" ({found.group(1)})" if found else ""
+    if not trust:
+        raise UserError(
+            f"checkpoint {path} holds pickled Python objects{named} that loading would run; "
+            f"it is not loaded. If it is a resnet-exp checkpoint of the older format from a "
+            f"source you trust, pass trust_checkpoint=true"
+        ) from None
+    log.warning(
+        "trust_checkpoint=true: loading %s as a pickle (older format)%s; its next save writes "
+        "the safe format",
+        path,
+        named,
+    )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e2:
+        raise _corrupt(path, e2) from e2

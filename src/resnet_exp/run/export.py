@@ -178,28 +178,32 @@ def _read_safetensors(path: Path) -> StateDict:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def _checkpoint(path: Path) -> Checkpoint:
-    return Checkpoint.load(Checkpoint.locate(path, "weights", ACCEPTS))
+def _checkpoint(path: Path, trust: bool) -> Checkpoint:
+    return Checkpoint.load(Checkpoint.locate(path, "weights", ACCEPTS), trust=trust)
 
 
-def read_weights(path: str | Path) -> StateDict:
+def read_weights(path: str | Path, trust: bool = False) -> StateDict:
     """A net's state dict (on the CPU, wrappers' prefixes stripped) from an export
-    folder, a run folder, its last.pt or a .safetensors file."""
+    folder, a run folder, its last.pt or a .safetensors file (``trust``: a checkpoint of
+    the older pickle format, which could run code, is read too)."""
     path = Path(path)
     if is_export(path):
         return strip_prefixes(_read_safetensors(path / WEIGHTS))
     if path.is_file() and path.suffix == ".safetensors":
         return strip_prefixes(_read_safetensors(path))
     if (path.is_dir() and (path / CHECKPOINT).is_file()) or path.is_file():
-        return strip_prefixes(_checkpoint(path).state["model"])
+        return strip_prefixes(_checkpoint(path, trust).state["model"])
     raise UserError(f"{path} is not {ACCEPTS}")
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_pretrained(
+    path: str | Path, device: str | torch.device = "cpu", trust: bool = False
+) -> nn.Module:
     """The trained net in eval mode on ``device``, from an export folder (config.json and
     model.safetensors) or a run folder (or its last.pt); weights saved from a DDP-wrapped or
     compiled net load too. Its input: RGB in [0, 1], normalised per channel with config.json's
-    "input" mean and std (a run folder: its summary.json's data_mean and data_std)."""
+    "input" mean and std (a run folder: its summary.json's data_mean and data_std).
+    ``trust``: a run folder's checkpoint of the older pickle format is read too."""
     path = Path(path)
     if is_export(path):
         settings, where = read_config(path)["net"], path / CONFIG
@@ -210,7 +214,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
             f"(with config.json), or read the weights alone with read_weights"
         )
     elif (path.is_dir() and (path / CHECKPOINT).is_file()) or path.is_file():
-        ckpt = _checkpoint(path)
+        ckpt = _checkpoint(path, trust)
         state, where, cfg = ckpt.state["model"], ckpt.path, ckpt.run_config()
         settings = net_settings(cfg, num_classes(state, cfg))
     else:

@@ -1,6 +1,8 @@
-"""What a run leaves in its directory: TensorBoard events, metrics.jsonl, summary.json.
+"""What a run leaves in its directory: TensorBoard events, metrics.jsonl, summary.json;
+and, with ``logger=mlflow``, the same in an MLflow run (run/tracking.py, which
+``RunRecords`` forwards to).
 
-summary.json's content is a run's ``RunResult`` (train/result.py, which names
+summary.json's content is a run's ``RunResult`` (run/result.py, which names
 its keys once); this module writes it.
 """
 
@@ -18,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from resnet_exp.run.result import Status, SummaryKey
+from resnet_exp.run.tracking import MlflowRun, Tracking
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -40,6 +43,7 @@ HPARAM_KEYS = (
     "trainer.max_steps",
     "trainer.precision",
     "scale.name",
+    "init_from.",
     # beyond the paper's recipe (docs/fidelity.md)
     "trainer.label_smoothing",
     "trainer.ema.decay",
@@ -66,25 +70,40 @@ HPARAM_METRICS = (
 class RunRecords:
     """One writer per run; only rank 0 writes (``enabled=False`` elsewhere).
 
-    A context manager: ``with RunRecords(run_dir) as records:`` closes the writer
-    however the run ends.
+    ``tracking`` says where besides: TensorBoard (on unless ``logger.tensorboard=false``),
+    an MLflow run (``logger=mlflow``). A context manager: ``with RunRecords(run_dir) as
+    records:`` closes the writers however the run ends.
     """
 
-    def __init__(self, run_dir: Path, start_step: int = 0, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        start_step: int = 0,
+        enabled: bool = True,
+        tracking: Tracking | None = None,
+    ) -> None:
         self.run_dir, self.enabled = run_dir, enabled
         self.writer: SummaryWriter | None = None
-        if enabled:
+        self.mlflow: MlflowRun | None = None
+        tracking = tracking or Tracking()
+        if not enabled:
+            return
+        if tracking.mlflow is not None:  # first: a store that cannot be used leaves no files
+            self.mlflow = MlflowRun.open(tracking)
+        if tracking.tensorboard:
             # purge_step drops events after the checkpoint, which a resumed run writes again.
             self.writer = SummaryWriter(
                 str(run_dir), purge_step=start_step + 1 if start_step else None
             )
-            if start_step:
-                _truncate_metrics(run_dir / METRICS, start_step)
+        if start_step:
+            _truncate_metrics(run_dir / METRICS, start_step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
+        if self.mlflow is not None:
+            self.mlflow.scalars(step, values)
 
     def evaluation(
         self,
@@ -113,6 +132,9 @@ class RunRecords:
             write_json(self.run_dir / SUMMARY, summary)
         if self.writer is not None and config is not None:
             self._hparams(config, summary)
+        if self.mlflow is not None:  # its results once it ended (``config``), as HPARAMS
+            files = [self.run_dir / SUMMARY, self.run_dir / METRICS]
+            self.mlflow.finish(summary, ended=config is not None, files=files)
 
     def _hparams(self, config: dict[str, Any], summary: dict[str, Any]) -> None:
         # SummaryWriter.add_hparams would write into a new sub-run per call;
@@ -134,6 +156,8 @@ class RunRecords:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.mlflow is not None:
+            self.mlflow.close()
 
     def __enter__(self) -> RunRecords:
         return self

@@ -207,9 +207,10 @@ def objective(result: RunResult) -> float:
         return float(value)
     if result.status is Status.diverged:
         return 100.0
-    why = (
-        "no validation split: data.val_size=0"
-        if result.status is Status.completed
-        else result.status.value
-    )
-    raise ValueError(f"the job has no {OBJECTIVE} to minimise ({why}: {result.message})")
+    if result.status is not Status.completed:
+        why = f"{result.status.value}: {result.message}"
+    elif "val_images" not in result.summary:
+        why = "it held out no validation images: data.val_size=0"
+    else:
+        why = "its summary has no final validation error"
+    raise ValueError(f"the job has no {OBJECTIVE} to minimise ({why})")

@@ -1,7 +1,7 @@
 """Resuming, in one place: which checkpoint, whether this config may continue it,
 and handing its state to the run's owners.
 
-A checkpoint (train/checkpoint.py) stores the run's full config and the
+A checkpoint (run/checkpoint.py) stores the run's full config and the
 overrides it was started with. ``resume=PATH`` reuses those overrides (so
 ``resnet-exp resume=DIR`` alone continues the run as it was), and overrides
 given with it take precedence: a longer run or another logging interval is
@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from resnet_exp.errors import UserError
+from resnet_exp.run import moves
 from resnet_exp.run.checkpoint import AUTO, CHECKPOINT, NO_RESUME, TRAINING, Checkpoint, matches
+from resnet_exp.run.moves import Place
 
 log = logging.getLogger("resnet_exp")
 
@@ -28,6 +30,8 @@ log = logging.getLogger("resnet_exp")
 NOT_INHERITED = (
     "resume",
     "dry_run",
+    "trust_checkpoint",
+    "init_from",
     "hydra.run.dir",
     "hydra.sweep.dir",
     "hydra.sweep.subdir",
@@ -46,13 +50,21 @@ class Resume:
 
     checkpoint: Checkpoint
     changes: list[str]  # allowed config changes, ``key: old -> new``
+    move: str | None = None  # what differs from where it was made (run/moves.py), for the log
 
     @classmethod
     def find(
-        cls, resume: str | None, run_dir: Path, flat: dict[str, Any], world: int, fresh_ok: bool
+        cls,
+        resume: str | None,
+        run_dir: Path,
+        flat: dict[str, Any],
+        here: Place,
+        fresh_ok: bool,
+        trust: bool = False,
     ) -> Resume | None:
-        """The checkpoint ``resume`` names, loaded and checked against this config;
-        None for a new run. ``fresh_ok=False`` refuses a new run over an existing one."""
+        """The checkpoint ``resume`` names, loaded and checked against this config and
+        for the move to ``here``; None for a new run. ``fresh_ok=False`` refuses a new
+        run over an existing one."""
         path = Checkpoint.resolve(resume, run_dir)
         if path is None:
             if not fresh_ok and (run_dir / CHECKPOINT).exists():
@@ -61,23 +73,27 @@ class Resume:
                     f"resume={run_dir} (or resume=auto), or pass another hydra.run.dir"
                 )
             return None
-        ckpt = Checkpoint.load(path)
+        ckpt = Checkpoint.load(path, trust=trust)
         changes = check_resumable(ckpt.state, flat, path)
-        if ckpt.world != world:
-            raise UserError(
-                f"{path} was written by a run of {ckpt.world} processes; resume it "
-                f"with the same number (this run has {world}): the data order is split by rank"
-            )
-        return cls(ckpt, changes)
+        _, move = moves.describe(Place.of(ckpt.made_on, ckpt.world), here, ckpt.world)
+        return cls(ckpt, changes, move)
+
+    def states(self, rank: int, world: int, per_rank: tuple[str, ...]) -> dict[str, Any]:
+        """Each owner's state for ``rank`` of ``world`` processes: the shared ones as
+        saved, the per-rank ones (``per_rank``: data position, RNG, running sums) this
+        rank's own, regrouped when the run was saved by another number of processes."""
+        state = self.checkpoint.state
+        saved = state.get("ranks") or [{k: state[k] for k in per_rank if k in state}]
+        return {**state, **moves.regroup(saved, world)[rank]}
 
     @classmethod
-    def to_evaluate(cls, resume: str | None, flat: dict[str, Any]) -> Resume:
+    def to_evaluate(cls, resume: str | None, flat: dict[str, Any], trust: bool = False) -> Resume:
         """``resume=``'s checkpoint for ``mode=eval``, checked against this config: an
         evaluation trains nothing, so only the keys of how the net was trained
         (``TRAINING``) may differ."""
         if resume in NO_RESUME:
             raise UserError("mode=eval needs resume=RUN_DIR (a run directory or its last.pt)")
-        ckpt = Checkpoint.load(Checkpoint.path_of(str(resume)))
+        ckpt = Checkpoint.load(Checkpoint.path_of(str(resume)), trust=trust)
         ckpt.check_config(
             flat,
             doing="evaluate",
@@ -102,13 +118,14 @@ class Resume:
                 f"pass a larger trainer.max_steps or trainer.epochs"
             )
 
-    def apply(self, owners: dict[str, Stateful], rank: int | None = None) -> None:
-        """Load each owner's state; ``rank``: a data-parallel run's own rank, whose data
-        position, RNG and running sums differ from the others'."""
-        state = self.checkpoint.owner_states(rank)
+    def apply(self, owners: dict[str, Stateful], states: dict[str, Any]) -> None:
+        """Load each owner's state from ``states`` (``Resume.states``) and say what the
+        resume changes."""
         for name, owner in owners.items():
-            if name in state:  # older checkpoints hold no running metrics
-                owner.load_state_dict(state[name])
+            if name in states:  # older checkpoints hold no running metrics
+                owner.load_state_dict(states[name])
+        if self.move is not None:
+            log.info("%s", self.move)
         for change in self.changes:
             log.info("resuming with a changed setting: %s", change)
         if any(c.startswith(("trainer.epochs", "trainer.max_steps")) for c in self.changes):
@@ -119,7 +136,7 @@ class Resume:
 
 def check_resumable(state: dict[str, Any], flat: dict[str, Any], path: Path) -> list[str]:
     """Raise UserError if the config changes what the checkpoint was trained on (a
-    resume allows no matched key to differ: train/checkpoint.py).
+    resume allows no matched key to differ: run/checkpoint.py).
 
     Returns the allowed changes as ``key: old -> new`` lines, for the log.
     """
@@ -154,7 +171,8 @@ def with_inherited_overrides(args: list[str]) -> list[str]:
     if not at or args[at[-1]].split("=", 1)[1] in (*NO_RESUME, AUTO):
         return args
     path = Checkpoint.path_of(args[at[-1]].split("=", 1)[1])
-    saved = Checkpoint.load(path, mmap=True).overrides  # only its overrides
+    trust = any(a.lower() in ("trust_checkpoint=true", "trust_checkpoint=1") for a in args)
+    saved = Checkpoint.load(path, mmap=True, trust=trust).overrides  # only its overrides
     given = {_override_key(a) for a in args if "=" in a and not a.startswith("-")}
     inherited = [o for o in resumable_overrides(saved) if _override_key(o) not in given]
     # Overrides must stay one contiguous run of positional arguments for argparse.

@@ -146,10 +146,26 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotune the conv kernels once
 
 
+def allow_tf32(allowed: bool) -> None:
+    """``trainer.tf32``: TF32 tensor-core convolutions and matmuls on Ampere and later GPUs
+    (10-bit mantissa). Off by default, so fp32 means fp32 (cuDNN's own default is on)."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
 def rng_state() -> dict[str, Any]:
+    """The global generators' states as tensors and plain containers (a checkpoint loads
+    with ``weights_only=True``): NumPy's key array becomes a tensor."""
+    numpy = np.random.get_state(legacy=False)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            **numpy,
+            "state": {
+                **numpy["state"],
+                "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            },
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -158,11 +174,26 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Back to ``state`` (``rng_state``'s, or the older format's NumPy tuple). CUDA states
+    go to as many GPUs as both the checkpoint and this machine have; a run moved to or
+    from a CPU keeps its CPU generators and seeds no GPU one from them."""
+    random.setstate(_python_state(state["python"]))
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        key = numpy["state"]["key"]
+        key = key.numpy().astype(np.uint32) if isinstance(key, torch.Tensor) else key
+        numpy = {**numpy, "state": {**numpy["state"], "key": key}}
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, gpu_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, index)
+
+
+def _python_state(state: Any) -> tuple:
+    """random.setstate wants tuples; a checkpoint may hold its inner tuple as a list."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
 
 
 class GlobalRNG:

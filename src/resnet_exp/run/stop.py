@@ -2,7 +2,7 @@
 
 The first signal only sets a flag; the training loop reads it once per step
 (a Python attribute, no device sync), finishes that step, writes a checkpoint
-and returns an ``interrupted`` result (train/result.py); the command exits with
+and returns an ``interrupted`` result (run/result.py); the command exits with
 128 + the signal number.
 A second signal raises :class:`Abort` at once (checkpoints are written
 atomically, so that cannot corrupt ``last.pt``), and a third one gets the
@@ -168,6 +168,11 @@ class StopRequest:
                 signal.signal(s, handler)
 
 
+def time_left(limit_s: float, stop: StopRequest) -> float:
+    """Seconds left of a limit of ``limit_s`` that counts from ``stop.started``."""
+    return stop.started + limit_s - stop.clock()
+
+
 def start_margin(limit_s: float) -> float:
     """A run (or a sweep's next job) starts only with more than this left of its limit:
     less would end it at its first step, having set up for nothing."""
@@ -208,10 +213,7 @@ class TimeLimit:
         return self.stop.started + self.limit_s
 
     def left(self) -> float:
-        return self.deadline - self.stop.clock()
-
-    def may_start(self) -> bool:
-        return self.left() > start_margin(self.limit_s)
+        return time_left(self.limit_s, self.stop)
 
     def needed(self) -> float:
         """Seconds a stop may take after the current step."""

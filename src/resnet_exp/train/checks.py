@@ -11,6 +11,7 @@ from resnet_exp.config import Config, Mode, parse_duration
 from resnet_exp.data.batch_aug import check_batch_aug
 from resnet_exp.errors import UserError
 from resnet_exp.run.distributed import DistInfo
+from resnet_exp.run.tracking import check_tracking
 from resnet_exp.train.ema import check_ema
 from resnet_exp.train.optim import check_optimizer, check_schedule
 
@@ -27,6 +28,11 @@ def check_settings(cfg: Config, world: DistInfo) -> None:
         raise UserError(f"trainer.max_steps={t.max_steps} must be at least 1 (or null)")
     if t.max_steps is None and t.epochs < 1:
         raise UserError(f"trainer.epochs={t.epochs} must be at least 1")
+    if cfg.eval.recalibrate_bn < 0:
+        raise UserError(
+            f"eval.recalibrate_bn={cfg.eval.recalibrate_bn} must be 0 (off) or a number of "
+            "training batches"
+        )
     if not 0 <= t.label_smoothing < 1:
         raise UserError(f"trainer.label_smoothing={t.label_smoothing} must be in [0, 1) (0: off)")
     check_ema(t.ema)
@@ -35,6 +41,7 @@ def check_settings(cfg: Config, world: DistInfo) -> None:
     check_schedule(cfg.schedule)
     check_batches(cfg, world)
     check_bn_group(cfg, world)
+    check_tracking(cfg)
 
 
 def batch_of(cfg: Config) -> tuple[str, int]:

@@ -21,9 +21,11 @@ from resnet_exp.data import Placement, is_streamed
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetSpec
 from resnet_exp.run.distributed import ONE_PROCESS, DistInfo
+from resnet_exp.run.moves import Place
 from resnet_exp.run.resume import Resume
 from resnet_exp.run.runtime import pick_channels_last, pick_device, pick_precision
 from resnet_exp.run.stop import StopRequest
+from resnet_exp.run.tracking import Tracking
 from resnet_exp.train.checks import check_settings
 
 
@@ -53,6 +55,8 @@ class RunContext:
     resume: Resume | None = None
     overrides: tuple[str, ...] = ()  # the command line's, kept in the checkpoint (resume=PATH)
     pruning: EvaluationReporter | None = None  # a search's trial: its study's pruner
+    # TensorBoard, MLflow (logger=...); the MLflow run id, kept in the checkpoint
+    tracking: Tracking = field(default_factory=Tracking)
 
     @property
     def placement(self) -> Placement:
@@ -76,11 +80,14 @@ def resolve(
     stop: StopRequest | None = None,
     overrides: tuple[str, ...] = (),
     pruning: EvaluationReporter | None = None,
+    tracking: Tracking | None = None,
 ) -> RunContext:
     """The run's context: the settings checked, the net, device, precision and memory
     format decided (a GPU claimed when several are visible and the device is ``auto``),
     and the checkpoint it starts from loaded and checked, before any data is loaded."""
     net, device, precision = _decide(cfg, world, claim=True)
+    if device.type == "cuda":  # cuda:N: streams, graphs and allocations of this process there
+        torch.cuda.set_device(device)
     with torch.device("meta"):  # the layers decide the memory format; no weights needed
         layers = net.build(num_classes=1)
     return RunContext(
@@ -92,19 +99,22 @@ def resolve(
         world=world,
         stop=stop if stop is not None else StopRequest(),
         time_limit_s=parse_duration(cfg.trainer.time_limit),
-        resume=_starting_point(cfg, run_dir, world),
+        resume=_starting_point(cfg, run_dir, Place(device.type, world.world, precision.value)),
         overrides=overrides,
         pruning=pruning,
+        tracking=tracking if tracking is not None else Tracking.of(cfg, run_dir),
     )
 
 
-def _starting_point(cfg: Config, run_dir: Path, world: DistInfo) -> Resume | None:
+def _starting_point(cfg: Config, run_dir: Path, here: Place) -> Resume | None:
     """The checkpoint a training run continues (``resume=``; a new run never writes over
     another's, but a dry run may look) or ``mode=eval`` evaluates."""
+    trust = cfg.trust_checkpoint
     if cfg.mode is Mode.eval:
-        return Resume.to_evaluate(cfg.resume, flat_config(cfg))
+        return Resume.to_evaluate(cfg.resume, flat_config(cfg), trust)
     if cfg.mode is Mode.train:
-        return Resume.find(cfg.resume, run_dir, flat_config(cfg), world.world, cfg.dry_run)
+        flat = flat_config(cfg)
+        return Resume.find(cfg.resume, run_dir, flat, here, cfg.dry_run, trust)
     return None
 
 

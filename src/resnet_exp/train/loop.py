@@ -104,7 +104,9 @@ class Trainer:
                 return done
         end = self.ending
         with (
-            RunRecords(self.run_dir, self.step, enabled=ctx.world.is_main) as self.records,
+            RunRecords(
+                self.run_dir, self.step, enabled=ctx.world.is_main, tracking=ctx.tracking
+            ) as self.records,
             ctx.stop.installed(),
         ):
             try:

@@ -79,18 +79,23 @@ class RunningMetrics:
 
     def reduce(self) -> tuple[int | None, Mean, Mean]:
         """One host sync: the first non-finite step (None: none; the earliest over the
-        ranks) and the interval's and the epoch's means over all ranks."""
+        ranks) and the interval's and the epoch's means over all ranks (each rank's sums
+        and image counts added: a run continued on another number of processes keeps
+        its partial sums on one rank)."""
         windows = (self.interval, self.epoch)
         sums = [t.double() for w in windows for t in (w.loss, w.wrong)]
-        values = torch.stack([*sums, self.bad_step.double()])
+        seen = torch.tensor([float(w.seen) for w in windows], dtype=torch.float64)
+        values = torch.cat(
+            [torch.stack(sums), seen.to(sums[0].device), self.bad_step.double()[None]]
+        )
         values[-1] = torch.where(values[-1] < 0, math.inf, values[-1])
         if self.world > 1:
             distributed.sum_(values[:-1])
             distributed.min_(values[-1:])
         *totals, bad = values.tolist()
         means = []
-        for i, w in enumerate(windows):
-            n = max(w.seen * self.world, 1)
+        for i in range(len(windows)):
+            n = max(totals[2 * len(windows) + i], 1.0)
             means.append(Mean(totals[2 * i] / n, 100.0 * totals[2 * i + 1] / n))
         return (None if math.isinf(bad) else int(bad)), means[0], means[1]
 

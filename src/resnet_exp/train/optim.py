@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from enum import Enum
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -20,8 +18,8 @@ from torch.optim.lr_scheduler import (
 
 from resnet_exp.config import OptimizerConfig, OptimizerName, ScheduleConfig, ScheduleName, Switch
 from resnet_exp.errors import UserError
+from resnet_exp.models.options import choose
 
-E = TypeVar("E", bound=Enum)
 CIFAR = ("cifar10", "cifar100")
 
 log = logging.getLogger("resnet_exp")
@@ -29,7 +27,7 @@ log = logging.getLogger("resnet_exp")
 
 def check_optimizer(cfg: OptimizerConfig) -> None:
     """Every value torch's optimizers would refuse, as one line naming the setting."""
-    _choice(OptimizerName, cfg.name, "optimizer.name")
+    choose(OptimizerName, cfg.name, "optimizer.name")
     if not cfg.lr > 0:
         raise UserError(f"optimizer.lr={cfg.lr} must be a positive number")
     if cfg.weight_decay < 0:
@@ -50,7 +48,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False)
     # One fused kernel per step on a GPU, else one multi-tensor (foreach) kernel per op.
     kernel = {"fused": True} if fused else {"foreach": True}
     params = model.parameters()
-    if _choice(OptimizerName, cfg.name, "optimizer.name") == OptimizerName.sgd:
+    if choose(OptimizerName, cfg.name, "optimizer.name") == OptimizerName.sgd:
         return torch.optim.SGD(
             params,
             lr=cfg.lr,
@@ -62,15 +60,6 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, fused: bool = False)
     return torch.optim.AdamW(
         params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernel
     )
-
-
-def _choice(enum: type[E], value: object, key: str) -> E:
-    """An enum field's value; a config built in code (not through OmegaConf) may hold a str."""
-    try:
-        return enum(getattr(value, "value", value))
-    except ValueError:
-        allowed = ", ".join(m.value for m in enum)
-        raise UserError(f"{key}={value!r} is not one of {allowed}") from None
 
 
 def warmup_on(cfg: ScheduleConfig, dataset: str) -> bool:
@@ -86,7 +75,7 @@ def warmup_on(cfg: ScheduleConfig, dataset: str) -> bool:
 
 def check_schedule(cfg: ScheduleConfig) -> None:
     """Every schedule value that would fail (or mislead) later, as one line."""
-    _choice(ScheduleName, cfg.name, "schedule.name")
+    choose(ScheduleName, cfg.name, "schedule.name")
     Switch.of(cfg.warmup, "schedule.warmup")
     if not 0 <= cfg.warmup_factor <= 1:
         raise UserError(f"schedule.warmup_factor={cfg.warmup_factor} must be in [0, 1]")
@@ -136,7 +125,7 @@ def build_scheduler(
     """Per-step schedule; ``steps_per_epoch`` places milestones given in epochs."""
     check_schedule(cfg)
     warm = min(cfg.warmup_steps, total_steps) if warmup else 0
-    name = _choice(ScheduleName, cfg.name, "schedule.name")
+    name = choose(ScheduleName, cfg.name, "schedule.name")
     if name == ScheduleName.paper:
         milestones = milestone_steps(cfg, total_steps, steps_per_epoch)
         main = MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)

@@ -5,6 +5,7 @@ builds only what it uses (``prepare``: data and net; ``build_setup``: the rest t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +20,15 @@ from resnet_exp.data import DataSource, TrainBatches, load_dataset
 from resnet_exp.data.batch_aug import BatchAugment
 from resnet_exp.errors import UserError
 from resnet_exp.models import count_params
-from resnet_exp.run.runtime import seed_everything
+from resnet_exp.run.runtime import allow_tf32, seed_everything
 from resnet_exp.train.checks import batch_of
 from resnet_exp.train.context import RunContext
 from resnet_exp.train.ema import WeightAverage
+from resnet_exp.train.init_from import start_from
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
 from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
+
+log = logging.getLogger("resnet_exp")
 
 
 @dataclass(kw_only=True)
@@ -59,6 +63,7 @@ def prepare(cfg: Config, ctx: RunContext) -> tuple[DataSource, nn.Module]:
     """The run's data and its freshly initialised net on the run's device, seeded as
     training seeds them (so ``mode=diagnose`` sees the net and batch training would)."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
+    allow_tf32(cfg.trainer.tf32)
     data = load_dataset(cfg.data)
     key, batch = batch_of(cfg)
     if batch > len(data.train):
@@ -72,6 +77,7 @@ def build_setup(cfg: Config, ctx: RunContext) -> Setup:
     """The whole training run, in its context (``train.context.resolve``)."""
     data, model = prepare(cfg, ctx)
     params = count_params(model)
+    started = _initial_weights(cfg, ctx, model)
     model, train_model = _data_parallel(model, cfg.trainer, ctx)
     _, batch = batch_of(cfg)
     loader = data.train_loader(batch // ctx.world.world, cfg.seed, ctx.placement)
@@ -108,8 +114,20 @@ def build_setup(cfg: Config, ctx: RunContext) -> Setup:
         warmup=warmup,
         ema=WeightAverage.of(model, t.ema),
     )
-    s.info = describe(cfg, ctx, data, params, batch, loader, total, warmup)
+    s.info = {**describe(cfg, ctx, data, params, batch, loader, total, warmup), **started}
     return s
+
+
+def _initial_weights(cfg: Config, ctx: RunContext, model: nn.Module) -> dict[str, Any]:
+    """``init_from=``'s weights in a new run (a resumed one continues its own)."""
+    if not cfg.init_from.path:
+        return {}
+    if ctx.resume is not None:
+        log.info(
+            "init_from=%s not applied: the run continues from its checkpoint", cfg.init_from.path
+        )
+        return {}
+    return start_from(model, cfg.init_from, cfg.trust_checkpoint)
 
 
 def _data_parallel(
@@ -165,6 +183,7 @@ def describe(
         "device": str(ctx.device),
         "precision": ctx.precision.value,
         "precision_requested": cfg.trainer.precision.value,
+        "tf32": cfg.trainer.tf32,
         "channels_last": ctx.channels_last,
         "seed": cfg.seed,
         "processes": ctx.world.world,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from resnet_exp.run import distributed
+from resnet_exp.run import distributed, moves
 from resnet_exp.run.checkpoint import CHECKPOINT, Checkpoint
+from resnet_exp.run.moves import Place
 from resnet_exp.run.resume import Resume, Stateful
 from resnet_exp.run.runtime import GlobalRNG
 from resnet_exp.train.metrics import RunClock, RunningMetrics
 from resnet_exp.train.setup import Setup
+from resnet_exp.version import __version__
 
 log = logging.getLogger("resnet_exp")
 
@@ -41,6 +43,7 @@ class RunState:
             "scheduler": s.scheduler,
             "scaler": s.scaler,
             "clock": self.clock,
+            "mlflow_run_id": s.ctx.tracking,  # a str (or None): a resume continues that run
         }
         if s.ema is not None:  # trainer.ema: the averaged weights and buffers, the update count
             owners["ema"] = s.ema
@@ -71,12 +74,22 @@ class RunState:
             ranks=ranks if world.enabled else None,
             config=self.config,
             overrides=list(self.s.ctx.overrides),
+            made_on={**self.here().as_dict(), "resnet_exp": __version__},
         ).save()
 
     def restore(self, resume: Resume) -> None:
-        """Each owner's state from ``resume``'s checkpoint (this rank's own part of it)."""
-        world = self.s.ctx.world
-        resume.apply(
-            {**self.shared(), **self.per_rank()}, rank=world.rank if world.enabled else None
-        )
+        """Each owner's state from ``resume``'s checkpoint: this rank's own part of it, for
+        this run's device (run/moves.py: the optimizer's kernel flags, a grad scaler's
+        state only where this run scales, generators of another device re-derived)."""
+        s, world = self.s, self.s.ctx.world
+        states = resume.states(world.rank, world.world, tuple(self.per_rank()))
+        states["optimizer"] = moves.for_device(states["optimizer"], s.optimizer.defaults)
+        if s.scaler.is_enabled() != bool(states.get("scaler")):
+            states.pop("scaler", None)  # fp16 on one side only: this run's scale starts afresh
+        resume.apply({**self.shared(), **self.per_rank()}, states)
         self.saved_at = resume.step
+
+    def here(self) -> Place:
+        """Where this run trains, as its checkpoints record it."""
+        ctx = self.s.ctx
+        return Place(ctx.device.type, ctx.world.world, ctx.precision.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -14,6 +15,10 @@ from resnet_exp.run.runtime import autocast
 from resnet_exp.train.context import RunContext
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# torch.compile modes that replay CUDA graphs of their own
+OWN_GRAPHS = ("reduce-overhead", "max-autotune")
+
+log = logging.getLogger("resnet_exp")
 
 
 def train_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -176,9 +181,19 @@ def make_train_step(
     blockers = graph_blockers(model, optimizer, device, precision, ctx.world.enabled)
     if hooks:
         blockers.append("trainer.log_gradflow_every=0 (hooked steps run eagerly)")
+    own = compile_model and compile_mode in OWN_GRAPHS
+    if own:  # torch.compile's own CUDA graphs cannot be captured inside this step's
+        blockers.append(
+            f"trainer.compile_mode other than {compile_mode} (it captures CUDA graphs of its "
+            f"own; max-autotune-no-cudagraphs does not)"
+        )
     choice = Switch.of(cuda_graphs, "trainer.cuda_graphs")
     if choice == Switch.true and blockers:
         raise UserError(f"trainer.cuda_graphs=true needs {'; '.join(blockers)}")
+    if own and choice == Switch.auto and device.type == "cuda":
+        log.info(
+            "trainer.cuda_graphs=auto: off, trainer.compile_mode=%s captures its own", compile_mode
+        )
     if choice == Switch.false or blockers:
         return EagerStep(forward, model, optimizer, scaler, device, precision, label_smoothing)
     return CudaGraphStep(forward, model, optimizer, precision, label_smoothing)

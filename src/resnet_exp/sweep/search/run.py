@@ -4,6 +4,10 @@ the results (the logic behind hydra_plugins/resnet_exp_search).
 Everything a user can get wrong is checked before the sweep folder or the study
 is touched: the sweeper's settings, the search space, its keys against the
 config, and the storage.
+
+A dry run (``dry_run=true``) asks the study nothing and writes no study: it launches
+one job, built from each range's lower end (or first choice), whose own dry run
+prints what it would train, and says what the search would ask.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class Search:
         self.sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         self.options = Options.of(self.conf, str(self.sweep_dir))
         self.resume = str(self.config.get("resume")) == "auto"
+        self.dry_run = bool(self.config.get("dry_run"))
         self.failures: list[tuple[int, str]] = []  # this sweep's failed trials
         self.launched = 0
         quiet_optuna()
@@ -97,16 +102,20 @@ class Search:
 
     # --- the study ------------------------------------------------------------
 
+    def check_folder(self) -> None:
+        """A folder holding a study is continued only with resume=auto (read, not written)."""
+        if self.options.default_storage and (self.sweep_dir / JOURNAL).exists() and not self.resume:
+            raise UserError(
+                f"{self.sweep_dir} holds a search already ({JOURNAL}); continue it with "
+                f"resume=auto hydra.sweep.dir={self.sweep_dir}, or pass another hydra.sweep.dir"
+            )
+
     def open_study(self) -> Any:
         import optuna
 
         o, c = self.options, self.conf
+        self.check_folder()
         if o.default_storage:
-            if (self.sweep_dir / JOURNAL).exists() and not self.resume:
-                raise UserError(
-                    f"{self.sweep_dir} holds a search already ({JOURNAL}); continue it with "
-                    f"resume=auto hydra.sweep.dir={self.sweep_dir}, or pass another hydra.sweep.dir"
-                )
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = open_storage(o.storage_url)
         sampler = make_sampler(
@@ -191,6 +200,9 @@ class Search:
     # --- the sweep ------------------------------------------------------------
 
     def run(self) -> None:
+        if self.dry_run:
+            self.dry()
+            return
         study = self.open_study()
         c = self.conf
         pending = self.left_running(study) if self.resume else []
@@ -214,6 +226,28 @@ class Search:
             for (number, _), ret in zip(batch, returns):
                 self.tell(study, number, ret)
         self.finish(study)
+
+    def dry(self) -> None:
+        """Build one job (each range's lower end or first choice) and say what the search
+        would do; the study and its storage are not opened."""
+        self.check_folder()
+        c, o = self.conf, self.options
+        example = self.space.example()
+        log.info(
+            "search (dry run): would ask %d trials of study %r in %s (sampler %s, pruner %s, "
+            "%d at a time); building one job with %s; no trial asked, no study written",
+            c.n_trials,
+            o.study_name,
+            _shown(o.storage_url),
+            c.sampler.name,
+            o.pruner,
+            c.n_jobs,
+            ", ".join(f"{k}={readable(v)}" for k, v in example.items()),
+        )
+        (ret,) = self.sweeper.launch([(0, self.space.overrides(example))])
+        state, _, error = job_outcome(ret, dry_run=True)
+        if state == "fail":
+            raise UserError(f"the search's dry run failed: {error}")
 
     def grid_done(self, study: Any) -> bool:
         sampler = study.sampler
@@ -255,9 +289,10 @@ class Search:
         )
 
 
-def job_outcome(ret: Any) -> tuple[str, float | None, str | None]:
+def job_outcome(ret: Any, dry_run: bool = False) -> tuple[str, float | None, str | None]:
     """(state, value, error) of a finished job's ``RunResult``: ``complete`` with its
-    validation error (``objective``), ``pruned``, or ``fail`` with why."""
+    validation error (``objective``; a dry run's job has none), ``pruned``, or ``fail``
+    with why."""
     from hydra.core.utils import JobStatus
 
     if ret.status == JobStatus.FAILED:
@@ -268,6 +303,8 @@ def job_outcome(ret: Any) -> tuple[str, float | None, str | None]:
         return "fail", None, f"the job returned {type(result).__name__}, not a run's result"
     if result.status is Status.pruned:
         return "pruned", None, None
+    if dry_run:
+        return ("complete", None, None) if result.ok else ("fail", None, result.message)
     try:
         return "complete", objective(result), None
     except ValueError as e:
