@@ -325,3 +325,55 @@ def mlflow_store(tmp_path: Path, mlflow_template: Path) -> Path:
     db.parent.mkdir()
     shutil.copy(mlflow_template, db)
     return db
+
+
+# --- stopping a run where a test wants it, and comparing what runs computed ----------
+
+
+def stop_at_poll(polls: int):
+    """A StopRequest that asks for a stop at the loop's ``polls``-th poll (once a step,
+    after any end-of-epoch work), as a preemption notice calling ``request()`` would."""
+    import signal
+
+    from resnet_exp.run.stop import StopRequest
+
+    class StopAt(StopRequest):
+        def __init__(self) -> None:
+            super().__init__()
+            self.left = polls
+
+        @property
+        def requested(self) -> bool:
+            self.left -= 1
+            if self.left == 0:
+                self.request(signal.SIGINT)
+            return self.signum is not None
+
+    return StopAt()
+
+
+# How a run ran, not what it computed: left out of comparisons.
+WALL_CLOCK = ("wall_time_s", "train_images_per_s", "parts", "time_s")
+
+
+def run_outcome(run: Path) -> dict[str, Any]:
+    """What a run computed: its checkpoint (every owner), metrics.jsonl, TensorBoard
+    scalars and summary.json, minus wall-clock values."""
+    import json
+
+    from resnet_exp.run.records import read_metrics
+
+    state = torch.load(run / "last.pt", weights_only=False)
+    for part in [state, *(state.get("ranks") or [])]:  # a data-parallel run: each rank's too
+        part["metrics"].pop("throughput")
+    state.pop("clock")
+    summary = json.loads((run / "summary.json").read_text())
+    return {
+        "state": {k: v for k, v in state.items() if k not in ("config", "overrides")},
+        "rows": [
+            {k: v for k, v in r.items() if k not in WALL_CLOCK}
+            for r in read_metrics(run / "metrics.jsonl")
+        ],
+        "scalars": {k: v for k, v in tb_scalars(run).items() if not k.startswith("throughput")},
+        "summary": {k: v for k, v in summary.items() if k not in WALL_CLOCK},
+    }

@@ -17,8 +17,10 @@ from conftest import compose_config
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def run_steps(graphs: bool, precision: str, steps: int = 12, resume_state=None):
-    """ResNet-20 on synthetic images, set up as the trainer sets up a run."""
+def run_steps(graphs: bool, precision: str, steps: int = 12, resume_state=None, extra=()):
+    """ResNet-20 on synthetic images, set up as the trainer sets up a run (``extra``:
+    more overrides; with trainer.ema the average is updated after each step, as the
+    trainer does, and returned in place of the optimizer)."""
     cfg = compose_config(
         [
             "dataset=synthetic",
@@ -36,6 +38,7 @@ def run_steps(graphs: bool, precision: str, steps: int = 12, resume_state=None):
             "schedule.warmup=true",
             "schedule.warmup_steps=4",
             "schedule.milestones=[0.5]",
+            *extra,
         ]
     )
     s = build_setup(cfg, resolve(cfg, Path("unused")))  # no run folder: nothing is written
@@ -47,9 +50,11 @@ def run_steps(graphs: bool, precision: str, steps: int = 12, resume_state=None):
     losses = []
     for _ in range(steps):
         loss, _ = s.train_step(*s.loader.next())
+        if s.ema is not None:
+            s.ema.update(s.model)
         s.scheduler.step()
         losses.append(loss.item())
-    return s.model, s.optimizer, losses
+    return s.model, (s.optimizer if s.ema is None else s.ema.module), losses
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -76,3 +81,23 @@ def test_cuda_graph_step_from_resumed_optimizer_state() -> None:
     assert gl == pytest.approx(el, rel=1e-4, abs=1e-4)
     for a, b in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_graph_step_with_the_switches_beyond_the_paper_matches_eager() -> None:
+    """Label smoothing and soft targets (mixup or cutmix, after cutout) inside the
+    captured step, the weight average updated after each replay: as the eager step."""
+    torch.backends.cudnn.deterministic = True
+    extra = (
+        "trainer.label_smoothing=0.1",
+        "data.cutout=8",
+        "data.mixup_alpha=0.4",
+        "data.cutmix_alpha=1.0",
+        "trainer.ema.decay=0.9",
+    )
+    eager, eager_avg, el = run_steps(False, "fp32", extra=extra)
+    graphed, graph_avg, gl = run_steps(True, "fp32", extra=extra)
+    plain, _, pl = run_steps(False, "fp32")
+    assert gl == pytest.approx(el, rel=1e-4, abs=1e-4)
+    assert el != pytest.approx(pl, rel=1e-3)  # the switches changed the losses
+    for a, b in zip(eager_avg.state_dict().values(), graph_avg.state_dict().values()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-4, atol=1e-4)

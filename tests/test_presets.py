@@ -49,11 +49,12 @@ PRESETS = {
     "table2": (10, {"short": {20, 29}, "full": {110, 164}}),
     "table3": (16, {"short": {20, 29, 47}, "full": {110, 164, 1001}}),
     "resnet1001_batch64": (1, {"short": {47}, "full": {1001}}),
+    "modern": (4, {"short": {20, 29}, "full": {110, 164}}),
 }
 SEEDS = {"short": ["seed=1"], "full": [f"seed={s}" for s in range(1, 6)]}
 # Composition is slow (~0.1-0.4 s a job): every preset once, table3 (16 jobs) at the full
 # scale, where it builds each net of the paper, the others at the short scale.
-CASES = [("table1", "short"), ("table2", "short"), ("table3", "full")] + [
+CASES = [("table1", "short"), ("table2", "short"), ("table3", "full"), ("modern", "short")] + [
     ("resnet1001_batch64", s) for s in ("short", "full")
 ]
 
@@ -128,3 +129,25 @@ def test_table3_nets_and_datasets() -> None:
         1001,
         64,
     )
+
+
+def test_modern_is_table2s_a_and_e_with_only_the_recipe_changed() -> None:
+    """Each modern job is the table2 job of the same unit and net, but for the recipe's
+    keys: the report's rows then differ by the recipe alone."""
+    modern = seed_one("modern", "short")
+    rows = {(c.model.block.value, c.depth, c.model.unit.value) for c in modern}
+    nets = ((20, "basic"), (29, "bottleneck"))
+    assert rows == {(b, d, u) for b in ("original", "preact") for d, u in nets}
+    paper = {(c.model.block.value, c.depth): c for c in seed_one("table2", "short")}
+    for c in modern:
+        a, b = (
+            flatten(OmegaConf.to_container(OmegaConf.structured(x), enum_to_str=True))
+            for x in (paper[(c.model.block.value, c.depth)], c)
+        )
+        changed = {k: b[k] for k in a if a[k] != b[k]}
+        assert changed == {
+            "schedule.name": "cosine",
+            "trainer.label_smoothing": 0.1,
+            "trainer.ema.decay": 0.999,
+            "data.cutout": 16,
+        }

@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 
 from resnet_exp.cli import config_dir
+from resnet_exp.data.batch_aug import BatchAugment
 from resnet_exp.models.ghost_bn import GhostBatchNorm2d
 from resnet_exp.models.shortcuts import Projection
 from resnet_exp.models.units import ResidualUnit
@@ -162,3 +163,21 @@ def test_resnet1001_batch64_builds_as_the_published_run(folders: dict[str, Path]
     group = s.optimizer.param_groups[0]
     assert group["nesterov"] and group["momentum"] == 0.9 and group["weight_decay"] == 1e-4
     assert not s.warmup and s.total_steps == 200 * s.loader.steps_per_epoch
+
+
+def test_modern_every_job_builds_at_full_size_with_its_recipe(folders: dict[str, Path]) -> None:
+    built = set()
+    for cfg, s in build_jobs("modern", folders):
+        check_net(s, bn_group=64)
+        check_params(s)
+        assert s.warmup and s.cfg.trainer.epochs == 164 and s.cfg.trainer.max_steps is None
+        assert s.train_step.label_smoothing == 0.1
+        assert isinstance(s.loader, BatchAugment) and s.loader.size == 16
+        assert not (s.loader.mixup_alpha or s.loader.cutmix_alpha)
+        assert s.ema is not None and s.ema.module is not s.model
+        lrs = type(s.scheduler).__name__, [type(x).__name__ for x in s.scheduler._schedulers]
+        assert lrs == ("SequentialLR", ["ConstantLR", "CosineAnnealingLR"])
+        built.add((cfg.model.block.value, cfg.depth, s.info["unit"]))
+    assert built == {
+        (b, d, u) for b in ("original", "preact") for d, u in ((110, "basic"), (164, "bottleneck"))
+    }

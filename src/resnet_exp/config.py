@@ -165,6 +165,13 @@ class DataConfig:
     augment: bool = True  # pad-4 random crop + horizontal flip
     pad: int = 4
     pad_value: PadValue = PadValue.mean  # colour of the crop's padding
+    # Beyond the paper (docs/fidelity.md): per-batch regularisers on the device, 0 = off
+    # side (pixels) of the square set to 0 (the mean colour) in each image
+    cutout: int = field(default=0, metadata=since(0))
+    # mixup: pairs within the batch mixed by lambda ~ Beta(a, a)
+    mixup_alpha: float = field(default=0.0, metadata=since(0.0))
+    # cutmix: a box pasted from the pair (with mixup: each batch one or the other)
+    cutmix_alpha: float = field(default=0.0, metadata=since(0.0))
     num_classes: int | None = None  # synthetic only; real data sets count their classes
     synthetic_train: int = 5000
     synthetic_test: int = 1000
@@ -207,6 +214,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the weights, evaluated beside them (train/ema.py)."""
+
+    decay: float | None = field(default=None, metadata=since(None))  # 0 or null: off
+    # decay_t = min(decay, (1 + t) / (warmup_steps + t)) after t updates; 0: decay throughout
+    warmup_steps: int = field(default=10, metadata=since(10))
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 164  # 164 x 390 steps ~ the paper's 64k iterations at batch 128
     max_steps: int | None = None  # overrides epochs
@@ -228,6 +244,9 @@ class TrainerConfig:
     # steps between measurements of the signal per unit on a fixed batch of
     # diagnose.batch_size images, to signal.jsonl and TensorBoard (0: off; train/signal.py)
     track_signal_every: int = 0
+    # the training loss's (0: off; evaluation is plain cross-entropy)
+    label_smoothing: float = field(default=0.0, metadata=since(0.0))
+    ema: EmaConfig = field(default_factory=EmaConfig)
     # Stop cleanly (checkpoint, status interrupted, exit 75) before this much wall-clock
     # time since the command started: 90s, 25m, 2h or seconds; null: no limit (run/stop.py)
     time_limit: str | None = None

@@ -114,3 +114,24 @@ def paper_error(config: dict[str, Any]) -> str | None:
 
 def key_is_imagenet(config: dict[str, Any]) -> bool:
     return config.get("data.name") == "imagenet"
+
+
+# The recipe's departures from the paper's, as a report names them: (key, its text, or
+# None where the key's value is the paper's). Keys beyond the paper default to off.
+_RECIPE = (
+    ("schedule.name", lambda v: None if v in (None, "paper") else str(v)),
+    ("optimizer.name", lambda v: None if v in (None, "sgd") else str(v)),
+    ("trainer.label_smoothing", lambda v: f"label smoothing {v:.3g}" if v else None),
+    ("trainer.ema.decay", lambda v: f"EMA {v:.6g}" if v else None),
+    ("data.cutout", lambda v: f"cutout {v}" if v else None),
+    ("data.mixup_alpha", lambda v: f"mixup {v:.3g}" if v else None),
+    ("data.cutmix_alpha", lambda v: f"cutmix {v:.3g}" if v else None),
+)
+RECIPE_KEYS = tuple(k for k, _ in _RECIPE)
+
+
+def recipe_text(config: dict[str, Any]) -> str:
+    """``paper recipe``, or what a run changes of it: ``cosine + label smoothing 0.1 + ...``."""
+    parts = [text(config.get(key)) for key, text in _RECIPE]
+    changed = [p for p in parts if p]
+    return " + ".join(changed) if changed else "paper recipe"

@@ -68,6 +68,15 @@ class Run:
         return s.get(SummaryKey.test_error, s.get(SummaryKey.final(self.eval_name, "error")))
 
     @property
+    def test_error_ema(self) -> float | None:
+        """The weight average's final test error (trainer.ema), as ``test_error``."""
+        s = self.summary
+        return s.get(
+            f"{SummaryKey.test_error}_ema",
+            s.get(f"{SummaryKey.final(self.eval_name, 'error')}_ema"),
+        )
+
+    @property
     def error_curve(self) -> list[tuple[int, float]]:
         key = f"{self.eval_name}_error"
         return [(r["step"], r[key]) for r in self.metrics if r.get(key) is not None]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from resnet_exp.report import compare
-from resnet_exp.report.paper import paper_error, paper_net, shortcut_text
+from resnet_exp.report.paper import RECIPE_KEYS, paper_error, paper_net, recipe_text, shortcut_text
 from resnet_exp.report.runs import NOT_CONFIGURATION, Run
 from resnet_exp.run.result import Status, SummaryKey
 
@@ -40,6 +40,15 @@ class Row:
     @property
     def median(self) -> float | None:
         return statistics.median(self.errors) if self.errors else None
+
+    @property
+    def errors_ema(self) -> list[float]:
+        """The weight average's final test errors (trainer.ema), of the runs that have one."""
+        return [r.test_error_ema for r in self.completed if r.test_error_ema is not None]
+
+    @property
+    def median_ema(self) -> float | None:
+        return statistics.median(self.errors_ema) if self.errors_ema else None
 
     @property
     def mean(self) -> float | None:
@@ -139,6 +148,7 @@ def facets(config: dict[str, Any]) -> dict[str, str]:
         "block": str(config.get("model.block")),
         "shortcut": shortcut_text(config),
         "batch": f"batch {config.get('data.batch_size')}",
+        "recipe": recipe_text(config),
     }
 
 
@@ -153,7 +163,7 @@ def group_rows(runs: list[Run]) -> list[Row]:
         groups.setdefault(r.configuration(), []).append(r)
     firsts = [g[0].config for g in groups.values()]
     named = [k for k in facets(firsts[0]) if len({facets(c)[k] for c in firsts}) > 1]
-    covered = {"data.name", "depth", "model.unit", "model.block", "data.batch_size"}
+    covered = {"data.name", "depth", "model.unit", "model.block", "data.batch_size", *RECIPE_KEYS}
     others = sorted(
         k
         for k in set().union(*firsts)
@@ -225,6 +235,8 @@ CSV_FIELDS = [
     "median_error",
     "mean_error",
     "std_error",
+    "median_error_ema",
+    "recipe",
     "paper_error",
     "top5_error",
     "crop2",
@@ -261,6 +273,8 @@ def write_csv(rows: list[Row], path: Path) -> None:
                 "median_error": row.median,
                 "mean_error": row.mean,
                 "std_error": row.std,
+                "median_error_ema": row.median_ema,
+                "recipe": recipe_text(c),
                 "paper_error": row.paper,
                 "top5_error": row._median_of("final_test_top5_error"),
                 **_second_crop(row),
@@ -334,19 +348,28 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
             "full-size net's error, for comparing the ordering of rows, not the values.",
             "",
         ]
-    lines += [
-        "| configuration | runs | test error % (median) | mean ± std | paper | params "
-        "| images/s | wall time |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines += main_table(rows)
+    lines += imagenet_table(rows)
+    lines += compare.markdown(compare.against_original(rows))
+    lines += not_completed_tables(rows)
+    if figures:
+        lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+def main_table(rows: list[Row]) -> list[str]:
+    """One line per configuration; the weight average's column where a run kept one."""
+    ema = any(row.errors_ema for row in rows)
+    head = ["configuration", "runs", "test error % (median)", "mean ± std"]
+    head += ["EMA weights' test error % (median)"] * ema + ["paper", "params", "images/s"]
+    lines = ["| " + " | ".join([*head, "wall time"]) + " |", "|---" * (len(head) + 1) + "|"]
     for row in rows:
         spread = _num(row.mean) + (f" ± {row.std:.2f}" if row.std is not None else "")
         params = f"{row.params / 1e6:.2f}M" if row.params else ""
-        lines.append(
-            f"| {row.label} | {len(row.completed)}/{len(row.runs)} | {_error_cell(row)} "
-            f"| {spread} | {row.paper or ''} | {params} "
-            f"| {_num(row.images_per_s, 0)} | {_duration(row.wall_time_s)} |"
-        )
+        cells = [row.label, f"{len(row.completed)}/{len(row.runs)}", _error_cell(row), spread]
+        cells += [_num(row.median_ema)] * ema + [row.paper or "", params]
+        cells += [_num(row.images_per_s, 0), _duration(row.wall_time_s)]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "Test error: the final evaluation's error on the test set, over seeds (the paper "
@@ -354,12 +377,17 @@ def markdown(rows: list[Row], sources: list[Path], figures: list[Path]) -> str:
         "as that would select on the test set); paper: the paper's median of 5 runs "
         "(fail: above 20%); runs: completed/all; images/s and wall time: per run, median.",
     ]
-    lines += imagenet_table(rows)
-    lines += compare.markdown(compare.against_original(rows))
-    lines += not_completed_tables(rows)
-    if figures:
-        lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
-    return "\n".join(lines) + "\n"
+    if ema:
+        lines[-1] += (
+            " EMA weights: the same evaluation of the exponential moving average of the "
+            "weights (trainer.ema), for the runs that kept one."
+        )
+    if any(recipe_text(row.config) != "paper recipe" for row in rows):
+        lines[-1] += (
+            " The paper column is the paper's number under the paper's recipe, whatever "
+            "recipe the row trained with."
+        )
+    return lines
 
 
 def not_completed_tables(rows: list[Row]) -> list[str]:

@@ -75,6 +75,12 @@ TRAINING = (
     "data.interpolation",
     "optimizer.name",
     "schedule.name",
+    # beyond the paper's recipe (docs/fidelity.md)
+    "trainer.label_smoothing",
+    "trainer.ema",
+    "data.cutout",
+    "data.mixup_alpha",
+    "data.cutmix_alpha",
 )
 HOW_TO_RUN = ("model.checkpointing",)  # under a matched prefix, but never matched
 

@@ -44,6 +44,12 @@ HPARAM_KEYS = (
     "trainer.precision",
     "scale.name",
     "init_from.",
+    # beyond the paper's recipe (docs/fidelity.md)
+    "trainer.label_smoothing",
+    "trainer.ema.decay",
+    "data.cutout",
+    "data.mixup_alpha",
+    "data.cutmix_alpha",
 )
 # Summary values logged as the HPARAMS tab's metrics: the errors at the end of the
 # run only. A lowest-over-evaluations error is selected on the split it reports,
@@ -54,6 +60,10 @@ HPARAM_METRICS = (
     SummaryKey.test_error,  # with a validation split: the test set, once, at the end
     SummaryKey.final_train_error,
     SummaryKey.pruned_at_epoch,
+    # the weight average's (trainer.ema), where a run kept one
+    SummaryKey.final("test", "error_ema"),
+    SummaryKey.final("val", "error_ema"),
+    f"{SummaryKey.test_error}_ema",
 )
 
 

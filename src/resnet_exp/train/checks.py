@@ -8,9 +8,11 @@ after the data set is decoded and the model built, or as a ZeroDivisionError mid
 from __future__ import annotations
 
 from resnet_exp.config import Config, Mode, parse_duration
+from resnet_exp.data.batch_aug import check_batch_aug
 from resnet_exp.errors import UserError
 from resnet_exp.run.distributed import DistInfo
 from resnet_exp.run.tracking import check_tracking
+from resnet_exp.train.ema import check_ema
 from resnet_exp.train.optim import check_optimizer, check_schedule
 
 
@@ -31,6 +33,10 @@ def check_settings(cfg: Config, world: DistInfo) -> None:
             f"eval.recalibrate_bn={cfg.eval.recalibrate_bn} must be 0 (off) or a number of "
             "training batches"
         )
+    if not 0 <= t.label_smoothing < 1:
+        raise UserError(f"trainer.label_smoothing={t.label_smoothing} must be in [0, 1) (0: off)")
+    check_ema(t.ema)
+    check_batch_aug(cfg.data)
     check_optimizer(cfg.optimizer)
     check_schedule(cfg.schedule)
     check_batches(cfg, world)

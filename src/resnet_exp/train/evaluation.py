@@ -20,6 +20,10 @@ from resnet_exp.run import distributed
 from resnet_exp.run.runtime import autocast
 from resnet_exp.train.setup import Setup
 
+EMA_SUFFIX = (
+    "_ema"  # the averaged weights' values: "error_ema", in summary.json "final_test_error_ema"
+)
+
 
 @torch.inference_mode()
 def evaluate_split(
@@ -109,14 +113,21 @@ class Evaluator:
 
     def __call__(self, step: int) -> Evaluation:
         s = self.s
-        values, _ = evaluate_split(
-            s.model, s.data, s.data.eval_split, s.ctx.placement, s.ctx.precision
-        )
+        values = self.evaluate(s.data.eval_split)
         epoch = (step - 1) // self.per_epoch + 1
         return Evaluation(step, epoch, self.scheduled(step), s.data.eval_name, values)
 
     def test_set(self) -> dict[str, float]:
         """The test set once, at the end of a run evaluated on a validation split."""
+        return {f"test_{k}": v for k, v in self.evaluate(self.s.data.test).items()}
+
+    def evaluate(self, split: Sized) -> dict[str, float]:
+        """The net's values on ``split``; with ``trainer.ema``, the averaged weights' on
+        the same images beside them (``error_ema``, ...). The best error and a search's
+        pruning read the net's own (``error``)."""
         s = self.s
-        values, _ = evaluate_split(s.model, s.data, s.data.test, s.ctx.placement, s.ctx.precision)
-        return {f"test_{k}": v for k, v in values.items()}
+        values, _ = evaluate_split(s.model, s.data, split, s.ctx.placement, s.ctx.precision)
+        if s.ema is not None:
+            ema, _ = evaluate_split(s.ema.module, s.data, split, s.ctx.placement, s.ctx.precision)
+            values.update({f"{k}{EMA_SUFFIX}": v for k, v in ema.items()})
+        return values

@@ -154,6 +154,8 @@ class Trainer:
         x, y = s.loader.next()
         with self.gradflow.watch(self.step + 1, s.scaler) as measured:
             loss, logits = s.train_step(x, y, plain=measured)
+        if s.ema is not None:
+            s.ema.update(s.model)
         s.scheduler.step()
         self.step += 1
         self.metrics.update(loss, logits, y)
@@ -297,17 +299,26 @@ def log_evaluation(ev: Evaluation, train: Mean, total_steps: int, steps_per_epoc
         ev.values["loss"],
         ev.error,
     )
+    if "error_ema" in ev.values:  # trainer.ema
+        values = ev.values
+        log.info(
+            "  weight average | %s loss %.4f err %.2f%%",
+            ev.split,
+            values["loss_ema"],
+            values["error_ema"],
+        )
 
 
 def time_limit_of(s: Setup) -> TimeLimit | None:
     """``trainer.time_limit``, with what the first estimate of a stop's cost needs."""
     state = sum(p.numel() * p.element_size() for p in s.model.parameters())
     evaluated = len(s.data.eval_split) + (len(s.data.test) if s.data.val is not None else 0)
+    copies = 1 if s.ema is None else 2  # the averaged weights are evaluated and saved too
     return TimeLimit.of(
         s.ctx.time_limit_s,
         s.ctx.stop,
-        eval_images=evaluated,
+        eval_images=copies * evaluated,
         batch_size=s.cfg.data.batch_size,
-        state_bytes=2 * state,  # weights and momentum
+        state_bytes=(1 + copies) * state,  # weights and momentum (and the average)
         log_every=s.cfg.trainer.log_every,
     )

@@ -66,12 +66,14 @@ class RunningMetrics:
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         """After a step: add its loss and errors; remember the first non-finite step.
-        Device ops only, no host sync."""
+        Device ops only, no host sync. ``y``: labels, or soft targets (a mixed batch),
+        whose error is measured against each image's dominant label."""
         self._step += 1
         loss = loss.float()
         bad = (self.bad_step < 0) & ~torch.isfinite(loss)
         self.bad_step = torch.where(bad, self._step, self.bad_step)
-        wrong = (logits.argmax(1) != y).sum()
+        labels = y if y.ndim == 1 else y.argmax(1)
+        wrong = (logits.argmax(1) != labels).sum()
         self.interval.add(loss, wrong, len(y))
         self.epoch.add(loss, wrong, len(y))
 

@@ -17,11 +17,13 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from resnet_exp.config import Config, Precision, TrainerConfig
 from resnet_exp.data import DataSource, TrainBatches, load_dataset
+from resnet_exp.data.batch_aug import BatchAugment
 from resnet_exp.errors import UserError
 from resnet_exp.models import count_params
 from resnet_exp.run.runtime import allow_tf32, seed_everything
 from resnet_exp.train.checks import batch_of
 from resnet_exp.train.context import RunContext
+from resnet_exp.train.ema import WeightAverage
 from resnet_exp.train.init_from import start_from
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
 from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
@@ -45,6 +47,7 @@ class Setup:
     train_step: EagerStep | CudaGraphStep
     total_steps: int
     warmup: bool
+    ema: WeightAverage | None = None  # trainer.ema: the averaged weights, evaluated beside
     info: dict[str, Any] = field(default_factory=dict)  # what a dry run prints
 
     @property
@@ -78,6 +81,7 @@ def build_setup(cfg: Config, ctx: RunContext) -> Setup:
     model, train_model = _data_parallel(model, cfg.trainer, ctx)
     _, batch = batch_of(cfg)
     loader = data.train_loader(batch // ctx.world.world, cfg.seed, ctx.placement)
+    loader = BatchAugment.wrap(loader, cfg.data, data.num_classes, cfg.seed, ctx.placement)
     total = _total_steps(cfg.trainer, loader.steps_per_epoch)
     warmup = warmup_on(cfg.schedule, cfg.data.name)
     optimizer = build_optimizer(model, cfg.optimizer, fused=ctx.device.type == "cuda")
@@ -93,6 +97,7 @@ def build_setup(cfg: Config, ctx: RunContext) -> Setup:
         t.compile_mode,
         t.cuda_graphs,
         hooks=t.log_gradflow_every > 0,
+        label_smoothing=t.label_smoothing,
     )
     s = Setup(
         cfg=cfg,
@@ -107,6 +112,7 @@ def build_setup(cfg: Config, ctx: RunContext) -> Setup:
         train_step=train_step,
         total_steps=total,
         warmup=warmup,
+        ema=WeightAverage.of(model, t.ema),
     )
     s.info = {**describe(cfg, ctx, data, params, batch, loader, total, warmup), **started}
     return s

@@ -37,7 +37,7 @@ class RunState:
     def shared(self) -> dict[str, Stateful]:
         """Owners whose state is the same on every rank."""
         s = self.s
-        return {
+        owners: dict[str, Stateful] = {
             "model": s.model,
             "optimizer": s.optimizer,
             "scheduler": s.scheduler,
@@ -45,10 +45,17 @@ class RunState:
             "clock": self.clock,
             "mlflow_run_id": s.ctx.tracking,  # a str (or None): a resume continues that run
         }
+        if s.ema is not None:  # trainer.ema: the averaged weights and buffers, the update count
+            owners["ema"] = s.ema
+        return owners
 
     def per_rank(self) -> dict[str, Stateful]:
         """Owners whose state differs between ranks: data position, RNG, running sums."""
-        return {"loader": self.s.loader, "rng": GlobalRNG(), "metrics": self.metrics}
+        owners = {"loader": self.s.loader, "rng": GlobalRNG(), "metrics": self.metrics}
+        ema = self.s.ema
+        if ema is not None and self.s.ctx.world.enabled:  # each rank's averaged BN statistics
+            owners["ema_buffers"] = ema.buffers
+        return owners
 
     def save(self, step: int) -> None:
         """The owners' state dicts side by side, with what a resume checks them against."""

@@ -21,6 +21,14 @@ OWN_GRAPHS = ("reduce-overhead", "max-autotune")
 log = logging.getLogger("resnet_exp")
 
 
+def train_loss(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """The training loss: cross-entropy against labels, or against soft targets (rows of
+    class probabilities, from mixup/cutmix), with ``label_smoothing`` mixing in the
+    uniform distribution (torch's: ``(1 - eps) * target + eps / classes``). Evaluation
+    is plain cross-entropy (train/evaluation.py)."""
+    return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+
 class EagerStep:
     """Forward under autocast, backward through the grad scaler, optimizer step.
 
@@ -36,14 +44,16 @@ class EagerStep:
         scaler: torch.amp.GradScaler,
         device: torch.device,
         precision: Precision,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.forward, self.model, self.optimizer, self.scaler = forward, model, optimizer, scaler
         self.device, self.precision = device, precision
+        self.label_smoothing = label_smoothing
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, plain: bool = False) -> Batch:
         with autocast(self.device, self.precision):
             logits = (self.model if plain else self.forward)(x)
-            loss = F.cross_entropy(logits, y)
+            loss = train_loss(logits, y, self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -70,6 +80,7 @@ class CudaGraphStep:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         precision: Precision,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.forward, self.model, self.optimizer, self.precision = (
             forward,
@@ -77,6 +88,7 @@ class CudaGraphStep:
             optimizer,
             precision,
         )
+        self.label_smoothing = label_smoothing
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def _compute(self) -> Batch:
@@ -87,7 +99,7 @@ class CudaGraphStep:
             cache_enabled=False,
         ):
             logits = self.forward(self.static_x)
-            loss = F.cross_entropy(logits, self.static_y)
+            loss = train_loss(logits, self.static_y, self.label_smoothing)
         loss.backward()
         self.optimizer.step()
         return loss.detach(), logits.detach()
@@ -155,6 +167,7 @@ def make_train_step(
     compile_mode: str = "default",
     cuda_graphs: str = "auto",
     hooks: bool = False,
+    label_smoothing: float = 0.0,
 ) -> EagerStep | CudaGraphStep:
     """The step the trainer runs: compiled or not, eager or replayed from a CUDA graph.
 
@@ -182,8 +195,8 @@ def make_train_step(
             "trainer.cuda_graphs=auto: off, trainer.compile_mode=%s captures its own", compile_mode
         )
     if choice == Switch.false or blockers:
-        return EagerStep(forward, model, optimizer, scaler, device, precision)
-    return CudaGraphStep(forward, model, optimizer, precision)
+        return EagerStep(forward, model, optimizer, scaler, device, precision, label_smoothing)
+    return CudaGraphStep(forward, model, optimizer, precision, label_smoothing)
 
 
 def graph_blockers(
