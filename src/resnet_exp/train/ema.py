@@ -15,8 +15,11 @@ weights without the extra pass over the training images that recomputing them
 (``swa_utils.update_bn``) would cost at every evaluation. The integer
 ``num_batches_tracked`` is copied, not averaged.
 
-The update runs after every optimizer step. On a GPU it costs one host sync a step
-(``AveragedModel`` reads its update count on the host).
+The update runs after every optimizer step, with device ops only: ``AveragedModel``
+holds the average and its count, but its ``update_parameters`` reads the count on the
+host twice a step (a GPU sync each, stalling the queue of asynchronous steps), so
+after the first update (a copy) the average is taken here, by the same averaging
+function, with the count kept on the host too.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class WeightAverage:
         )
         self.averaged.requires_grad_(False)
         self.buffers = AveragedBuffers(self.averaged.module)
+        self.average = ema_update(decay, warmup_steps)
+        self.updates = 0  # = averaged.n_averaged, on the host
 
     @classmethod
     def of(cls, model: nn.Module, cfg: EmaConfig) -> WeightAverage | None:
@@ -96,13 +101,29 @@ class WeightAverage:
         return self.averaged.module
 
     def update(self, model: nn.Module) -> None:
-        self.averaged.update_parameters(model)
+        if self.updates == 0:  # the first: AveragedModel copies the weights
+            self.averaged.update_parameters(model)
+        else:
+            averaged = [*self.module.parameters(), *self.module.buffers()]
+            current = [*model.parameters(), *model.buffers()]
+            count = self.averaged.n_averaged
+            for kind in (True, False):  # floating tensors, then the integer counts
+                pairs = [
+                    (a, c.detach())
+                    for a, c in zip(averaged, current)
+                    if a.is_floating_point() is kind
+                ]
+                if pairs:
+                    self.average([a for a, _ in pairs], [c for _, c in pairs], count)
+            count += 1  # on the device: no sync
+        self.updates += 1
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.averaged.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.averaged.load_state_dict(state)
+        self.updates = int(self.averaged.n_averaged)  # one sync, at the resume
 
 
 class AveragedBuffers:
