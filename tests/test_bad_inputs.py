@@ -173,7 +173,7 @@ def outcomes(place: dict[str, Path]) -> dict[str, Outcome]:
     return results
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES] + [f"console: {n}" for n in CONSOLE])
+@pytest.mark.parametrize("name", [c[0] for c in CASES] + [f"console: {n}" for n in sorted(CONSOLE)])
 def test_bad_input_is_one_line_and_changes_nothing(outcomes: dict[str, Outcome], name: str) -> None:
     proc, message = outcomes[name]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
