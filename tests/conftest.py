@@ -1,14 +1,17 @@
 """Shared test helpers: the tiny job, composing configs, running the command (in this
-process or as the console script), reading TensorBoard scalars, one CPU thread."""
+process or as the console script), reading a run's files (summary, metrics, checkpoint,
+TensorBoard scalars) without their wall-clock values, small image folders, one CPU thread."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,10 @@ import numpy as np
 import pytest
 import torch
 
+from resnet_exp import build_model, count_params
 from resnet_exp.models.units import Block
+from resnet_exp.run.checkpoint import CHECKPOINT, Checkpoint
+from resnet_exp.run.records import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # The real CIFAR-10 images: $RESNET_EXP_CIFAR10, else ../shared/data/cifar10-jpeg beside
@@ -107,6 +113,9 @@ def compose_config(overrides: list[str]):
         return OmegaConf.to_object(compose("config", overrides=overrides))
 
 
+# --- a run's files -----------------------------------------------------------------
+
+
 def tb_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     """Every TensorBoard scalar of a run: tag -> {step: value} (a resume rewrites steps)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -114,6 +123,82 @@ def tb_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    """A run's summary.json."""
+    return json.loads((run / "summary.json").read_text())
+
+
+def read_checkpoint(run: Path) -> dict[str, Any]:
+    """The state a run directory's last.pt (or a checkpoint file) holds, read as the
+    command reads it (``Checkpoint.load``: a broken or foreign file fails here too)."""
+    return Checkpoint.load(run / CHECKPOINT if run.is_dir() else run).state
+
+
+# What two runs of the same computation may differ in: measured times and speeds, in
+# summary.json (wall_time_s, train_images_per_s), metrics.jsonl (time_s), report.csv
+# (images_per_s, wall_time_s), the checkpoint's running metrics (throughput) and the
+# TensorBoard tags under throughput/.
+WALL_CLOCK = frozenset(
+    {"time_s", "wall_time_s", "images_per_s", "train_images_per_s", "throughput"}
+)
+
+
+def without_wall_clock(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without its wall-clock entries (a key, or a tag's first part, in WALL_CLOCK)."""
+    return {k: v for k, v in values.items() if k.split("/", 1)[0] not in WALL_CLOCK}
+
+
+# The checkpoint entries a run computes (the rest: its config, overrides, process count).
+COMPUTED = ("model", "optimizer", "scheduler", "scaler", "loader", "rng", "step", "metrics")
+
+
+def outcome(run: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a run computed: its checkpoint's state (the COMPUTED entries but ``skip``),
+    metrics rows, summary and TensorBoard curves, without wall-clock values; equal
+    (``assert_same_tensors``) for two runs of the same computation."""
+    state = read_checkpoint(run)
+    state["metrics"] = without_wall_clock(state["metrics"])
+    return {
+        "state": {k: state[k] for k in COMPUTED if k not in skip},
+        "rows": [without_wall_clock(r) for r in read_metrics(run / "metrics.jsonl")],
+        "summary": without_wall_clock(read_summary(run)),
+        "scalars": without_wall_clock(tb_scalars(run)),
+    }
+
+
+# --- nets and images --------------------------------------------------------------------
+
+
+def meta_params(block: str, depth: int, *args: Any, **kw: Any) -> int:
+    """The parameters of ``build_model(block, depth, *args, **kw)``, built on the meta
+    device: no memory, no init cost (ResNet-1202 builds in a second)."""
+    with torch.device("meta"):
+        return count_params(build_model(block, depth, *args, **kw))
+
+
+# Three ImageNet class folders (the first three synsets).
+IMAGENET_CLASSES = ("n01440764", "n01443537", "n01484850")
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """``root/<split>/<class>/*.JPEG`` of IMAGENET_CLASSES, random sizes (24-90 px a
+    side, aspect 1:3 to 3:1); the first training image is a PNG."""
+    from torchvision.io import encode_jpeg, encode_png, write_file
+
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for c in IMAGENET_CLASSES:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = (int(v) for v in rng.integers(24, 90, 2))
+                img = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+                if split == "train" and c == IMAGENET_CLASSES[0] and i == 0:
+                    write_file(str(root / split / c / f"{c}_{i}.png"), encode_png(img))
+                else:
+                    write_file(str(root / split / c / f"{c}_{i}.JPEG"), encode_jpeg(img))
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -143,24 +228,54 @@ class Result:
     stderr: str
 
 
+class Started:
+    """The console script started in the background (``start_cli``): ``result()`` waits
+    for it. Its output goes to files, so it never waits on a full pipe meanwhile."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None) -> None:
+        self.args = args
+        # closed in result(), once the process has ended
+        self.out = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.err = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [console_script(), *args],
+            cwd=cwd,
+            stdout=self.out,
+            stderr=self.err,
+            text=True,
+            env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD, **(env or {})},
+        )
+
+    def result(self, check: bool = True, timeout: int = 600) -> Result:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        texts = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        done = Result(code, *texts)
+        if check and code != 0:
+            raise AssertionError(
+                f"resnet-exp {' '.join(self.args)} failed ({code}):\n{done.stderr[-3000:]}"
+            )
+        return done
+
+
+def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> Started:
+    """Start the console script from ``cwd`` (one thread) and return at once: its
+    seconds of start-up overlap what this process does until ``result()``."""
+    return Started(args, cwd, env)
+
+
 def run_cli(
     args: list[str], cwd: Path, check: bool = True, timeout: int = 600, env: dict | None = None
-):
-    """Run the console script from ``cwd`` (one thread); returns the CompletedProcess."""
-    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD, **(env or {})}
-    proc = subprocess.run(
-        [console_script(), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"resnet-exp {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
-        )
-    return proc
+) -> Result:
+    """Run the console script from ``cwd`` (one thread): its exit status and output."""
+    return start_cli(args, cwd, env).result(check, timeout)
 
 
 def run_main(args: list[str], cwd: Path, check: bool = True) -> Result:

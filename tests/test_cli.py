@@ -1,5 +1,6 @@
-"""End to end through the installed `resnet-exp` console script, in subprocesses
-(the dry run through its entry function, in this process)."""
+"""End to end: a run through the installed `resnet-exp` console script, in a subprocess;
+its continuation, a sweep and the dry run through the command's entry function, in
+this process."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cifar10_root, run_cli, run_main, tb_scalars
+from resnet_exp.run.records import read_metrics
+
+from conftest import REPO, cifar10_root, read_summary, run_cli, run_main, tb_scalars
 
 SMALL = [
     "depth=20",
@@ -34,11 +37,11 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_train_writes_run_directory_and_resumes(tmp_path: Path, data_args: list[str]) -> None:
     run = tmp_path / "run"
     run_cli([*SMALL, *data_args, "trainer.max_steps=12", f"hydra.run.dir={run}"], cwd=tmp_path)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     assert summary["status"] == "completed" and summary["steps_done"] == 12
     assert summary["params"] == 269_722 and summary["block"] == "preact"
     assert 0 <= summary["final_test_error"] <= 100 and summary["train_images_per_s"] > 0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     assert rows[-1]["step"] == 12 and "test_error" in rows[-1] and "train_loss" in rows[-1]
     tags = scalars(run)
     for tag in (
@@ -54,10 +57,10 @@ def test_train_writes_run_directory_and_resumes(tmp_path: Path, data_args: list[
     assert (run / "last.pt").exists() and (run / ".hydra" / "config.yaml").exists()
 
     # Continue the same run to 20 steps: resume=PATH continues in that directory.
-    run_cli([*SMALL, *data_args, "trainer.max_steps=20", f"resume={run}"], cwd=tmp_path)
-    summary = json.loads((run / "summary.json").read_text())
+    run_main([*SMALL, *data_args, "trainer.max_steps=20", f"resume={run}"], cwd=tmp_path)
+    summary = read_summary(run)
     assert summary["steps_done"] == 20
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [12, 16, 20]  # 16 steps per epoch: epoch 1 ends at 16
     assert [s for s, _ in scalars(run)["train/loss"]] == [4, 8, 12, 16, 20]
     assert (run / ".hydra" / "config.yaml").read_text().count("resume: null") == 1  # original kept
@@ -78,7 +81,7 @@ def test_multirun_two_blocks_two_directories(tmp_path: Path, data_args: list[str
     )
     dirs = run_dirs(sweep)
     assert [d.name for d in dirs] == ["0_original_20", "1_preact_20"]
-    blocks = [json.loads((d / "summary.json").read_text())["block"] for d in dirs]
+    blocks = [read_summary(d)["block"] for d in dirs]
     assert blocks == ["original", "preact"]
 
 
@@ -161,5 +164,5 @@ def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> Non
         cwd=tmp_path,
         timeout=1800,  # decoding 60k JPEGs, then 250 steps on one thread of a shared CPU
     )
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     assert summary["final_test_error"] < 70.0, summary

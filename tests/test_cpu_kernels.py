@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import subprocess
@@ -18,7 +17,7 @@ from resnet_exp import build_model
 from resnet_exp.run import runtime
 from resnet_exp.run.runtime import nhwc_unsafe_convs, pick_channels_last, pick_precision
 
-from conftest import ONE_THREAD, TINY, run_cli, run_main
+from conftest import ONE_THREAD, TINY, read_summary, run_cli, run_main
 
 # A strided 1x1 conv with 8 inputs, backward in channels_last: the shape that crashes
 # oneDNN on AVX-512 CPUs (an ImageNet net at model.width=8: stage 2's projection).
@@ -86,7 +85,7 @@ def test_a_net_with_such_a_layer_trains_on_an_affected_cpu(tmp_path: Path) -> No
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     assert summary["status"] == "completed" and summary["channels_last"] is False
     log = proc.stdout + proc.stderr
     assert log.count("trainer.channels_last=true ignored") == 1  # logged once
@@ -127,6 +126,6 @@ def test_auto_precision_is_recorded_in_the_summary(tmp_path: Path) -> None:
     assert ("bf16" if native else "fp32") == expect  # torch reports what the kernel lists
     run = tmp_path / "run"
     result = run_main([*TINY, "trainer.max_steps=2", f"hydra.run.dir={run}"], tmp_path)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     assert summary["precision"] == expect and summary["precision_requested"] == "auto"
     assert f"trainer.precision=auto: {expect} on this CPU" in result.stdout  # the choice, logged

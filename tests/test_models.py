@@ -7,10 +7,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from resnet_exp import build_model, count_params
+from resnet_exp import build_model
 from resnet_exp.errors import UserError
 from resnet_exp.models import resolve_unit
 from resnet_exp.models.shortcuts import PadShortcut, Projection, float_under_autocast
+
+from conftest import meta_params
 
 # PAPER.md: ResNet-20 0.27M, -56 0.85M, -110 1.7M, -1202 19.4M (original units,
 # option A); ResNet-164 1.7M, -1001 10.2M (bottleneck, pre-act).
@@ -31,11 +33,6 @@ EXACT = {
     ("preact", 164): 1_703_258,
     ("preact", 1001): 10_327_706,
 }
-
-
-def meta_params(block: str, depth: int, **kw) -> int:
-    with torch.device("meta"):  # no memory, no init cost: ResNet-1202 builds in a second
-        return count_params(build_model(block, depth, **kw))
 
 
 @pytest.mark.parametrize(("block", "depth"), list(PAPER_PARAMS_M))

@@ -9,7 +9,6 @@ fails.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from resnet_exp.train.loop import Trainer
 
-from conftest import TINY, run_main
+from conftest import TINY, read_summary, run_main
 
 SHORT = [*TINY, "trainer.log_every=5", "trainer.max_steps=6"]
 PACKED = ["hydra/launcher=packed", "hydra.launcher.threads_per_run=1"]
@@ -49,7 +48,7 @@ def test_packed_runs_are_inside_their_step_loops_at_once(
     assert result.returncode == 0, result.stderr
     assert sorted(met) == ["0_original_8", "1_preact_8"]
     for name in met:
-        summary = json.loads((sweep / name / "summary.json").read_text())
+        summary = read_summary(sweep / name)
         assert (summary["status"], summary["steps_done"]) == ("completed", 6)
 
 

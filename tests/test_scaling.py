@@ -6,7 +6,6 @@ Slow (``make test-slow``): each test starts several Python processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -17,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_THREAD, console_script, run_cli
+from resnet_exp.run.records import read_metrics
+
+from conftest import (
+    ONE_THREAD,
+    assert_same_tensors,
+    console_script,
+    read_checkpoint,
+    read_summary,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,10 +61,6 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
 def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     # Two processes, default (timestamped) run directory: one directory for both ranks.
     torchrun([*DDP_JOB, "trainer.max_steps=10"], cwd=tmp_path)
@@ -65,14 +69,14 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     ddp = runs[0]
     assert len(list(ddp.glob("events.out.tfevents.*"))) == 1
     assert len((ddp / "resnet-exp.log").read_text().splitlines()) >= 2  # rank 0's log only
-    s2 = summary(ddp)
+    s2 = read_summary(ddp)
     assert s2["processes"] == 2 and s2["steps_done"] == 10 and s2["batch_size"] == 64
 
     # One process, same global batch of 64: the same loss up to BatchNorm statistics,
     # which each rank computes over its own 32 images (0.3% apart after 10 steps, measured).
     single = tmp_path / "single"
     run_cli([*DDP_JOB, "trainer.max_steps=10", f"hydra.run.dir={single}"], cwd=tmp_path, env=ENV)
-    s1 = summary(single)
+    s1 = read_summary(single)
     assert s1["processes"] == 1
     assert abs(s2["final_train_loss"] - s1["final_train_loss"]) / s1["final_train_loss"] < 0.02
 
@@ -80,7 +84,7 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     part = tmp_path / "part"
     torchrun([*DDP_JOB, "trainer.max_steps=6", f"hydra.run.dir={part}"], cwd=tmp_path)
     torchrun(["trainer.max_steps=10", f"resume={part}"], cwd=tmp_path)
-    s3 = summary(part)
+    s3 = read_summary(part)
     assert s3["steps_done"] == 10
     assert s3["final_train_loss"] == s2["final_train_loss"]
     assert s3["final_test_error"] == s2["final_test_error"]
@@ -100,7 +104,7 @@ def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path) -> None:
         cwd=tmp_path,
         env=ENV,
     )
-    done = {d.name: summary(d) for d in sweep.iterdir() if (d / "summary.json").exists()}
+    done = {d.name: read_summary(d) for d in sweep.iterdir() if (d / "summary.json").exists()}
     assert sorted(done) == ["0_original_8", "1_preact_8"]
     assert all(s["status"] == "completed" and s["steps_done"] == 4 for s in done.values())
 
@@ -157,9 +161,9 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
     log = (job / "resnet-exp.log").read_text()
     resumed = [line for line in log.splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and "at step 0 " not in resumed[0], log[-2000:]
-    s = summary(job)
+    s = read_summary(job)
     assert s["status"] == "completed" and s["steps_done"] == 320
-    rows = [json.loads(r) for r in (job / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(job / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 41))  # every epoch once: no restart
 
 
@@ -185,20 +189,6 @@ def node_cmd(nodes: int, per_node: int, port: int, args: list[str], extra: list[
     ]
 
 
-def weights(run: Path) -> dict:
-    import torch
-
-    return torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    import torch
-
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
 def test_two_nodes_of_one_process_train_one_run(tmp_path: Path) -> None:
     """Two torchrun "nodes" on localhost meet at a c10d rendezvous (gloo): one run,
     the same result as two processes on one node."""
@@ -219,12 +209,12 @@ def test_two_nodes_of_one_process_train_one_run(tmp_path: Path) -> None:
     for node in nodes:
         _, err = node.communicate(timeout=600)
         assert node.returncode == 0, err[-3000:]
-    s = summary(run)
+    s = read_summary(run)
     assert s["status"] == "completed" and s["processes"] == 2 and s["steps_done"] == 10
     one_node = tmp_path / "one_node"
     torchrun([*job, f"hydra.run.dir={one_node}"], cwd=tmp_path)
-    assert s["final_train_loss"] == summary(one_node)["final_train_loss"]
-    assert_same_weights(weights(run), weights(one_node))
+    assert s["final_train_loss"] == read_summary(one_node)["final_train_loss"]
+    assert_same_tensors(read_checkpoint(run)["model"], read_checkpoint(one_node)["model"])
 
 
 # --- elastic recovery: a worker killed, torchrun restarts the group, resume=auto ---------
@@ -332,13 +322,13 @@ def assert_recovered(run: Path, reference: Path) -> None:
     assert len(resumed) == 1, log[-3000:]
     step = int(resumed[0].split(" at step ")[1].split()[0])
     assert 0 < step < 48 and step % 8 == 0, resumed[0]
-    s, ref = summary(run), summary(reference)
+    s, ref = read_summary(run), read_summary(reference)
     assert s["status"] == "completed" and s["steps_done"] == 48 and s["processes"] == 2
     assert s["final_train_loss"] == ref["final_train_loss"]
     assert s["final_test_error"] == ref["final_test_error"]
-    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 7))  # the redone epochs once each
-    assert_same_weights(weights(run), weights(reference))
+    assert_same_tensors(read_checkpoint(run)["model"], read_checkpoint(reference)["model"])
 
 
 def test_killed_worker_restarts_and_resumes(tmp_path: Path, uninterrupted: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from resnet_exp.run.records import read_metrics
 from resnet_exp.run.result import RunResult
 from resnet_exp.sweep.search.space import parse_space, readable
 from resnet_exp.sweep.search.study import JOURNAL
@@ -24,6 +25,7 @@ from conftest import (
     TINY,
     compose_config,
     console_script,
+    read_summary,
     run_cli,
     run_main,
     tb_scalars,
@@ -61,15 +63,11 @@ def trials(sweep: Path) -> list[Path]:
     )
 
 
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("search")
     sweep = tmp / "multirun"
-    proc = run_cli(
+    proc = run_main(
         [
             "-m",
             "hydra/sweeper=search",
@@ -78,7 +76,6 @@ def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp,
-        env=ONE_THREAD,
     )
     return sweep, proc.stdout
 
@@ -92,7 +89,7 @@ def test_search_minimises_the_validation_error(search) -> None:
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
         lr, wd = cfg.optimizer.lr, cfg.optimizer.weight_decay
         assert LR[0] <= lr <= LR[1] and WD[0] <= wd <= WD[1]  # sampled from the config's space
-        s = summary(run)
+        s = read_summary(run)
         assert s["status"] == "completed"
         found[(lr, wd)] = s["final_val_error"]
     assert len(found) == 3  # three different trials
@@ -109,7 +106,7 @@ def test_search_minimises_the_validation_error(search) -> None:
             "optimizer.lr": cfg.optimizer.lr,
             "optimizer.weight_decay": cfg.optimizer.weight_decay,
         }
-        assert t.value == summary(run)["final_val_error"]
+        assert t.value == read_summary(run)["final_val_error"]
     assert (sweep / "search.png").stat().st_size > 10_000  # history and one panel per parameter
 
 
@@ -132,7 +129,7 @@ def test_report_and_tensorboard_list_the_trials(search) -> None:
 
 def test_search_on_the_test_set_is_refused(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
-    proc = run_cli(
+    proc = run_main(
         ["-m", "hydra/sweeper=search", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path, check=False
     )
     assert proc.returncode == 2
@@ -281,7 +278,7 @@ def test_pruning_stops_the_trial_a_bad_learning_rate_makes_worse(tmp_path: Path)
     )
     assert r.returncode == 0
     bad = trials(sweep)[2]
-    s = summary(bad)
+    s = read_summary(bad)
     assert s["status"] == "pruned" and s["pruned_at_epoch"] == 2
     assert s["steps_done"] == 2 * s["steps_per_epoch"] < s["steps"]  # stopped before the end
     assert (bad / "last.pt").exists() and s["checkpoint"] == str(bad / "last.pt")
@@ -313,7 +310,7 @@ def test_the_trainer_stops_where_its_evaluation_reporter_says(tmp_path: Path) ->
     reporter = StopAfterEpoch2()
     cfg = compose_config([*TINY, "data.val_size=32", "trainer.epochs=4"])
     result = Trainer(cfg, tmp_path, pruning=reporter).run()
-    s = summary(tmp_path)
+    s = read_summary(tmp_path)
     assert result.status is Status.pruned and result.ok and result.exit_code == 0
     assert result.check() is result  # a Python caller gets the result, nothing raised
     assert [e for e, _ in reporter.seen] == [1, 2]  # asked after each evaluation, until told
@@ -385,7 +382,7 @@ def test_stored_search_interrupted_and_continued(tmp_path: Path) -> None:
     for name, before in kept.items():  # the first trials kept as they were, not run again
         assert (sweep / name / "summary.json").read_bytes() == before
     for t, run in zip(study.trials, runs):
-        assert t.value == summary(run)["final_val_error"]
+        assert t.value == read_summary(run)["final_val_error"]
 
 
 @pytest.mark.slow
@@ -418,7 +415,7 @@ def test_two_sweeps_feed_one_study(tmp_path: Path) -> None:
     assert trials(tmp_path / "a") and trials(tmp_path / "b")  # both fed it
     for n, run in dirs.items():
         assert numbers[n].state == optuna.trial.TrialState.COMPLETE
-        assert numbers[n].value == summary(run)["final_val_error"]
+        assert numbers[n].value == read_summary(run)["final_val_error"]
 
 
 @pytest.mark.slow
@@ -439,8 +436,8 @@ def test_packed_launcher_runs_trials_of_a_search_at_once(tmp_path: Path) -> None
     )
     spans = []
     for run in trials(sweep):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert summary(run)["status"] in ("completed", "pruned")
+        rows = read_metrics(run / "metrics.jsonl")
+        assert read_summary(run)["status"] in ("completed", "pruned")
         mtime = (run / "metrics.jsonl").stat().st_mtime
         spans.append((mtime - rows[-1]["time_s"], mtime))
     (a0, a1), (b0, b1) = spans
@@ -466,4 +463,4 @@ def test_submitit_trials_prune_from_their_own_processes(tmp_path: Path) -> None:
         optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.PRUNED,
     ]
-    assert summary(trials(sweep)[1])["status"] == "pruned"
+    assert read_summary(trials(sweep)[1])["status"] == "pruned"
