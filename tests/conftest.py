@@ -47,6 +47,20 @@ TINY = [
     "trainer.progress=false",
     "trainer.device=cpu",
 ]
+# A tiny ImageNet-family job (ResNet-18 at width 8, 32 px crops, a 48 px test view),
+# streamed from an image folder (``write_image_folder``; add ``data.root=``).
+TINY_IMAGENET = [
+    "dataset=imagenet",
+    "depth=18",
+    "model.width=8",
+    "data.image_size=32",
+    "data.eval_crops=[32,48]",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "data.workers=0",
+    "trainer.device=cpu",
+    "trainer.progress=false",
+]
 # Subprocesses on one thread: fast on a busy 2-core machine, bit-exact across processes.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -323,6 +337,58 @@ def run_main(args: list[str], cwd: Path, check: bool = True) -> Result:
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+def torchrun(args: list[str], cwd: Path, timeout: int = 600) -> Result:
+    """The command under ``torchrun --standalone --nproc_per_node=2`` (one thread a
+    process); it must succeed."""
+    launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*launcher, "-m", "resnet_exp", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **ONE_THREAD},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project built as a wheel and installed (a regular install, not the editable
+    one) into a folder of its own, once a session: that folder."""
+    wheels, site = tmp_path_factory.mktemp("wheels"), tmp_path_factory.mktemp("site")
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    wheel = next(wheels.glob("resnet_exp-*.whl"))
+    subprocess.run(
+        [*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return site
+
+
+def run_installed(site: Path, code: str, cwd: Path) -> Result:
+    """Python ``code`` with the installed wheel (``installed_wheel``) alone on its path."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:

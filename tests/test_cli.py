@@ -5,15 +5,13 @@ this process."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from resnet_exp.run.records import read_metrics
 
-from conftest import REPO, cifar10_root, read_summary, run_cli, run_main, tb_scalars
+from conftest import cifar10_root, read_summary, run_cli, run_installed, run_main, tb_scalars
 
 SMALL = [
     "depth=20",
@@ -95,49 +93,15 @@ def test_dry_run_prints_summary_from_any_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_wheel_install_finds_its_configs(tmp_path: Path) -> None:
+def test_wheel_install_finds_its_configs(installed_wheel: Path, tmp_path: Path) -> None:
     """A regular (non-editable) install carries the configs inside the package."""
-    wheels = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    site = tmp_path / "site"
-    wheel = next(wheels.glob("resnet_exp-*.whl"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(site),
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    site = installed_wheel
     assert (site / "resnet_exp" / "configs" / "config.yaml").exists()
     code = (
         "import sys; from resnet_exp import cli; print('CONFIGS', cli.config_dir()); sys.argv[1:] = "
         "['dataset=synthetic', 'block=original', 'depth=32', 'dry_run=true']; cli.main()"
     )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_installed(site, code, cwd=tmp_path)  # a directory without configs
     assert f"CONFIGS {site / 'resnet_exp' / 'configs'}" in proc.stdout
     assert '"params": 464154' in proc.stdout
 

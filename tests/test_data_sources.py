@@ -15,28 +15,15 @@ from resnet_exp.run.runtime import autocast
 from resnet_exp.train.evaluation import evaluate
 from resnet_exp.train.setup import build_setup
 
-from conftest import REPO, TINY, compose_config, write_image_folder
+from conftest import TINY, TINY_IMAGENET, compose_config, write_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
-DATA = REPO / "src" / "resnet_exp" / "data"
 
 
 @pytest.fixture(scope="module")
 def streamed_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     root = write_image_folder(tmp_path_factory.mktemp("streamed"), {"train": 4, "val": 3})
-    return [
-        "dataset=imagenet",
-        f"data.root={root}",
-        "depth=18",
-        "model.width=8",
-        "data.image_size=32",
-        "data.eval_crops=[32,48]",
-        "data.batch_size=6",
-        "data.eval_batch_size=4",
-        "data.workers=0",
-        "trainer.device=cpu",
-        "trainer.progress=false",
-    ]
+    return [*TINY_IMAGENET, f"data.root={root}"]
 
 
 def _direct_batches(s, split):

@@ -43,11 +43,13 @@ from conftest import (
     BLOCKS,
     IMAGENET_CLASSES,
     ONE_THREAD,
+    TINY_IMAGENET,
     cifar10_root,
     meta_params,
     read_checkpoint,
     read_summary,
     run_main,
+    torchrun,
     write_image_folder,
 )
 
@@ -389,21 +391,7 @@ def test_unreadable_image_fails_by_default_and_is_counted_when_skipped(
 
 
 def cli_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "dataset=imagenet",
-        f"data.root={root}",
-        "depth=18",
-        "model.width=8",
-        "data.image_size=32",
-        "data.eval_crops=[32,48]",
-        "data.batch_size=8",
-        "data.eval_batch_size=8",
-        "data.workers=0",
-        "trainer.device=cpu",
-        "trainer.progress=false",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    return [*TINY_IMAGENET, f"data.root={root}", f"hydra.run.dir={run_dir}", *extra]
 
 
 def test_train_and_evaluate_through_the_command_line(folder: Path, tmp_path: Path) -> None:
@@ -579,22 +567,8 @@ def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path, cli) -
 def test_two_processes_under_torchrun(folder: Path, tmp_path: Path) -> None:
     """Rank 0 lists the folder for both; each rank reads its shard; the sums of both
     ranks' test images make the error."""
-    import os
-    import subprocess
-    import sys
-
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
     run = tmp_path / "ddp"
-    args = cli_args(folder, run, "trainer.max_steps=3", "data.eval_batch_size=2")
-    proc = subprocess.run(
-        [*cmd, "-m", "resnet_exp", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **ONE_THREAD},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(cli_args(folder, run, "trainer.max_steps=3", "data.eval_batch_size=2"), tmp_path)
     s = read_summary(run)
     assert s["processes"] == 2 and s["steps_per_epoch"] == 3  # 12 images a rank, 4 a batch
     assert s["test_images"] == 9

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from conftest import (
     read_checkpoint,
     read_summary,
     run_cli,
+    run_installed,
     run_main,
     signal_after_first_evaluation,
     without_wall_clock,
@@ -257,35 +256,15 @@ def test_threads_train_each_run_as_alone(device: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # builds and installs a wheel
-def test_wheel_carries_the_packed_launcher(tmp_path: Path) -> None:
+def test_wheel_carries_the_packed_launcher(installed_wheel: Path, tmp_path: Path) -> None:
     """Hydra finds launchers in the hydra_plugins namespace package: the wheel ships it."""
-    from conftest import REPO
-
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
-    pip = [sys.executable, "-m", "pip"]
-    subprocess.run(
-        [*pip, "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], check=True, timeout=600
-    )
-    wheel = next(wheels.glob("resnet_exp-*.whl"))
-    subprocess.run(
-        [*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        check=True,
-        timeout=600,
-    )
+    site = installed_wheel
     assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace package
     code = (
         "import sys; from resnet_exp import cli; sys.argv[1:] = ['hydra/launcher=packed', "
         "'hydra.launcher.runs_per_device=3', '--cfg', 'hydra', '-p', 'hydra.launcher']; cli.main()"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_installed(site, code, cwd=tmp_path)
     assert (site / "hydra_plugins" / "resnet_exp_packed" / "packed_launcher.py").exists()
     assert "hydra_plugins.resnet_exp_packed.packed_launcher.PackedLauncher" in proc.stdout
     assert "runs_per_device: 3" in proc.stdout

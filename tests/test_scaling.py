@@ -25,6 +25,7 @@ from conftest import (
     read_checkpoint,
     read_summary,
     run_cli,
+    torchrun,
 )
 
 pytestmark = pytest.mark.slow
@@ -43,22 +44,6 @@ DDP_JOB = [
     "trainer.progress=false",
 ]
 ENV = ONE_THREAD  # two processes on two cores
-
-
-def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "resnet_exp",
-        *args,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
