@@ -4,22 +4,25 @@ TensorBoard scalars) without their wall-clock values, small image folders, one C
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import copy
+import functools
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from forkserver import Forked, ForkServer, Result
 
 from resnet_exp import build_model, count_params
 from resnet_exp.models.units import Block
@@ -88,43 +91,69 @@ def console_script() -> str:
 def signal_after_first_evaluation(
     args: list[str], cwd: Path, metrics: list[Path], signum: int
 ) -> tuple[int, str]:
-    """Start the console script (one thread), wait until every ``metrics`` file holds a
-    complete line (a file, not a time: the run is in its loop, its handlers installed),
-    send ``signum``; the exit status and what it wrote to stderr."""
-    err = cwd / "stderr.txt"
-    with open(err, "w") as stderr:
-        proc = subprocess.Popen(
-            [console_script(), *args],
-            cwd=cwd,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env={**os.environ, **ONE_THREAD},
-        )
-        try:
-            deadline = time.monotonic() + 300
-            while not all(m.exists() and m.read_text().endswith("\n") for m in metrics):
-                assert time.monotonic() < deadline and proc.poll() is None, err.read_text()
-                time.sleep(0.01)
-            proc.send_signal(signum)
-            rc = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    return rc, err.read_text()
+    """Start the command in a fresh process (``start_command``), wait until every
+    ``metrics`` file holds a complete line (a file, not a time: the run is in its loop,
+    its handlers installed), send ``signum``; the exit status and what it wrote to stderr."""
+    proc = start_command(args, cwd)
+    deadline = time.monotonic() + 300
+    while not all(m.exists() and m.read_text().endswith("\n") for m in metrics):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.result().stderr
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    done = proc.result(timeout=300)
+    return done.returncode, done.stderr
 
 
-def compose_config(overrides: list[str]):
-    """The Config the command would build from these overrides (no run directory)."""
-    from hydra import compose, initialize_config_dir
+@contextlib.contextmanager
+def hydra_configs() -> Iterator[None]:
+    """The project's configs open for Hydra's ``compose`` in this block (or the ones a
+    module opened already)."""
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
 
     from resnet_exp.cli import config_dir
 
-    if GlobalHydra.instance().is_initialized():  # inside a module's own initialize
-        return OmegaConf.to_object(compose("config", overrides=overrides))
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        yield
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """The Config the command would build from these overrides (no run directory)."""
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    with hydra_configs():
         return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+@functools.cache
+def preset_jobs(experiment: str, scale: str) -> tuple[tuple[str, ...], ...]:
+    """The override lists of a preset's jobs at a scale, every seed, as Hydra's basic
+    sweeper expands them."""
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    base = [f"+experiment={experiment}", f"scale={scale}"]
+    with hydra_configs():
+        cfg = compose("config", overrides=base, return_hydra_config=True)
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    return tuple((*base, *job) for job in batch)
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> Any:
+    return compose_config(list(overrides))
+
+
+def preset_config(overrides: tuple[str, ...]) -> Any:
+    """``compose_config`` of a preset's job, composed once a session (composing is slow:
+    0.1-0.4 s a job, and several modules build the same presets): a copy to change."""
+    return copy.deepcopy(_composed(overrides))
 
 
 # --- a run's files -----------------------------------------------------------------
@@ -185,10 +214,12 @@ def outcome(run: Path, skip: tuple[str, ...] = ()) -> dict[str, Any]:
 # --- nets and images --------------------------------------------------------------------
 
 
-def meta_params(block: str, depth: int, *args: Any, **kw: Any) -> int:
-    """The parameters of ``build_model(block, depth, *args, **kw)``, built on the meta
-    device: no memory, no init cost (ResNet-1202 builds in a second)."""
-    with torch.device("meta"):
+def params_of(block: str, depth: int, *args: Any, on: str = "cpu", **kw: Any) -> int:
+    """The parameter count of ``build_model(block, depth, *args, **kw)`` built on the
+    ``on`` device: ``meta`` (no memory, no init: ImageNet's wide nets, 60M parameters)
+    or the CPU (CIFAR's thousand narrow layers build 2-4x faster there than under the
+    meta device, whose every call goes through Python)."""
+    with contextlib.nullcontext() if on == "cpu" else torch.device(on):
         return count_params(build_model(block, depth, *args, **kw))
 
 
@@ -233,63 +264,73 @@ def data_args(cache_dir: Path) -> list[str]:
     ]
 
 
-@dataclass
-class Result:
-    """What a command run left: as subprocess.CompletedProcess names it."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class Started:
-    """The console script started in the background (``start_cli``): ``result()`` waits
-    for it. Its output goes to files, so it never waits on a full pipe meanwhile."""
-
-    def __init__(self, args: list[str], cwd: Path, env: dict | None = None) -> None:
-        self.args = args
-        # closed in result(), once the process has ended
-        self.out = tempfile.TemporaryFile("w+")  # noqa: SIM115
-        self.err = tempfile.TemporaryFile("w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [console_script(), *args],
-            cwd=cwd,
-            stdout=self.out,
-            stderr=self.err,
-            text=True,
-            env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD, **(env or {})},
-        )
-
-    def result(self, check: bool = True, timeout: int = 600) -> Result:
-        try:
-            code = self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        texts = []
-        for f in (self.out, self.err):
-            f.seek(0)
-            texts.append(f.read())
-            f.close()
-        done = Result(code, *texts)
-        if check and code != 0:
-            raise AssertionError(
-                f"resnet-exp {' '.join(self.args)} failed ({code}):\n{done.stderr[-3000:]}"
-            )
-        return done
-
-
-def start_cli(args: list[str], cwd: Path, env: dict | None = None) -> Started:
-    """Start the console script from ``cwd`` (one thread) and return at once: its
-    seconds of start-up overlap what this process does until ``result()``."""
-    return Started(args, cwd, env)
-
-
 def run_cli(
     args: list[str], cwd: Path, check: bool = True, timeout: int = 600, env: dict | None = None
 ) -> Result:
-    """Run the console script from ``cwd`` (one thread): its exit status and output."""
-    return start_cli(args, cwd, env).result(check, timeout)
+    """Run the installed console script from ``cwd`` (one thread): its exit status and
+    output. (``run_command``: the same script in a process forked from a server.)"""
+    proc = subprocess.run(
+        [console_script(), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"resnet-exp {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+# --- fresh processes, forked from a server that has the libraries loaded -------------
+
+
+@functools.cache
+def src_libraries() -> list[str]:
+    """The modules outside the project and the standard library that src/ imports."""
+    names: set[str] = set()
+    for path in (REPO / "src").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module)
+    own = ("resnet_exp", "hydra_plugins")
+    return sorted(n for n in names if n.split(".")[0] not in (*sys.stdlib_module_names, *own))
+
+
+_SERVERS: list[ForkServer] = []
+
+
+def fork_server() -> ForkServer:
+    """The session's fork server (tests/forkserver.py), started at first use: it loads
+    the libraries src/ imports (seconds: torch, torchvision, Hydra, matplotlib), never
+    the project; each child then starts in a fraction of a second."""
+    if not _SERVERS:
+        env = {**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD}
+        _SERVERS.append(ForkServer(console_script(), src_libraries(), env))
+    return _SERVERS[0]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def close_fork_server() -> Iterator[None]:
+    yield
+    for server in _SERVERS:
+        server.close()
+
+
+def start_command(args: list[str], cwd: Path, env: dict | None = None) -> Forked:
+    """The installed console script with ``args``, from ``cwd``, in a fresh process of
+    its own (its pid, signals, exit status, output), started and returned at once."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD, **(env or {})}
+    return fork_server().start(args, cwd, env)
+
+
+def run_command(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> Result:
+    """``start_command``, then its exit status and output."""
+    return start_command(args, cwd, env).result(check)
 
 
 def run_main(args: list[str], cwd: Path, check: bool = True) -> Result:
@@ -332,11 +373,6 @@ def run_main(args: list[str], cwd: Path, check: bool = True) -> Result:
     if check and code != 0:
         raise AssertionError(f"resnet-exp {' '.join(args)} failed ({code}):\n{result.stderr}")
     return result
-
-
-@pytest.fixture(scope="session")
-def cli():
-    return run_cli
 
 
 def torchrun(args: list[str], cwd: Path, timeout: int = 600) -> Result:

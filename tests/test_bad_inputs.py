@@ -24,7 +24,7 @@ from conftest import (
     read_checkpoint,
     read_summary,
     run_main,
-    start_cli,
+    start_command,
 )
 
 # Most cases only build the tiny job (dry_run) inside an existing run's directory.
@@ -162,8 +162,8 @@ Outcome = tuple[Result, str]
 
 @pytest.fixture(scope="module")
 def outcomes(place: dict[str, Path]) -> dict[str, Outcome]:
-    """Every case's result and message (``console: NAME``: through the console script,
-    started first: their start-up overlaps the cases run in this process)."""
+    """Every case's result and message (``console: NAME``: through the installed console
+    script in a fresh process, started first: it runs while the cases run here)."""
     tmp, run = place["tmp"], place["run"]
     before, broken = snapshot(run), snapshot(tmp / "broken")
     fill = {"tmp": tmp, "run": run}
@@ -172,7 +172,7 @@ def outcomes(place: dict[str, Path]) -> dict[str, Outcome]:
                message.format(**fill))
         for name, args, message in CASES
     }  # fmt: skip
-    started = {name: start_cli(cases[name][0], cwd=tmp) for name in CONSOLE}
+    started = {name: start_command(cases[name][0], cwd=tmp) for name in CONSOLE}
     results: dict[str, Outcome] = {
         name: (run_main(overrides, cwd=tmp, check=False), message)
         for name, (overrides, message) in cases.items()

@@ -114,7 +114,7 @@ def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> Non
     Measured: about 60% test error after 200 steps; the bar (70%) leaves room for seeds.
     """
     run = tmp_path / "run"
-    run_cli(
+    run_main(
         [
             "depth=20",
             "block=preact",
@@ -126,7 +126,6 @@ def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> Non
             f"hydra.run.dir={run}",
         ],
         cwd=tmp_path,
-        timeout=1800,  # decoding 60k JPEGs, then 250 steps on one thread of a shared CPU
-    )
+    )  # minutes: decoding 60k JPEGs (once a session), then 250 steps on one thread
     summary = read_summary(run)
     assert summary["final_test_error"] < 70.0, summary

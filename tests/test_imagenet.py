@@ -42,10 +42,9 @@ from resnet_exp.models.shortcuts import Projection
 from conftest import (
     BLOCKS,
     IMAGENET_CLASSES,
-    ONE_THREAD,
     TINY_IMAGENET,
     cifar10_root,
-    meta_params,
+    params_of,
     read_checkpoint,
     read_summary,
     run_main,
@@ -84,15 +83,15 @@ EXACT_ORIGINAL = {
 }
 
 
-# ImageNet's classifier (1000 classes), as the published counts have it.
-IMAGENET = {"num_classes": 1000, "family": "imagenet"}
+# ImageNet's classifier (1000 classes), as the published counts have it; on the meta device.
+IMAGENET = {"num_classes": 1000, "family": "imagenet", "on": "meta"}
 
 
 @pytest.mark.parametrize("depth", list(IMAGENET_DEPTHS))
 def test_imagenet_parameter_counts(depth: int) -> None:
     original, preact = (
-        meta_params("original", depth, **IMAGENET),
-        meta_params("preact", depth, **IMAGENET),
+        params_of("original", depth, **IMAGENET),
+        params_of("preact", depth, **IMAGENET),
     )
     assert original == EXACT_ORIGINAL[depth]  # = torchvision's resnetN
     if depth in PUBLISHED_M:
@@ -103,9 +102,9 @@ def test_imagenet_parameter_counts(depth: int) -> None:
 
 
 def test_every_ordering_has_about_the_same_parameters() -> None:
-    original = meta_params("original", 50, **IMAGENET)
+    original = params_of("original", 50, **IMAGENET)
     for block in BLOCKS[1:]:
-        assert abs(meta_params(block, 50, **IMAGENET) - original) / original < 0.001, block
+        assert abs(params_of(block, 50, **IMAGENET) - original) / original < 0.001, block
 
 
 def test_bad_imagenet_depth_is_one_line_listing_depths() -> None:
@@ -471,8 +470,8 @@ def test_table5_preset_jobs_are_the_papers_rows() -> None:
 
 
 @pytest.mark.slow
-def test_table5_preset_dry_run(folder: Path, tmp_path: Path, cli) -> None:
-    proc = cli(
+def test_table5_preset_dry_run(folder: Path, tmp_path: Path) -> None:
+    proc = run_main(
         ["-m", "+experiment=table5", f"data.root={folder}", "data.batch_size=8", "dry_run=true",
          "trainer.device=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path,
@@ -484,7 +483,7 @@ def test_table5_preset_dry_run(folder: Path, tmp_path: Path, cli) -> None:
     assert {i["family"] for i in infos} == {"imagenet"} and not any(i["warmup"] for i in infos)
     params = {(i["block"], i["depth"]): i["params"] for i in infos}
     # 3 classes here; with ImageNet's 1000 the counts are the published ones (tested above)
-    assert params["original", 200] == meta_params("original", 200, **IMAGENET) - 997 * 2049
+    assert params["original", 200] == params_of("original", 200, **IMAGENET) - 997 * 2049
 
 
 def _json_blocks(text: str) -> list[str]:
@@ -524,29 +523,21 @@ def test_recipe_preset_scales_lr_with_the_batch() -> None:
 
 
 @pytest.mark.slow
-def test_resume_through_the_command_line_is_exact(folder: Path, tmp_path: Path, cli) -> None:
+def test_resume_through_the_command_line_is_exact(folder: Path, tmp_path: Path) -> None:
     # a constant lr: a resumed run keeps the schedule of its first, shorter length
     det = ("trainer.deterministic=true", "data.workers=2", "schedule.gamma=1")
-    cli(
-        cli_args(folder, tmp_path / "full", "trainer.max_steps=5", *det),
-        cwd=tmp_path,
-        env=ONE_THREAD,
-    )
-    cli(
-        cli_args(folder, tmp_path / "part", "trainer.max_steps=2", *det),
-        cwd=tmp_path,
-        env=ONE_THREAD,
-    )
-    cli([f"resume={tmp_path / 'part'}", "trainer.max_steps=5"], cwd=tmp_path, env=ONE_THREAD)
+    run_main(cli_args(folder, tmp_path / "full", "trainer.max_steps=5", *det), cwd=tmp_path)
+    run_main(cli_args(folder, tmp_path / "part", "trainer.max_steps=2", *det), cwd=tmp_path)
+    run_main([f"resume={tmp_path / 'part'}", "trainer.max_steps=5"], cwd=tmp_path)
     a, b = (read_checkpoint(tmp_path / name)["model"] for name in ("full", "part"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(cifar10_root() is None, reason="needs the CIFAR-10 JPEG copy")
-def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path, cli) -> None:
+def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path) -> None:
     """Real photographs (32 px, resized up to 64) streamed into an ImageNet ResNet-18."""
-    cli(
+    run_main(
         [
             "dataset=imagefolder", "data.stream=true", f"data.root={cifar10_root()}",
             "data.train_limit=2048", "data.test_limit=500", "data.image_size=64",
@@ -555,7 +546,6 @@ def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path, cli) -
             "trainer.device=cpu", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}",
         ],
         cwd=tmp_path,
-        timeout=1200,
     )  # fmt: skip
     s = read_summary(tmp_path / "run")
     assert s["family"] == "imagenet" and s["train_images"] == 2048 and s["test_images"] == 500

@@ -4,13 +4,8 @@ the data sources' layering, and no function in src/ longer than LIMIT lines."""
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 
-import pytest
-
-from conftest import REPO
+from conftest import REPO, fork_server, src_libraries
 
 SRC = REPO / "src"
 DATA = SRC / "resnet_exp" / "data"
@@ -29,60 +24,15 @@ def src_modules() -> list[str]:
     return out
 
 
-# A fresh interpreter loads the libraries once, then forks a child per module: each
-# child imports its module first, with none of the project loaded, and no registry
-# (OmegaConf resolvers, Hydra's ConfigStore) holds an earlier import's state. The
-# libraries loaded first are the ones src/ names in its imports (argv before "--"), so
-# that a child pays for the project's own code alone; a module still needs its own
-# import of each name it uses (a library loaded here is not in its namespace).
-IMPORT_EACH = """
-import importlib, os, sys, traceback
-split = sys.argv.index("--")
-for name in sys.argv[1:split]:
-    importlib.import_module(name)
-failed = []
-for name in sys.argv[split + 1:]:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            __import__(name)
-        except BaseException:
-            traceback.print_exc()
-            os._exit(1)
-        os._exit(0)
-    if os.waitpid(pid, 0)[1]:
-        failed.append(name)
-print("FAILED", *failed)
-"""
-
-
-def libraries() -> list[str]:
-    """The modules outside the project and the standard library that src/ imports."""
-    names: set[str] = set()
-    for path in SRC.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                names.add(node.module)
-    own = ("resnet_exp", "hydra_plugins")
-    return sorted(n for n in names if n.split(".")[0] not in (*sys.stdlib_module_names, *own))
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per module")
 def test_every_module_imports_alone() -> None:
+    """Each module imported first, in a fresh process with none of the project loaded (a
+    child of conftest's fork server: no registry, OmegaConf's resolvers or Hydra's
+    ConfigStore, holds an earlier import's state). The server loaded the libraries src/
+    imports; a module still needs its own import of each name it uses."""
     modules = src_modules()
     assert "resnet_exp.models.build" in modules and "resnet_exp.cli" in modules
-    assert "torch" in libraries() and "hydra" in libraries()
-    done = subprocess.run(
-        [sys.executable, "-c", IMPORT_EACH, *libraries(), "--", *modules],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(SRC)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "FAILED", done.stderr[-3000:]
+    assert {"torch", "hydra"} <= set(src_libraries())
+    assert fork_server().imports_alone(modules) == {}
 
 
 def import_graph() -> dict[str, set[str]]:

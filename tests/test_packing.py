@@ -15,7 +15,6 @@ from resnet_exp.sweep import pack
 from resnet_exp.train.loop import train
 
 from conftest import (
-    ONE_THREAD,
     TINY,
     Result,
     assert_same_tensors,
@@ -23,7 +22,6 @@ from conftest import (
     outcome,
     read_checkpoint,
     read_summary,
-    run_cli,
     run_installed,
     run_main,
     signal_after_first_evaluation,
@@ -175,9 +173,7 @@ def test_sigterm_checkpoints_every_packed_run_then_the_sweep_resumes(tmp_path: P
 
     # The same command with resume=auto continues both runs from their checkpoints.
     shorter = [a for a in long if a != "trainer.epochs=50"] + ["trainer.max_steps=64"]
-    run_cli(
-        ["-m", *shorter, "resume=auto", f"hydra.sweep.dir={sweep_dir}"], tmp_path, env=ONE_THREAD
-    )
+    run_main(["-m", *shorter, "resume=auto", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     for i in (0, 1):
         log = (sweep_dir / f"{i}_preact_8" / "resnet-exp.log").read_text()
         assert "resumed from" in log

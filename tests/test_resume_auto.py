@@ -17,7 +17,6 @@ from conftest import (
     assert_same_tensors,
     read_checkpoint,
     read_summary,
-    run_cli,
     run_main,
     signal_after_first_evaluation,
 )
@@ -87,7 +86,7 @@ def test_ctrl_c_stops_a_sweep_and_resume_auto_continues_it(tmp_path: Path) -> No
 
     # The same sweep, resume=auto (the stopped job now with an end in reach).
     length = step + STEPS_PER_EPOCH + 3  # mid-epoch
-    run_cli([*args, f"trainer.max_steps=16,{length},16", "resume=auto"], tmp_path)
+    run_main([*args, f"trainer.max_steps=16,{length},16", "resume=auto"], tmp_path)
     assert {f: (jobs[0] / f).read_bytes() for f in finished} == finished  # skipped
     assert "nothing to do" in (jobs[0] / "resnet-exp.log").read_text()
     log = (jobs[1] / "resnet-exp.log").read_text()

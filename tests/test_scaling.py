@@ -21,10 +21,10 @@ from resnet_exp.run.records import read_metrics
 from conftest import (
     ONE_THREAD,
     assert_same_tensors,
-    console_script,
     read_checkpoint,
     read_summary,
-    run_cli,
+    run_main,
+    start_command,
     torchrun,
 )
 
@@ -46,12 +46,18 @@ DDP_JOB = [
 ENV = ONE_THREAD  # two processes on two cores
 
 
-def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
-    # Two processes, default (timestamped) run directory: one directory for both ranks.
-    torchrun([*DDP_JOB, "trainer.max_steps=10"], cwd=tmp_path)
-    runs = [p.parent.parent for p in (tmp_path / "outputs").rglob(".hydra/config.yaml")]
-    assert len(runs) == 1, runs
-    ddp = runs[0]
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 steps over two processes (torchrun), in the default (timestamped) run directory."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    torchrun([*DDP_JOB, "trainer.max_steps=10"], cwd=cwd)
+    runs = [p.parent.parent for p in (cwd / "outputs").rglob(".hydra/config.yaml")]
+    assert len(runs) == 1, runs  # one directory for both ranks
+    return runs[0]
+
+
+def test_torchrun_matches_single_process_and_resumes(tmp_path: Path, two_processes: Path) -> None:
+    ddp = two_processes
     assert len(list(ddp.glob("events.out.tfevents.*"))) == 1
     assert len((ddp / "resnet-exp.log").read_text().splitlines()) >= 2  # rank 0's log only
     s2 = read_summary(ddp)
@@ -60,7 +66,7 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     # One process, same global batch of 64: the same loss up to BatchNorm statistics,
     # which each rank computes over its own 32 images (0.3% apart after 10 steps, measured).
     single = tmp_path / "single"
-    run_cli([*DDP_JOB, "trainer.max_steps=10", f"hydra.run.dir={single}"], cwd=tmp_path, env=ENV)
+    run_main([*DDP_JOB, "trainer.max_steps=10", f"hydra.run.dir={single}"], cwd=tmp_path)
     s1 = read_summary(single)
     assert s1["processes"] == 1
     assert abs(s2["final_train_loss"] - s1["final_train_loss"]) / s1["final_train_loss"] < 0.02
@@ -75,20 +81,15 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     assert s3["final_test_error"] == s2["final_test_error"]
 
 
-def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path) -> None:
+def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path, monkeypatch) -> None:
+    """The sweep from this process; its jobs in processes of their own (one thread each)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     sweep = tmp_path / "sweep"
-    run_cli(
-        [
-            "-m",
-            "hydra/launcher=local",
-            "block=original,preact",
-            *DDP_JOB,
-            "trainer.max_steps=4",
-            f"hydra.sweep.dir={sweep}",
-        ],
+    run_main(
+        ["-m", "hydra/launcher=local", "block=original,preact", *DDP_JOB, "trainer.max_steps=4",
+         f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
-        env=ENV,
-    )
+    )  # fmt: skip
     done = {d.name: read_summary(d) for d in sweep.iterdir() if (d / "summary.json").exists()}
     assert sorted(done) == ["0_original_8", "1_preact_8"]
     assert all(s["status"] == "completed" and s["steps_done"] == 4 for s in done.values())
@@ -113,7 +114,6 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
     the job checkpoint and requeue; the requeued job continues from that step."""
     sweep = tmp_path / "sweep"
     args = [
-        console_script(),
         "-m",
         "hydra/launcher=local",
         *DDP_JOB,
@@ -122,14 +122,7 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
         "trainer.max_steps=320",
         f"hydra.sweep.dir={sweep}",
     ]
-    sweeper = subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **ENV},
-    )
+    sweeper = start_command(args, tmp_path)
     job = sweep / "0_preact_8"
     try:
         deadline = time.monotonic() + 300
@@ -138,11 +131,11 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
             time.sleep(0.2)
         for pid in _job_pids(sweep):
             os.kill(pid, signal.SIGUSR2)
-        out, _ = sweeper.communicate(timeout=600)
+        done = sweeper.result(timeout=600)
     finally:
         if sweeper.poll() is None:
-            sweeper.kill()
-    assert sweeper.returncode == 0, out[-3000:]
+            sweeper.send_signal(signal.SIGKILL)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     log = (job / "resnet-exp.log").read_text()
     resumed = [line for line in log.splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and "at step 0 " not in resumed[0], log[-2000:]
@@ -174,7 +167,7 @@ def node_cmd(nodes: int, per_node: int, port: int, args: list[str], extra: list[
     ]
 
 
-def test_two_nodes_of_one_process_train_one_run(tmp_path: Path) -> None:
+def test_two_nodes_of_one_process_train_one_run(tmp_path: Path, two_processes: Path) -> None:
     """Two torchrun "nodes" on localhost meet at a c10d rendezvous (gloo): one run,
     the same result as two processes on one node."""
     job = [*DDP_JOB, "trainer.max_steps=10"]
@@ -196,8 +189,7 @@ def test_two_nodes_of_one_process_train_one_run(tmp_path: Path) -> None:
         assert node.returncode == 0, err[-3000:]
     s = read_summary(run)
     assert s["status"] == "completed" and s["processes"] == 2 and s["steps_done"] == 10
-    one_node = tmp_path / "one_node"
-    torchrun([*job, f"hydra.run.dir={one_node}"], cwd=tmp_path)
+    one_node = two_processes  # the same job over two processes of one torchrun
     assert s["final_train_loss"] == read_summary(one_node)["final_train_loss"]
     assert_same_tensors(read_checkpoint(run)["model"], read_checkpoint(one_node)["model"])
 

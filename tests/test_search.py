@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,13 +19,12 @@ from resnet_exp.sweep.search.space import parse_space, readable
 from resnet_exp.sweep.search.study import JOURNAL
 
 from conftest import (
-    ONE_THREAD,
     TINY,
+    Forked,
     compose_config,
-    console_script,
     read_summary,
-    run_cli,
     run_main,
+    start_command,
     tb_scalars,
 )
 
@@ -321,24 +318,12 @@ def test_the_trainer_stops_where_its_evaluation_reporter_says(tmp_path: Path) ->
     assert "test_error" not in s  # the test set is for runs trained to their end
 
 
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(pred, proc: Forked, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while not pred():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert proc.poll() is None, proc.result().stderr[-2000:]
         assert time.monotonic() < end, "timed out"
         time.sleep(0.2)
-
-
-def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD}
-    return subprocess.Popen(
-        [console_script(), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.mark.slow
@@ -352,7 +337,7 @@ def test_stored_search_interrupted_and_continued(tmp_path: Path) -> None:
         *EPOCHS,
         f"hydra.sweep.dir={sweep}",
     ]
-    proc = _popen(args, tmp_path)
+    proc = start_command(args, tmp_path)
 
     def two_done() -> bool:
         done = [
@@ -369,11 +354,11 @@ def test_stored_search_interrupted_and_continued(tmp_path: Path) -> None:
         if (p / "summary.json").exists()
     }
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err
+    done = proc.result(timeout=120)
+    assert done.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), done.stderr
     assert len(load_study(sweep / JOURNAL).trials) < 4
 
-    run_cli([*args, "resume=auto"], tmp_path)
+    run_main([*args, "resume=auto"], tmp_path)
     study = load_study(sweep / JOURNAL)
     assert [t.number for t in study.trials] == [0, 1, 2, 3]  # n_trials over the whole study
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -389,7 +374,7 @@ def test_stored_search_interrupted_and_continued(tmp_path: Path) -> None:
 def test_two_sweeps_feed_one_study(tmp_path: Path) -> None:
     storage = tmp_path / "shared.journal"
     procs = [
-        _popen(
+        start_command(
             [
                 "-m",
                 "hydra/sweeper=search",
@@ -403,8 +388,8 @@ def test_two_sweeps_feed_one_study(tmp_path: Path) -> None:
         for name in ("a", "b")
     ]
     for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-2000:]
+        done = p.result(timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
     study = load_study(storage)
     numbers = {t.number: t for t in study.trials}
     dirs = {int(p.name.split("_")[0]): p for name in ("a", "b") for p in trials(tmp_path / name)}
@@ -421,7 +406,7 @@ def test_two_sweeps_feed_one_study(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_packed_launcher_runs_trials_of_a_search_at_once(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
-    run_cli(
+    run_main(
         [
             "-m",
             "hydra/sweeper=search",
@@ -446,15 +431,18 @@ def test_packed_launcher_runs_trials_of_a_search_at_once(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_submitit_trials_prune_from_their_own_processes(tmp_path: Path) -> None:
+def test_submitit_trials_prune_from_their_own_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Trials in other processes (submitit, hydra/launcher=local) reach the study through
     its storage: the sweep's results match their summaries, and pruning reaches them."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install '.[slurm]'")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trials' processes: one thread each
     sweep = tmp_path / "multirun"
     common = ["-m", "hydra/sweeper=search", "hydra/launcher=local", *EPOCHS]
     common += ["hydra.sweeper.min_resource=2", f"hydra.sweep.dir={sweep}"]
-    run_cli([*common, "hydra.sweeper.n_trials=1", "optimizer.lr=interval(0.04, 0.06)"], tmp_path)
-    run_cli(
+    run_main([*common, "hydra.sweeper.n_trials=1", "optimizer.lr=interval(0.04, 0.06)"], tmp_path)
+    run_main(
         [*common, "hydra.sweeper.n_trials=2", "optimizer.lr=interval(1e-6, 2e-6)", "resume=auto"],
         tmp_path,
     )
