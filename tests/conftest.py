@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -294,12 +295,16 @@ def signal_after_first_evaluation(
     ``metrics`` file holds a complete line (a file, not a time: the run is in its loop,
     its handlers installed), send ``signum``; the exit status and what it wrote to stderr."""
     proc = start_command(args, cwd)
-    deadline = time.monotonic() + 300
-    while not all(m.exists() and m.read_text().endswith("\n") for m in metrics):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.result().stderr
-        time.sleep(0.01)
-    proc.send_signal(signum)
-    done = proc.result(timeout=300)
+    try:
+        deadline = time.monotonic() + 300
+        while not all(m.exists() and m.read_text().endswith("\n") for m in metrics):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.result().stderr
+            time.sleep(0.01)
+        proc.send_signal(signum)
+        done = proc.result(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
     return done.returncode, done.stderr
 
 

@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def _serve() -> dict[str, Any]:
     ``start``/``import``/``code``: fork a child, answer its pid. ``poll``: its exit status or
     null while it runs. ``wait``: its exit status (null: killed at the timeout)."""
     ended: dict[int, int] = {}
+    started: list[int] = []
 
     def reap(pid: int, block: bool) -> int | None:
         if pid not in ended:
@@ -62,7 +64,7 @@ def _serve() -> dict[str, Any]:
             deadline = time.monotonic() + req["timeout"]
             while (reply := reap(req["pid"], block=False)) is None:
                 if time.monotonic() > deadline:
-                    os.kill(req["pid"], 9)
+                    os.kill(req["pid"], signal.SIGKILL)
                     reap(req["pid"], block=True)
                     break
                 time.sleep(0.005)
@@ -70,9 +72,14 @@ def _serve() -> dict[str, Any]:
             pid = os.fork()
             if pid == 0:
                 return req
+            started.append(pid)
             reply = pid
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+    for pid in started:  # the client has gone: what it left running ends with it
+        if reap(pid, block=False) is None:
+            os.kill(pid, signal.SIGKILL)
+            reap(pid, block=True)
     os._exit(0)
 
 

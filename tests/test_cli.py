@@ -109,9 +109,11 @@ def test_wheel_install_finds_its_configs(installed_wheel: Path, tmp_path: Path) 
 @pytest.mark.slow
 @pytest.mark.skipif(cifar10_root() is None, reason="no CIFAR-10 copy on this machine")
 def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> None:
-    """250 steps of ResNet-20 (batch 128, fp32 CPU) reach well above 10% chance accuracy.
+    """150 steps of ResNet-20 (batch 128, lr 0.1 without the warm-up, as the paper trains
+    its nets but ResNet-110) reach well above 10% chance accuracy.
 
-    Measured: about 60% test error after 200 steps; the bar (70%) leaves room for seeds.
+    Measured (bf16 CPU): 61.5% and 60.6% test error for seeds 0 and 1 (with the warm-up,
+    lr 0.01 throughout, 150 steps leave 73%); the bar (70%) leaves room for seeds.
     """
     run = tmp_path / "run"
     run_main(
@@ -121,11 +123,12 @@ def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> Non
             f"data.root={cifar10_root()}",
             f"data.cache_dir={cache_dir}",
             "data.test_limit=2000",
-            "trainer.max_steps=250",
+            "trainer.max_steps=150",
+            "schedule.warmup=false",
             "trainer.progress=false",
             f"hydra.run.dir={run}",
         ],
         cwd=tmp_path,
-    )  # minutes: decoding 60k JPEGs (once a session), then 250 steps on one thread
+    )  # a minute or two: decoding 60k JPEGs (once a session), then 150 steps on one thread
     summary = read_summary(run)
     assert summary["final_test_error"] < 70.0, summary

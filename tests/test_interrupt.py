@@ -32,8 +32,8 @@ from conftest import (
 # conftest's tiny job: 16 steps an epoch, deterministic, a logging step every 5.
 JOB = [*TINY, "trainer.log_every=5", "trainer.deterministic=true"]
 STEPS_PER_EPOCH = 16
-# The paper schedule over 8 epochs: lr / 10 at steps 64 and 96, after any stop below.
-PAPER = [*JOB, "trainer.epochs=8"]
+# The paper schedule over 6 epochs: lr / 10 at steps 48 and 72, after any stop below.
+PAPER = [*JOB, "trainer.epochs=6"]
 # Constant lr after an 8-step warm-up: a run cut short by max_steps has the same
 # schedule as a longer one (paper milestones are fractions of the run's length).
 FLAT = [
