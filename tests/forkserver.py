@@ -181,6 +181,7 @@ class Forked:
         paths = {"stdout": str(self.files[0]), "stderr": str(self.files[1])}
         self.pid = server.ask(op=op, cwd=str(cwd), env=env, **paths, **request)
         self.args = request.get("args", [request.get("module")])
+        self.done: Result | None = None
 
     def poll(self) -> int | None:
         return self.server.ask(op="poll", pid=self.pid)
@@ -189,12 +190,14 @@ class Forked:
         os.kill(self.pid, signum)
 
     def result(self, check: bool = False, timeout: int = 600) -> Result:
-        code = self.server.ask(op="wait", pid=self.pid, timeout=timeout)
-        texts = []
-        for path in self.files:
-            texts.append(path.read_text())
-            path.unlink()
-        done = Result(-9 if code is None else code, *texts)
+        if self.done is None:
+            code = self.server.ask(op="wait", pid=self.pid, timeout=timeout)
+            texts = []
+            for path in self.files:
+                texts.append(path.read_text())
+                path.unlink()
+            self.done = Result(-9 if code is None else code, *texts)
+        done = self.done
         if check and done.returncode != 0:
             raise AssertionError(
                 f"resnet-exp {' '.join(self.args)} failed ({done.returncode}):\n"
