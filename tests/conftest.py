@@ -270,6 +270,18 @@ def fork_server() -> ForkServer:
     return _SERVERS[0]
 
 
+# What a test module imports to run the command in a fresh process.
+FORKING = {"fork_server", "start_command", "run_command", "signal_after_first_evaluation"}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the fork server now if a collected test will use it: its seconds of loading
+    the libraries then pass while the first tests run."""
+    modules = {item.module for item in session.items if isinstance(item, pytest.Function)}
+    if any(FORKING & vars(m).keys() for m in modules):
+        fork_server()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def close_fork_server() -> Iterator[None]:
     yield
