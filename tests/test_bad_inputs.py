@@ -163,7 +163,7 @@ Outcome = tuple[Result, str]
 @pytest.fixture(scope="module")
 def outcomes(place: dict[str, Path]) -> dict[str, Outcome]:
     """Every case's result and message (``console: NAME``: through the installed console
-    script in a fresh process, started first: it runs while the cases run here)."""
+    script, each in a fresh process, the three at once)."""
     tmp, run = place["tmp"], place["run"]
     before, broken = snapshot(run), snapshot(tmp / "broken")
     fill = {"tmp": tmp, "run": run}
@@ -172,11 +172,11 @@ def outcomes(place: dict[str, Path]) -> dict[str, Outcome]:
                message.format(**fill))
         for name, args, message in CASES
     }  # fmt: skip
-    started = {name: start_command(cases[name][0], cwd=tmp) for name in CONSOLE}
     results: dict[str, Outcome] = {
         name: (run_main(overrides, cwd=tmp, check=False), message)
         for name, (overrides, message) in cases.items()
     }
+    started = {name: start_command(cases[name][0], cwd=tmp) for name in CONSOLE}
     for name, proc in started.items():
         results[f"console: {name}"] = proc.result(check=False), cases[name][1]
     # Nothing any case did changed the existing run or the broken checkpoint.
