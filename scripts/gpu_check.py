@@ -48,7 +48,7 @@ from benchtools import cpu_name, run_killable  # noqa: E402  (scripts/ is first 
 
 # The tests that skip without CUDA.
 CUDA_TESTS = [
-    "tests/test_gpu.py",
+    "tests/test_cuda_graphs.py",
     "tests/test_packing.py::test_threads_train_each_run_as_alone[cuda]",
     "tests/test_imagenet.py::test_gpu_decode_path_matches_the_cpu_path",
 ]

@@ -9,9 +9,7 @@ also through the installed console script.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, Result, compose_config, run_cli, run_main
+from conftest import (
+    TINY,
+    Result,
+    compose_config,
+    read_checkpoint,
+    read_summary,
+    run_main,
+    start_command,
+)
 
 # Most cases only build the tiny job (dry_run) inside an existing run's directory.
 
@@ -151,23 +157,28 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"tmp": tmp, "run": run}
 
 
-Outcome = tuple[Result | subprocess.CompletedProcess, str]
+Outcome = tuple[Result, str]
 
 
 @pytest.fixture(scope="module")
 def outcomes(place: dict[str, Path]) -> dict[str, Outcome]:
-    """Every case's result and message (``console: NAME``: through the console script)."""
+    """Every case's result and message (``console: NAME``: through the installed console
+    script, each in a fresh process, the three at once)."""
     tmp, run = place["tmp"], place["run"]
     before, broken = snapshot(run), snapshot(tmp / "broken")
     fill = {"tmp": tmp, "run": run}
-    results: dict[str, Outcome] = {}
-    for name, args, message in CASES:
-        overrides = [*TINY, "dry_run=true", f"hydra.run.dir={run}"]
-        overrides += [a.format(**fill) for a in args]
-        results[name] = run_main(overrides, cwd=tmp, check=False), message.format(**fill)
-        if name in CONSOLE:
-            proc = run_cli(overrides, cwd=tmp, check=False)
-            results[f"console: {name}"] = proc, message.format(**fill)
+    cases = {
+        name: ([*TINY, "dry_run=true", f"hydra.run.dir={run}", *(a.format(**fill) for a in args)],
+               message.format(**fill))
+        for name, args, message in CASES
+    }  # fmt: skip
+    results: dict[str, Outcome] = {
+        name: (run_main(overrides, cwd=tmp, check=False), message)
+        for name, (overrides, message) in cases.items()
+    }
+    started = {name: start_command(cases[name][0], cwd=tmp) for name in CONSOLE}
+    for name, proc in started.items():
+        results[f"console: {name}"] = proc.result(check=False), cases[name][1]
     # Nothing any case did changed the existing run or the broken checkpoint.
     assert snapshot(run) == before and snapshot(tmp / "broken") == broken
     return results
@@ -199,14 +210,14 @@ def test_divergence_stops_names_the_step_and_keeps_the_last_good_checkpoint(tmp_
     proc = run_main(args, cwd=tmp_path, check=False)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 3, proc.stderr
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     step = summary["diverged_at_step"]
     assert summary["status"] == "diverged" and 16 < step <= 20
     assert lines == [
         f"resnet-exp: error: loss became non-finite at step {step}; training stopped, "
         f"last good checkpoint: {run / 'last.pt'} (step 16)"
     ]
-    state = torch.load(run / "last.pt", weights_only=False)
+    state = read_checkpoint(run)
     assert state["step"] == 16
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 

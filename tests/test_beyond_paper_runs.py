@@ -23,9 +23,9 @@ from conftest import (
     TINY,
     assert_same_tensors,
     compose_config,
+    outcome,
     run_cli,
     run_main,
-    run_outcome,
     stop_at_poll,
 )
 
@@ -60,7 +60,7 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(switch: str, tmp_path: Path
         train_in(run, job, stop=stop_at_poll(21))
     assert info.value.step == 21
     train_in(run, [*job, f"resume={run}"])
-    got, want = run_outcome(run), run_outcome(whole)
+    got, want = outcome(run), outcome(whole)
     assert ("ema" in want["state"]) == (switch == "ema")
     assert ("batch_aug_gen" in want["state"]["loader"]) == (
         switch not in ("label_smoothing", "ema")
@@ -109,7 +109,7 @@ def test_time_limit_windows_with_every_switch_end_as_one_run(tmp_path: Path) -> 
             cuts.append(stop.step)
             assert len(cuts) < 6, cuts
     assert cuts and all(0 < c < 64 for c in cuts)
-    assert_same_tensors(run_outcome(run), run_outcome(whole))
+    assert_same_tensors(outcome(run), outcome(whole))
 
 
 def test_packed_runs_with_every_switch_are_the_runs_alone(tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def test_packed_runs_with_every_switch_are_the_runs_alone(tmp_path: Path) -> Non
     for name, block in (("0_original_8", "original"), ("1_preact_8", "preact")):
         alone = tmp_path / name
         train_in(alone, [*job, f"block={block}"])
-        assert_same_tensors(run_outcome(sweep / name), run_outcome(alone), name)
+        assert_same_tensors(outcome(sweep / name), outcome(alone), name)
 
 
 def test_a_search_over_label_smoothing_composes_and_runs(tmp_path: Path) -> None:
@@ -181,7 +181,7 @@ def test_torchrun_with_every_switch_resumes_as_one_run(tmp_path: Path) -> None:
     torchrun([*job, "trainer.max_steps=10", f"hydra.run.dir={whole}"])
     torchrun([*job, "trainer.max_steps=6", f"hydra.run.dir={part}"])
     torchrun(["trainer.max_steps=10", f"resume={part}"])
-    got, want = run_outcome(part), run_outcome(whole)
+    got, want = outcome(part), outcome(whole)
     got["state"].pop("scheduler")  # the 6-step run set its milestones for its own length
     want["state"].pop("scheduler")
     for run in (got, want):  # the part run evaluated and logged at its step 6 too

@@ -1,16 +1,17 @@
-"""End to end through the installed `resnet-exp` console script, in subprocesses
-(the dry run through its entry function, in this process)."""
+"""End to end: a run through the installed `resnet-exp` console script, in a subprocess;
+its continuation, a sweep and the dry run through the command's entry function, in
+this process."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, cifar10_root, run_cli, run_main, tb_scalars
+from resnet_exp.run.records import read_metrics
+
+from conftest import cifar10_root, read_summary, run_cli, run_installed, run_main, tb_scalars
 
 SMALL = [
     "depth=20",
@@ -34,11 +35,11 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 def test_train_writes_run_directory_and_resumes(tmp_path: Path, data_args: list[str]) -> None:
     run = tmp_path / "run"
     run_cli([*SMALL, *data_args, "trainer.max_steps=12", f"hydra.run.dir={run}"], cwd=tmp_path)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     assert summary["status"] == "completed" and summary["steps_done"] == 12
     assert summary["params"] == 269_722 and summary["block"] == "preact"
     assert 0 <= summary["final_test_error"] <= 100 and summary["train_images_per_s"] > 0
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     assert rows[-1]["step"] == 12 and "test_error" in rows[-1] and "train_loss" in rows[-1]
     tags = scalars(run)
     for tag in (
@@ -54,10 +55,10 @@ def test_train_writes_run_directory_and_resumes(tmp_path: Path, data_args: list[
     assert (run / "last.pt").exists() and (run / ".hydra" / "config.yaml").exists()
 
     # Continue the same run to 20 steps: resume=PATH continues in that directory.
-    run_cli([*SMALL, *data_args, "trainer.max_steps=20", f"resume={run}"], cwd=tmp_path)
-    summary = json.loads((run / "summary.json").read_text())
+    run_main([*SMALL, *data_args, "trainer.max_steps=20", f"resume={run}"], cwd=tmp_path)
+    summary = read_summary(run)
     assert summary["steps_done"] == 20
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [12, 16, 20]  # 16 steps per epoch: epoch 1 ends at 16
     assert [s for s, _ in scalars(run)["train/loss"]] == [4, 8, 12, 16, 20]
     assert (run / ".hydra" / "config.yaml").read_text().count("resume: null") == 1  # original kept
@@ -78,7 +79,7 @@ def test_multirun_two_blocks_two_directories(tmp_path: Path, data_args: list[str
     )
     dirs = run_dirs(sweep)
     assert [d.name for d in dirs] == ["0_original_20", "1_preact_20"]
-    blocks = [json.loads((d / "summary.json").read_text())["block"] for d in dirs]
+    blocks = [read_summary(d)["block"] for d in dirs]
     assert blocks == ["original", "preact"]
 
 
@@ -92,49 +93,15 @@ def test_dry_run_prints_summary_from_any_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_wheel_install_finds_its_configs(tmp_path: Path) -> None:
+def test_wheel_install_finds_its_configs(installed_wheel: Path, tmp_path: Path) -> None:
     """A regular (non-editable) install carries the configs inside the package."""
-    wheels = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    site = tmp_path / "site"
-    wheel = next(wheels.glob("resnet_exp-*.whl"))
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(site),
-            str(wheel),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
+    site = installed_wheel
     assert (site / "resnet_exp" / "configs" / "config.yaml").exists()
     code = (
         "import sys; from resnet_exp import cli; print('CONFIGS', cli.config_dir()); sys.argv[1:] = "
         "['dataset=synthetic', 'block=original', 'depth=32', 'dry_run=true']; cli.main()"
     )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_installed(site, code, cwd=tmp_path)  # a directory without configs
     assert f"CONFIGS {site / 'resnet_exp' / 'configs'}" in proc.stdout
     assert '"params": 464154' in proc.stdout
 
@@ -142,24 +109,26 @@ def test_wheel_install_finds_its_configs(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(cifar10_root() is None, reason="no CIFAR-10 copy on this machine")
 def test_resnet20_learns_on_real_cifar10(tmp_path: Path, cache_dir: Path) -> None:
-    """250 steps of ResNet-20 (batch 128, fp32 CPU) reach well above 10% chance accuracy.
+    """150 steps of ResNet-20 (batch 128, lr 0.1 without the warm-up, as the paper trains
+    its nets but ResNet-110) reach well above 10% chance accuracy.
 
-    Measured: about 60% test error after 200 steps; the bar (70%) leaves room for seeds.
+    Measured (bf16 CPU): 61.5% and 60.6% test error for seeds 0 and 1 (with the warm-up,
+    lr 0.01 throughout, 150 steps leave 73%); the bar (70%) leaves room for seeds.
     """
     run = tmp_path / "run"
-    run_cli(
+    run_main(
         [
             "depth=20",
             "block=preact",
             f"data.root={cifar10_root()}",
             f"data.cache_dir={cache_dir}",
             "data.test_limit=2000",
-            "trainer.max_steps=250",
+            "trainer.max_steps=150",
+            "schedule.warmup=false",
             "trainer.progress=false",
             f"hydra.run.dir={run}",
         ],
         cwd=tmp_path,
-        timeout=1800,  # decoding 60k JPEGs, then 250 steps on one thread of a shared CPU
-    )
-    summary = json.loads((run / "summary.json").read_text())
+    )  # a minute or two: decoding 60k JPEGs (once a session), then 150 steps on one thread
+    summary = read_summary(run)
     assert summary["final_test_error"] < 70.0, summary

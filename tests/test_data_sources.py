@@ -1,16 +1,14 @@
 """Both data paths behind one interface: the trainer's set-up and evaluation use
-each through ``DataSource``/``TrainBatches`` alone, and the data modules keep
-their layering (no import cycle, no split-type test outside ``data/``)."""
+each through ``DataSource``/``TrainBatches`` alone (their layering in src/:
+tests/test_layout.py)."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_imagenet import write_folder
 
 from resnet_exp.data import DataSource, Split, TrainBatches, load_dataset
 from resnet_exp.data.sources import InMemorySource
@@ -20,28 +18,15 @@ from resnet_exp.train.context import resolve
 from resnet_exp.train.evaluation import evaluate_split
 from resnet_exp.train.setup import build_setup
 
-from conftest import REPO, TINY, compose_config
+from conftest import TINY, TINY_IMAGENET, compose_config, write_image_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
-DATA = REPO / "src" / "resnet_exp" / "data"
 
 
 @pytest.fixture(scope="module")
 def streamed_overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    root = write_folder(tmp_path_factory.mktemp("streamed"), {"train": 4, "val": 3})
-    return [
-        "dataset=imagenet",
-        f"data.root={root}",
-        "depth=18",
-        "model.width=8",
-        "data.image_size=32",
-        "data.eval_crops=[32,48]",
-        "data.batch_size=6",
-        "data.eval_batch_size=4",
-        "data.workers=0",
-        "trainer.device=cpu",
-        "trainer.progress=false",
-    ]
+    root = write_image_folder(tmp_path_factory.mktemp("streamed"), {"train": 4, "val": 3})
+    return [*TINY_IMAGENET, f"data.root={root}"]
 
 
 def _direct_batches(s, cfg, split):
@@ -103,48 +88,3 @@ def test_the_interface_is_not_met_by_a_bare_split() -> None:
 
     assert isinstance(data.train, Split)
     assert not isinstance(NoEval(**vars(data)), DataSource)
-
-
-def _data_imports(path: Path) -> set[str]:
-    """The ``resnet_exp.data`` modules a file imports, at any level of it."""
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("resnet_exp.data."):
-            out.add(node.module.rsplit(".", 1)[1])  # type: ignore[union-attr]
-        elif isinstance(node, ast.Import):
-            out |= {
-                a.name.rsplit(".", 1)[1]
-                for a in node.names
-                if a.name.startswith("resnet_exp.data.")
-            }
-    return out
-
-
-def test_data_modules_import_no_cycle() -> None:
-    graph = {p.stem: _data_imports(p) for p in DATA.glob("*.py") if p.stem != "__init__"}
-    assert "imagenet" not in graph["sources"] and "sources" not in graph["imagenet"]
-    done: set[str] = set()
-
-    def visit(module: str, path: tuple[str, ...]) -> None:
-        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
-        if module in done:
-            return
-        for dep in graph.get(module, ()):
-            visit(dep, (*path, module))
-        done.add(module)
-
-    for module in graph:
-        visit(module, ())
-
-
-def test_no_split_type_is_tested_outside_data() -> None:
-    """Which data path a run takes is the data source's business, not its callers'."""
-    for path in (REPO / "src").rglob("*.py"):
-        if DATA in path.parents:
-            continue
-        text = path.read_text()
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
-                names = ast.unparse(node.args[1])
-                assert "Split" not in names, f"{path.relative_to(REPO)}:{node.lineno}: {names}"
-        assert 'getattr(self.s.loader, "report"' not in text

@@ -1,4 +1,7 @@
-"""A trained run, used again: mode=eval and resnet_exp.load_run on a tiny synthetic run."""
+"""A trained run, used again: mode=eval and resnet_exp.load_run on a tiny synthetic run.
+
+The command runs through its entry function, in this process (tests/test_bad_inputs.py
+runs the console script's refusals)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ import resnet_exp
 from resnet_exp.data import Normalize, eval_batches, load_dataset
 from resnet_exp.errors import UserError
 from resnet_exp.models import build_model
+from resnet_exp.run.checkpoint import Checkpoint
 
-from conftest import ONE_THREAD, TINY, run_cli
+from conftest import TINY, read_checkpoint, read_summary, run_main
 
 # 64 of the 256 training images held out: the run evaluates on them, and the test
 # set once at the end, so one run has both splits' numbers to compare with.
@@ -31,7 +35,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("eval")
     run = tmp / "run"
     # fp32: load_run's model computes in fp32, as the evaluation must for an exact match
-    run_cli([*JOB, "trainer.precision=fp32", f"hydra.run.dir={run}"], cwd=tmp, env=ONE_THREAD)
+    run_main([*JOB, "trainer.precision=fp32", f"hydra.run.dir={run}"], cwd=tmp)
     return run
 
 
@@ -41,14 +45,14 @@ def evaluated(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     files before and after, what it printed, and its eval.json."""
     before = snapshot(trained)
     cwd = tmp_path_factory.mktemp("elsewhere")
-    proc = run_cli(["mode=eval", f"resume={trained}"], cwd=cwd, env=ONE_THREAD)
+    proc = run_main(["mode=eval", f"resume={trained}"], cwd=cwd)
     assert not any(cwd.iterdir())  # nothing written where it ran
     return before, snapshot(trained), proc.stdout, json.loads((trained / "eval.json").read_text())
 
 
 def test_eval_matches_the_runs_final_evaluation(trained: Path, evaluated) -> None:
     _, _, stdout, result = evaluated
-    summary = json.loads((trained / "summary.json").read_text())
+    summary = read_summary(trained)
     # The run's own data settings (its checkpoint's overrides): its 64 held-out images.
     assert result["split"] == "val" and result["images"] == 64 and result["step"] == 16
     assert result["loss"] == summary["final_val_loss"]  # to the last bit (docs/runs.md)
@@ -69,10 +73,8 @@ def test_eval_changes_no_file_of_the_run(evaluated) -> None:
 
 
 def test_eval_of_the_test_split(trained: Path, evaluated) -> None:
-    run_cli(
-        ["mode=eval", f"resume={trained / 'last.pt'}", "eval.split=test"], trained, env=ONE_THREAD
-    )
-    summary = json.loads((trained / "summary.json").read_text())
+    run_main(["mode=eval", f"resume={trained / 'last.pt'}", "eval.split=test"], trained)
+    summary = read_summary(trained)
     result = json.loads((trained / "eval.json").read_text())
     assert result["split"] == "test" and result["images"] == 64
     assert result["loss"] == summary["test_loss"]
@@ -92,26 +94,26 @@ def other_weights(trained: Path, tmp_path: Path) -> Path:
     run = tmp_path / "copy"
     shutil.copytree(trained, run)
     (run / "eval.json").unlink(missing_ok=True)
-    state = torch.load(run / "last.pt", weights_only=False)
+    state = read_checkpoint(run)
     state["model"] = build_model("preact", 14, 10).state_dict()
-    torch.save(state, run / "last.pt")
+    Checkpoint(run / "last.pt", state).save()
     return run
 
 
 def test_eval_refuses_a_checkpoint_of_another_net(other_weights: Path) -> None:
     before = snapshot(other_weights)
-    proc = run_cli(["mode=eval", f"resume={other_weights}"], other_weights, check=False)
+    proc = run_main(["mode=eval", f"resume={other_weights}"], other_weights, check=False)
     _one_line_error(proc, "holds weights of another net", "depth=8", "of another shape")
     assert snapshot(other_weights) == before  # no eval.json
 
 
 def test_eval_refuses_another_ordering_than_the_run(trained: Path, tmp_path: Path) -> None:
-    proc = run_cli(["mode=eval", f"resume={trained}", "block=original"], tmp_path, check=False)
+    proc = run_main(["mode=eval", f"resume={trained}", "block=original"], tmp_path, check=False)
     _one_line_error(proc, "model.block=preact", "model.block=original")
 
 
 def test_eval_needs_a_run(tmp_path: Path) -> None:
-    proc = run_cli(["mode=eval", *TINY], tmp_path, check=False)
+    proc = run_main(["mode=eval", *TINY], tmp_path, check=False)
     _one_line_error(proc, "mode=eval needs resume=RUN_DIR")
     assert not any(tmp_path.iterdir())  # no run directory made
 

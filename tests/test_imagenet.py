@@ -39,34 +39,26 @@ from resnet_exp.models import ResNet
 from resnet_exp.models.imagenet import IMAGENET_DEPTHS
 from resnet_exp.models.shortcuts import Projection
 
-from conftest import BLOCKS, ONE_THREAD, cifar10_root
+from conftest import (
+    BLOCKS,
+    IMAGENET_CLASSES,
+    TINY_IMAGENET,
+    cifar10_root,
+    params_of,
+    read_checkpoint,
+    read_summary,
+    run_main,
+    torchrun,
+    write_image_folder,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
-CLASSES = ("n01440764", "n01443537", "n01484850")
-
-
-def write_folder(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
-    """``root/<split>/<class>/*.JPEG`` of random sizes (24-90 px a side, aspect 1:3 to 3:1)."""
-    from torchvision.io import encode_jpeg, encode_png, write_file
-
-    rng = np.random.default_rng(seed)
-    for split, n in per_class.items():
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                h, w = (int(v) for v in rng.integers(24, 90, 2))
-                img = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
-                if split == "train" and c == CLASSES[0] and i == 0:  # a PNG among the JPEGs
-                    write_file(str(root / split / c / f"{c}_{i}.png"), encode_png(img))
-                else:
-                    write_file(str(root / split / c / f"{c}_{i}.JPEG"), encode_jpeg(img))
-    return root
 
 
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes, 8 training and 3 test images each."""
-    return write_folder(tmp_path_factory.mktemp("imagenet"), {"train": 8, "val": 3})
+    return write_image_folder(tmp_path_factory.mktemp("imagenet"), {"train": 8, "val": 3})
 
 
 def data_cfg(root: Path, **kw) -> DataConfig:
@@ -91,14 +83,16 @@ EXACT_ORIGINAL = {
 }
 
 
-def meta_params(block: str, depth: int, **kw) -> int:
-    with torch.device("meta"):
-        return count_params(build_model(block, depth, 1000, family="imagenet", **kw))
+# ImageNet's classifier (1000 classes), as the published counts have it; on the meta device.
+IMAGENET = {"num_classes": 1000, "family": "imagenet", "on": "meta"}
 
 
 @pytest.mark.parametrize("depth", list(IMAGENET_DEPTHS))
 def test_imagenet_parameter_counts(depth: int) -> None:
-    original, preact = meta_params("original", depth), meta_params("preact", depth)
+    original, preact = (
+        params_of("original", depth, **IMAGENET),
+        params_of("preact", depth, **IMAGENET),
+    )
     assert original == EXACT_ORIGINAL[depth]  # = torchvision's resnetN
     if depth in PUBLISHED_M:
         assert abs(original / 1e6 - PUBLISHED_M[depth]) <= 0.01 * PUBLISHED_M[depth]
@@ -108,9 +102,9 @@ def test_imagenet_parameter_counts(depth: int) -> None:
 
 
 def test_every_ordering_has_about_the_same_parameters() -> None:
-    original = meta_params("original", 50)
+    original = params_of("original", 50, **IMAGENET)
     for block in BLOCKS[1:]:
-        assert abs(meta_params(block, 50) - original) / original < 0.001, block
+        assert abs(params_of(block, 50, **IMAGENET) - original) / original < 0.001, block
 
 
 def test_bad_imagenet_depth_is_one_line_listing_depths() -> None:
@@ -360,23 +354,25 @@ def test_gpu_decode_path_matches_the_cpu_path(folder: Path) -> None:
 
 
 def test_missing_val_folder(tmp_path: Path) -> None:
-    write_folder(tmp_path, {"train": 1})
+    write_image_folder(tmp_path, {"train": 1})
     with pytest.raises(UserError, match=r"has no val/ folder; expected train/<class>/\*"):
         load_streamed(data_cfg(tmp_path))
 
 
 def test_class_folders_differ_between_splits(tmp_path: Path) -> None:
-    write_folder(tmp_path, {"train": 1, "val": 1})
-    shutil.rmtree(tmp_path / "val" / CLASSES[1])
-    with pytest.raises(UserError, match=f"different class folders .*in only one: {CLASSES[1]}"):
+    write_image_folder(tmp_path, {"train": 1, "val": 1})
+    shutil.rmtree(tmp_path / "val" / IMAGENET_CLASSES[1])
+    with pytest.raises(
+        UserError, match=f"different class folders .*in only one: {IMAGENET_CLASSES[1]}"
+    ):
         load_streamed(data_cfg(tmp_path))
 
 
 def test_unreadable_image_fails_by_default_and_is_counted_when_skipped(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    write_folder(tmp_path, {"train": 2, "val": 1})
-    bad = tmp_path / "train" / CLASSES[2] / "broken.JPEG"
+    write_image_folder(tmp_path, {"train": 2, "val": 1})
+    bad = tmp_path / "train" / IMAGENET_CLASSES[2] / "broken.JPEG"
     bad.write_bytes(b"\xff\xd8 not a jpeg")
     cfg = data_cfg(tmp_path)
     data = load_streamed(cfg)
@@ -398,26 +394,12 @@ def test_unreadable_image_fails_by_default_and_is_counted_when_skipped(
 
 
 def cli_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "dataset=imagenet",
-        f"data.root={root}",
-        "depth=18",
-        "model.width=8",
-        "data.image_size=32",
-        "data.eval_crops=[32,48]",
-        "data.batch_size=8",
-        "data.eval_batch_size=8",
-        "data.workers=0",
-        "trainer.device=cpu",
-        "trainer.progress=false",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    return [*TINY_IMAGENET, f"data.root={root}", f"hydra.run.dir={run_dir}", *extra]
 
 
-def test_train_and_evaluate_through_the_command_line(folder: Path, tmp_path: Path, cli) -> None:
-    cli(cli_args(folder, tmp_path / "run", "trainer.max_steps=2"), cwd=tmp_path, env=ONE_THREAD)
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+def test_train_and_evaluate_through_the_command_line(folder: Path, tmp_path: Path) -> None:
+    run_main(cli_args(folder, tmp_path / "run", "trainer.max_steps=2"), cwd=tmp_path)
+    s = read_summary(tmp_path / "run")
     assert s["status"] == "completed" and s["family"] == "imagenet" and s["unit"] == "basic"
     assert s["params"] == count_params(build_model("preact", 18, 3, width=8, family="imagenet"))
     assert s["train_images"] == 24 and s["test_images"] == 9 and s["steps_per_epoch"] == 3
@@ -441,8 +423,8 @@ def test_train_and_evaluate_through_the_command_line(folder: Path, tmp_path: Pat
     assert f"{top1:.2f} / 0.00 | {top1_48:.2f} / 0.00 |" in md
 
 
-def test_bad_depth_on_the_command_line(folder: Path, tmp_path: Path, cli) -> None:
-    proc = cli(cli_args(folder, tmp_path / "run", "depth=110"), cwd=tmp_path, check=False)
+def test_bad_depth_on_the_command_line(folder: Path, tmp_path: Path) -> None:
+    proc = run_main(cli_args(folder, tmp_path / "run", "depth=110"), cwd=tmp_path, check=False)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err == [
@@ -492,8 +474,8 @@ def test_table5_preset_jobs_are_the_papers_rows() -> None:
 
 
 @pytest.mark.slow
-def test_table5_preset_dry_run(folder: Path, tmp_path: Path, cli) -> None:
-    proc = cli(
+def test_table5_preset_dry_run(folder: Path, tmp_path: Path) -> None:
+    proc = run_main(
         ["-m", "+experiment=table5", f"data.root={folder}", "data.batch_size=8", "dry_run=true",
          "trainer.device=cpu", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
         cwd=tmp_path,
@@ -505,7 +487,7 @@ def test_table5_preset_dry_run(folder: Path, tmp_path: Path, cli) -> None:
     assert {i["family"] for i in infos} == {"imagenet"} and not any(i["warmup"] for i in infos)
     params = {(i["block"], i["depth"]): i["params"] for i in infos}
     # 3 classes here; with ImageNet's 1000 the counts are the published ones (tested above)
-    assert params["original", 200] == meta_params("original", 200) - 997 * 2049
+    assert params["original", 200] == params_of("original", 200, **IMAGENET) - 997 * 2049
 
 
 def _json_blocks(text: str) -> list[str]:
@@ -545,30 +527,21 @@ def test_recipe_preset_scales_lr_with_the_batch() -> None:
 
 
 @pytest.mark.slow
-def test_resume_through_the_command_line_is_exact(folder: Path, tmp_path: Path, cli) -> None:
+def test_resume_through_the_command_line_is_exact(folder: Path, tmp_path: Path) -> None:
     # a constant lr: a resumed run keeps the schedule of its first, shorter length
     det = ("trainer.deterministic=true", "data.workers=2", "schedule.gamma=1")
-    cli(
-        cli_args(folder, tmp_path / "full", "trainer.max_steps=5", *det),
-        cwd=tmp_path,
-        env=ONE_THREAD,
-    )
-    cli(
-        cli_args(folder, tmp_path / "part", "trainer.max_steps=2", *det),
-        cwd=tmp_path,
-        env=ONE_THREAD,
-    )
-    cli([f"resume={tmp_path / 'part'}", "trainer.max_steps=5"], cwd=tmp_path, env=ONE_THREAD)
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=False)["model"]
+    run_main(cli_args(folder, tmp_path / "full", "trainer.max_steps=5", *det), cwd=tmp_path)
+    run_main(cli_args(folder, tmp_path / "part", "trainer.max_steps=2", *det), cwd=tmp_path)
+    run_main([f"resume={tmp_path / 'part'}", "trainer.max_steps=5"], cwd=tmp_path)
+    a, b = (read_checkpoint(tmp_path / name)["model"] for name in ("full", "part"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(cifar10_root() is None, reason="needs the CIFAR-10 JPEG copy")
-def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path, cli) -> None:
+def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path) -> None:
     """Real photographs (32 px, resized up to 64) streamed into an ImageNet ResNet-18."""
-    cli(
+    run_main(
         [
             "dataset=imagefolder", "data.stream=true", f"data.root={cifar10_root()}",
             "data.train_limit=2048", "data.test_limit=500", "data.image_size=64",
@@ -577,9 +550,8 @@ def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path, cli) -
             "trainer.device=cpu", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}",
         ],
         cwd=tmp_path,
-        timeout=1200,
     )  # fmt: skip
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    s = read_summary(tmp_path / "run")
     assert s["family"] == "imagenet" and s["train_images"] == 2048 and s["test_images"] == 500
     assert s["final_train_loss"] < math.log(10)  # learning: below chance
     assert s["final_test_top5_error"] < s["final_test_error"] < 90
@@ -589,23 +561,9 @@ def test_cifar10_images_resized_through_the_imagenet_path(tmp_path: Path, cli) -
 def test_two_processes_under_torchrun(folder: Path, tmp_path: Path) -> None:
     """Rank 0 lists the folder for both; each rank reads its shard; the sums of both
     ranks' test images make the error."""
-    import os
-    import subprocess
-    import sys
-
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
     run = tmp_path / "ddp"
-    args = cli_args(folder, run, "trainer.max_steps=3", "data.eval_batch_size=2")
-    proc = subprocess.run(
-        [*cmd, "-m", "resnet_exp", *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **ONE_THREAD},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    s = json.loads((run / "summary.json").read_text())
+    torchrun(cli_args(folder, run, "trainer.max_steps=3", "data.eval_batch_size=2"), tmp_path)
+    s = read_summary(run)
     assert s["processes"] == 2 and s["steps_per_epoch"] == 3  # 12 images a rank, 4 a batch
     assert s["test_images"] == 9
     # 9 test images over 2 ranks (5 + 4): every error is a multiple of 1/9

@@ -7,10 +7,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from resnet_exp import build_model, count_params
+from resnet_exp import build_model
 from resnet_exp.errors import UserError
 from resnet_exp.models import resolve_unit
 from resnet_exp.models.shortcuts import PadShortcut, Projection, float_under_autocast
+
+from conftest import params_of
 
 # PAPER.md: ResNet-20 0.27M, -56 0.85M, -110 1.7M, -1202 19.4M (original units,
 # option A); ResNet-164 1.7M, -1001 10.2M (bottleneck, pre-act).
@@ -33,14 +35,9 @@ EXACT = {
 }
 
 
-def meta_params(block: str, depth: int, **kw) -> int:
-    with torch.device("meta"):  # no memory, no init cost: ResNet-1202 builds in a second
-        return count_params(build_model(block, depth, **kw))
-
-
 @pytest.mark.parametrize(("block", "depth"), list(PAPER_PARAMS_M))
 def test_parameter_counts_match_paper(block: str, depth: int) -> None:
-    n = meta_params(block, depth)
+    n = params_of(block, depth)
     assert n == EXACT[block, depth]
     stated = PAPER_PARAMS_M[block, depth]
     paper = float(stated) * 1e6
@@ -54,7 +51,7 @@ def test_parameter_counts_match_paper(block: str, depth: int) -> None:
 
 def test_param_count_same_for_every_ordering_at_basic_depths() -> None:
     counts = {
-        b: meta_params(b, 56)
+        b: params_of(b, 56)
         for b in ("original", "bn_after_add", "relu_before_add", "relu_only_preact", "preact")
     }
     # (b) moves a BN, (c) a ReLU: same count. (d) starts its units with a ReLU,
@@ -221,7 +218,7 @@ def test_bottleneck_stride_placement(stride_at: str, strides: list[int]) -> None
     convs = [m for m in unit.branch if isinstance(m, nn.Conv2d)]
     assert [c.kernel_size[0] for c in convs] == [1, 3, 1]
     assert [c.stride[0] for c in convs] == strides
-    assert meta_params("preact", 164, stride_at=stride_at) == EXACT["preact", 164]
+    assert params_of("preact", 164, stride_at=stride_at) == EXACT["preact", 164]
 
 
 def test_he_initialisation() -> None:

@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from resnet_exp.cli import config_dir
 from resnet_exp.run.records import read_metrics
 from resnet_exp.sweep import pack
 from resnet_exp.train.loop import train
 
 from conftest import (
-    ONE_THREAD,
     TINY,
+    Result,
     assert_same_tensors,
-    run_cli,
+    compose_config,
+    outcome,
+    read_checkpoint,
+    read_summary,
+    run_installed,
+    run_main,
     signal_after_first_evaluation,
+    without_wall_clock,
 )
 
 # Tiny runs crossing an epoch end (16 steps): evaluation, checkpoint, logs.
@@ -36,43 +34,21 @@ JOB = [*SHORT, "trainer.deterministic=true"]
 # Two runs differing in ordering and seed (the job number): 0_original_8, 1_preact_8.
 SWEEP = ["block=original,preact", "seed=${hydra:job.num}"]
 PACKED = ["hydra/launcher=packed", "hydra.launcher.threads_per_run=1"]
-WALL_CLOCK = ("wall_time_s", "train_images_per_s", "time_s", "parts")
+# The checkpoint's RNG snapshot is the process's (Python's, NumPy's, torch's default
+# generators), which packed runs share; each run draws its data order and its
+# augmentation from generators of its own, which its weights and loader state show.
+SHARED = ("rng",)
 
 
-def sweep(tmp_path: Path, name: str, args: list[str], **kw: Any) -> subprocess.CompletedProcess:
-    return run_cli(
-        ["-m", *args, f"hydra.sweep.dir={tmp_path / name}"], tmp_path, env=ONE_THREAD, **kw
-    )
+def sweep(tmp_path: Path, name: str, args: list[str], check: bool = True) -> Result:
+    """A sweep through the command's entry function, in this process."""
+    return run_main(["-m", *args, f"hydra.sweep.dir={tmp_path / name}"], tmp_path, check=check)
 
 
 def files(run: Path) -> list[str]:
     """A run directory's files; the TensorBoard file's name holds a time and a pid."""
     names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
     return sorted("events.out.tfevents" if n.startswith("events.out") else n for n in names)
-
-
-def outcome(run: Path) -> dict[str, Any]:
-    """What a run computed: checkpoint, metrics, summary and curves, minus wall-clock values."""
-    state = torch.load(run / "last.pt", weights_only=False)
-    acc = EventAccumulator(str(run))
-    acc.Reload()
-    return {
-        "state": {k: state[k] for k in ("model", "optimizer", "scheduler", "loader", "step")},
-        "rows": [
-            {k: v for k, v in r.items() if k not in WALL_CLOCK}
-            for r in read_metrics(run / "metrics.jsonl")
-        ],
-        "summary": {
-            k: v
-            for k, v in json.loads((run / "summary.json").read_text()).items()
-            if k not in WALL_CLOCK
-        },
-        "scalars": {
-            tag: [(e.step, e.value) for e in acc.Scalars(tag)]
-            for tag in acc.Tags()["scalars"]
-            if not tag.startswith("throughput")
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +75,7 @@ def test_packed_sweep_writes_what_the_basic_launcher_writes(
             assert (packed / name / ".hydra" / f).read_text() == (
                 basic / name / ".hydra" / f
             ).read_text()
-        summary = json.loads((packed / name / "summary.json").read_text())
+        summary = read_summary(packed / name)
         assert (summary["block"], summary["seed"], summary["status"]) == (block, seed, "completed")
         # Its log holds its own lines only: one header, one line per evaluation.
         own = (packed / name / "resnet-exp.log").read_text().splitlines()
@@ -108,8 +84,7 @@ def test_packed_sweep_writes_what_the_basic_launcher_writes(
             words = words[1:]
         assert words == [block, "epoch", "epoch"]
         # The checkpoint remembers its own overrides (for resume=DIR), not the other run's.
-        ckpt = torch.load(packed / name / "last.pt", weights_only=False)
-        assert f"block={block}" in ckpt["overrides"]
+        assert f"block={block}" in read_checkpoint(packed / name)["overrides"]
 
 
 def test_packed_runs_are_bit_identical_to_runs_alone(
@@ -119,47 +94,36 @@ def test_packed_runs_are_bit_identical_to_runs_alone(
     with the weights, optimizer, data position, metrics and curves of each run alone."""
     basic, packed, _ = basic_and_packed
     for name in ("0_original_8", "1_preact_8"):
-        assert_same_tensors(outcome(packed / name), outcome(basic / name), name)
-    a, b = (
-        torch.load(packed / n / "last.pt", weights_only=False)["model"]
-        for n in ("0_original_8", "1_preact_8")
-    )
+        assert_same_tensors(outcome(packed / name, SHARED), outcome(basic / name, SHARED), name)
+    a, b = (read_checkpoint(packed / n)["model"] for n in ("0_original_8", "1_preact_8"))
     assert not torch.equal(
         a["stem.0.weight"], b["stem.0.weight"]
     )  # different seeds, different inits
 
 
-def test_failing_and_diverging_runs_stop_alone(tmp_path: Path) -> None:
+def test_failing_and_diverging_runs_stop_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Four runs at once: one completes, one hits an internal error (an injected fault),
     one a bad value, one diverges; the others are unaffected; the sweep reports them."""
-    code = (
-        "from resnet_exp import cli\n"
-        "real = cli.run\n"
-        "def run(cfg, ctx):\n"
-        "    if cfg.optimizer.lr == 0.2:\n"
-        "        raise RuntimeError('injected fault')\n"
-        "    return real(cfg, ctx)\n"
-        "cli.run = run\n"
-        "cli.main()\n"
-    )
-    args = ["-m", "optimizer.lr=0.1,0.2,-1,1e30", *JOB, *PACKED, "hydra.launcher.runs_per_device=4"]
-    proc = subprocess.run(
-        [sys.executable, "-c", code, *args, f"hydra.sweep.dir={tmp_path / 's'}"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **ONE_THREAD, "HYDRA_FULL_ERROR": "0"},
-    )
+    from resnet_exp import cli
+
+    real = cli.run
+
+    def run(cfg: Any, ctx: Any) -> Any:
+        if cfg.optimizer.lr == 0.2:
+            raise RuntimeError("injected fault")
+        return real(cfg, ctx)
+
+    monkeypatch.setattr(cli, "run", run)
+    args = ["optimizer.lr=0.1,0.2,-1,1e30", *JOB, *PACKED, "hydra.launcher.runs_per_device=4"]
+    proc = sweep(tmp_path, "s", args, check=False)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(
         "resnet-exp: 3 of 4 jobs failed: 1_preact_8 (failed), 2_preact_8 (failed), 3_preact_8 (diverged)"
     ), last
-    status = {
-        d.name: json.loads((d / "summary.json").read_text())
-        for d in sorted((tmp_path / "s").glob("*_preact_8"))
-    }
+    status = {d.name: read_summary(d) for d in sorted((tmp_path / "s").glob("*_preact_8"))}
     assert (
         status["0_preact_8"]["status"] == "completed" and status["0_preact_8"]["steps_done"] == 20
     )
@@ -200,29 +164,22 @@ def test_sigterm_checkpoints_every_packed_run_then_the_sweep_resumes(tmp_path: P
     assert text.count("SIGTERM received") == 1
     for i in (0, 1):
         run = sweep_dir / f"{i}_preact_8"
-        summary = json.loads((run / "summary.json").read_text())
+        summary = read_summary(run)
         assert summary["status"] == "interrupted", summary
         step = summary["steps_done"]
         assert 16 <= step < 64
         assert f"stopped by SIGTERM after step {step}; checkpoint: {run / 'last.pt'}" in text
-        assert torch.load(run / "last.pt", weights_only=False)["step"] == step
+        assert read_checkpoint(run)["step"] == step
 
     # The same command with resume=auto continues both runs from their checkpoints.
     shorter = [a for a in long if a != "trainer.epochs=50"] + ["trainer.max_steps=64"]
-    run_cli(
-        ["-m", *shorter, "resume=auto", f"hydra.sweep.dir={sweep_dir}"], tmp_path, env=ONE_THREAD
-    )
+    run_main(["-m", *shorter, "resume=auto", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     for i in (0, 1):
         log = (sweep_dir / f"{i}_preact_8" / "resnet-exp.log").read_text()
         assert "resumed from" in log
 
 
 # --- the mechanism in-process: the loop's own entry on threads ------------------
-
-
-def make_cfg(overrides: list[str]) -> Any:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return OmegaConf.to_object(compose(config_name="config", overrides=overrides))
 
 
 def train_packed(device: str, cfgs: dict[str, Any], root: Path) -> None:
@@ -269,22 +226,22 @@ def test_threads_train_each_run_as_alone(device: str, tmp_path: Path) -> None:
         "b": [*base, "seed=2", "block=preact"],
         "c": [*base, "seed=3", "block=relu_before_add", "depth=14"],
     }
-    cfgs = {name: make_cfg(o) for name, o in runs.items()}  # Hydra's compose: not thread-safe
+    cfgs = {name: compose_config(o) for name, o in runs.items()}  # Hydra's compose: not thread-safe
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for name in runs:
             (tmp_path / "alone" / name).mkdir(parents=True)
-            train(make_cfg(runs[name]), tmp_path / "alone" / name, None)
+            train(compose_config(runs[name]), tmp_path / "alone" / name, None)
         train_packed(device, cfgs, tmp_path / "packed")
     finally:
         torch.set_num_threads(before)
     for name in runs:
         alone, packed = (tmp_path / k / name for k in ("alone", "packed"))
         if device == "cpu":
-            assert_same_tensors(outcome(packed), outcome(alone), name)
+            assert_same_tensors(outcome(packed, SHARED), outcome(alone, SHARED), name)
             continue
-        a, b = (torch.load(d / "last.pt", weights_only=False) for d in (alone, packed))
+        a, b = (read_checkpoint(d) for d in (alone, packed))
         assert b["step"] == a["step"] == 20
         for key, value in a["model"].items():
             torch.testing.assert_close(
@@ -295,35 +252,15 @@ def test_threads_train_each_run_as_alone(device: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # builds and installs a wheel
-def test_wheel_carries_the_packed_launcher(tmp_path: Path) -> None:
+def test_wheel_carries_the_packed_launcher(installed_wheel: Path, tmp_path: Path) -> None:
     """Hydra finds launchers in the hydra_plugins namespace package: the wheel ships it."""
-    from conftest import REPO
-
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
-    pip = [sys.executable, "-m", "pip"]
-    subprocess.run(
-        [*pip, "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], check=True, timeout=600
-    )
-    wheel = next(wheels.glob("resnet_exp-*.whl"))
-    subprocess.run(
-        [*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        check=True,
-        timeout=600,
-    )
+    site = installed_wheel
     assert not (site / "hydra_plugins" / "__init__.py").exists()  # a namespace package
     code = (
         "import sys; from resnet_exp import cli; sys.argv[1:] = ['hydra/launcher=packed', "
         "'hydra.launcher.runs_per_device=3', '--cfg', 'hydra', '-p', 'hydra.launcher']; cli.main()"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_installed(site, code, cwd=tmp_path)
     assert (site / "hydra_plugins" / "resnet_exp_packed" / "packed_launcher.py").exists()
     assert "hydra_plugins.resnet_exp_packed.packed_launcher.PackedLauncher" in proc.stdout
     assert "runs_per_device: 3" in proc.stdout
@@ -340,10 +277,7 @@ def test_packed_sweep_report_holds_what_the_basic_launchers_holds(
 
     def rows(sweep_dir: Path) -> list[dict[str, str]]:
         with open(sweep_dir / "report.csv", newline="") as f:
-            return [
-                {k: v for k, v in r.items() if k not in ("images_per_s", "wall_time_s")}
-                for r in csv.DictReader(f)
-            ]
+            return [without_wall_clock(r) for r in csv.DictReader(f)]
 
     got = rows(packed)
     assert [(r["block"], r["completed"], r["seeds"]) for r in got] == [

@@ -9,7 +9,6 @@ fails.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -17,11 +16,21 @@ import pytest
 
 from resnet_exp.train.loop import Trainer
 
-from conftest import TINY, run_main
+from conftest import TINY, Result, read_summary, run_main
 
 SHORT = [*TINY, "trainer.log_every=5", "trainer.max_steps=6"]
 PACKED = ["hydra/launcher=packed", "hydra.launcher.threads_per_run=1"]
 MEET_AT = 3  # the step after which both runs must be in their loops together
+
+
+def packed_sweep(tmp_path: Path, args: list[str], runs_per_device: int = 2) -> Result:
+    """A packed sweep into ``tmp_path/s``, through the command's entry function."""
+    return run_main(
+        ["-m", *args, *PACKED, f"hydra.launcher.runs_per_device={runs_per_device}",
+         f"hydra.sweep.dir={tmp_path / 's'}"],
+        tmp_path,
+        check=False,
+    )  # fmt: skip
 
 
 def test_packed_runs_are_inside_their_step_loops_at_once(
@@ -40,16 +49,11 @@ def test_packed_runs_are_inside_their_step_loops_at_once(
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     sweep = tmp_path / "s"
-    result = run_main(
-        ["-m", "block=original,preact", *SHORT, *PACKED, "hydra.launcher.runs_per_device=2",
-         f"hydra.sweep.dir={sweep}"],
-        tmp_path,
-        check=False,
-    )  # fmt: skip
+    result = packed_sweep(tmp_path, ["block=original,preact", *SHORT])
     assert result.returncode == 0, result.stderr
     assert sorted(met) == ["0_original_8", "1_preact_8"]
     for name in met:
-        summary = json.loads((sweep / name / "summary.json").read_text())
+        summary = read_summary(sweep / name)
         assert (summary["status"], summary["steps_done"]) == ("completed", 6)
 
 
@@ -71,26 +75,12 @@ def test_one_run_at_a_time_does_not_overlap(
             active.release()
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
-    result = run_main(
-        ["-m", "block=original,preact", *SHORT, *PACKED, "hydra.launcher.runs_per_device=1",
-         f"hydra.sweep.dir={tmp_path / 's'}"],
-        tmp_path,
-        check=False,
-    )  # fmt: skip
+    result = packed_sweep(tmp_path, ["block=original,preact", *SHORT], runs_per_device=1)
     assert result.returncode == 0, result.stderr
     assert inside == ["0_original_8", "1_preact_8"]
 
 
 # --- what a pack refuses, before any run starts, and what it takes in turn -----------
-
-
-def packed_sweep(tmp_path: Path, args: list[str]):
-    return run_main(
-        ["-m", *args, *PACKED, "hydra.launcher.runs_per_device=2",
-         f"hydra.sweep.dir={tmp_path / 's'}"],
-        tmp_path,
-        check=False,
-    )  # fmt: skip
 
 
 def test_packing_refuses_chdir(tmp_path: Path) -> None:

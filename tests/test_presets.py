@@ -5,43 +5,14 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from resnet_exp import build_model
-from resnet_exp.cli import config_dir
 from resnet_exp.config import Config, flatten
 from resnet_exp.models import resolve_unit
 from resnet_exp.report.paper import paper_error
 
-from conftest import BLOCKS
-
-
-@pytest.fixture(scope="module", autouse=True)
-def hydra_configs():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
-
-
-def sweep_jobs(experiment: str, scale: str) -> list[list[str]]:
-    """The override lists of a preset's jobs, expanded as Hydra's basic sweeper does."""
-    base = [f"+experiment={experiment}", f"scale={scale}"]
-    cfg = compose("config", overrides=base, return_hydra_config=True)
-    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
-    overrides = OverridesParser.create().parse_overrides(params)
-    (batch,) = BasicSweeper.split_arguments(overrides, None)
-    return [base + job for job in batch]
-
-
-def job_config(overrides: list[str]) -> Config:
-    return OmegaConf.to_object(compose("config", overrides=overrides))  # type: ignore[return-value]
-
+from conftest import BLOCKS, preset_config, preset_jobs
 
 # preset -> jobs per seed, and the depths at each scale
 PRESETS = {
@@ -53,7 +24,8 @@ PRESETS = {
 }
 SEEDS = {"short": ["seed=1"], "full": [f"seed={s}" for s in range(1, 6)]}
 # Composition is slow (~0.1-0.4 s a job): every preset once, table3 (16 jobs) at the full
-# scale, where it builds each net of the paper, the others at the short scale.
+# scale (composed once a session: tests/test_presets_build.py builds those nets), the
+# others at the short scale.
 CASES = [("table1", "short"), ("table2", "short"), ("table3", "full"), ("modern", "short")] + [
     ("resnet1001_batch64", s) for s in ("short", "full")
 ]
@@ -63,10 +35,10 @@ CASES = [("table1", "short"), ("table2", "short"), ("table3", "full"), ("modern"
 def seed_one(experiment: str, scale: str) -> list[Config]:
     """The configs of a preset's first seed; other seeds differ only by the seed."""
     per_seed, _ = PRESETS[experiment]
-    jobs = sweep_jobs(experiment, scale)
+    jobs = preset_jobs(experiment, scale)
     assert len(jobs) == per_seed * len(SEEDS[scale])
     assert sorted({o for j in jobs for o in j if o.startswith("seed=")}) == SEEDS[scale]
-    return [job_config(j) for j in jobs[:per_seed]]
+    return [preset_config(j) for j in jobs[:per_seed]]
 
 
 @pytest.mark.parametrize(("experiment", "scale"), CASES)
@@ -79,8 +51,8 @@ def test_every_job_of_a_preset_composes_and_builds(experiment: str, scale: str) 
         unit, _ = resolve_unit(c.depth, c.model.unit.value)  # a depth that fits its unit
         if scale == "short":
             assert c.trainer.max_steps == 200 and c.data.test_limit == 2000
-            with torch.device("meta"):
-                build_model(c.model.block.value, c.depth, 10, unit, shortcut=c.model.shortcut)
+            # on the CPU: for these small nets faster than the meta device's dispatch
+            build_model(c.model.block.value, c.depth, 10, unit, shortcut=c.model.shortcut)
         else:  # fb.resnet.torch's 200 epochs for the published batch-64 run
             epochs = 200 if experiment == "resnet1001_batch64" else 164
             assert c.trainer.max_steps is None and c.trainer.epochs == epochs

@@ -13,15 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from resnet_exp.cli import config_dir
 from resnet_exp.data.batch_aug import BatchAugment
 from resnet_exp.models.ghost_bn import GhostBatchNorm2d
 from resnet_exp.models.shortcuts import Projection
@@ -29,6 +23,8 @@ from resnet_exp.models.units import ResidualUnit
 from resnet_exp.models.variants import DropShortcut, Gate, Scale
 from resnet_exp.train.context import resolve
 from resnet_exp.train.setup import build_setup
+
+from conftest import preset_config, preset_jobs
 
 # The paper's parameter counts (PAPER.md), in millions, for 10 classes.
 PAPER_PARAMS = {110: 1.7, 164: 1.7, 1001: 10.2}
@@ -53,27 +49,17 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def preset_jobs(experiment: str) -> list[list[str]]:
-    """The first seed's jobs of a preset at scale=full, as the basic sweeper expands them."""
-    base = [f"+experiment={experiment}", "scale=full"]
-    cfg = compose("config", overrides=base, return_hydra_config=True)
-    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items() if k != "seed"]
-    overrides = OverridesParser.create().parse_overrides(params)
-    (batch,) = BasicSweeper.split_arguments(overrides, None)
-    return [[*base, "seed=1", *job] for job in batch]
-
-
-def build_jobs(experiment: str, folders: dict[str, Path]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        jobs = preset_jobs(experiment)
-        for job in jobs:
-            cfg = OmegaConf.to_object(compose("config", overrides=job))
-            cfg.data.root = str(folders[cfg.data.name])
-            cfg.data.cache_dir = ""
-            cfg.trainer.device = "cpu"
-            yield cfg, build_setup(cfg, resolve(cfg, Path("unused")))
-    GlobalHydra.instance().clear()
+def build_jobs(experiment: str, folders: dict[str, Path], cache_dir: Path):
+    """Each job of the preset's first seed at scale=full, built on the CPU from the
+    stand-in folders (decoded once, into the session's cache)."""
+    for job in preset_jobs(experiment, "full"):
+        if "seed=1" not in job:
+            continue
+        cfg = preset_config(job)
+        cfg.data.root = str(folders[cfg.data.name])
+        cfg.data.cache_dir = str(cache_dir)
+        cfg.trainer.device = "cpu"
+        yield cfg, build_setup(cfg, resolve(cfg, Path("unused")))  # writes nothing
 
 
 def check_net(setup, bn_group: int) -> None:
@@ -110,9 +96,9 @@ def check_params(setup) -> None:
     assert params - extra == pytest.approx(PAPER_PARAMS[setup.cfg.depth], rel=0.02), params
 
 
-def test_table1_every_case_builds_at_full_size(folders: dict[str, Path]) -> None:
+def test_table1_every_case_builds_at_full_size(folders: dict[str, Path], cache_dir: Path) -> None:
     seen = []
-    for cfg, s in build_jobs("table1", folders):
+    for cfg, s in build_jobs("table1", folders, cache_dir):
         check_net(s, bn_group=64)
         spec = cfg.model.shortcut
         merges = [m for m in s.model.modules() if isinstance(m, (Scale, Gate, DropShortcut))]
@@ -141,10 +127,12 @@ def test_table1_every_case_builds_at_full_size(folders: dict[str, Path]) -> None
     assert len(seen) == 11 and len(set(seen)) == 11
 
 
-def test_table2_and_table3_every_net_builds_at_full_size(folders: dict[str, Path]) -> None:
+def test_table2_and_table3_every_net_builds_at_full_size(
+    folders: dict[str, Path], cache_dir: Path
+) -> None:
     built = set()
     for experiment in ("table2", "table3"):
-        for cfg, s in build_jobs(experiment, folders):
+        for cfg, s in build_jobs(experiment, folders, cache_dir):
             check_net(s, bn_group=64)
             check_params(s)
             assert s.warmup and s.cfg.trainer.epochs == 164 and s.cfg.trainer.max_steps is None
@@ -155,8 +143,10 @@ def test_table2_and_table3_every_net_builds_at_full_size(folders: dict[str, Path
     assert ("table3", "cifar10", "original", 110, "single") in built
 
 
-def test_resnet1001_batch64_builds_as_the_published_run(folders: dict[str, Path]) -> None:
-    ((cfg, s),) = build_jobs("resnet1001_batch64", folders)
+def test_resnet1001_batch64_builds_as_the_published_run(
+    folders: dict[str, Path], cache_dir: Path
+) -> None:
+    ((cfg, s),) = build_jobs("resnet1001_batch64", folders, cache_dir)
     check_net(s, bn_group=32)
     check_params(s)
     assert (cfg.model.block.value, cfg.depth, s.info["batch_size"]) == ("preact", 1001, 64)

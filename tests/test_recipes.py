@@ -5,16 +5,14 @@ training loss goes down."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from resnet_exp.train.loop import train
 
-from conftest import TINY, compose_config, tb_scalars
+from conftest import TINY, compose_config, read_checkpoint, read_summary, tb_scalars
 
 STEPS = 48  # three epochs of the tiny task
 JOB = [*TINY, "trainer.log_every=8", f"trainer.max_steps={STEPS}"]
@@ -24,7 +22,7 @@ def run(tmp_path: Path, overrides: list[str]) -> tuple[dict, dict[str, dict[int,
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     train(compose_config([*JOB, *overrides]), run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     assert summary["status"] == "completed" and summary["steps_done"] == STEPS
     return summary, tb_scalars(run_dir)
 
@@ -40,7 +38,7 @@ def test_adamw_trains(tmp_path: Path) -> None:
     # its default lr (1e-3) is for full runs; this short one takes 1e-2, held constant
     summary, scalars = run(tmp_path, ["optimizer=adamw", "optimizer.lr=0.01", "schedule.gamma=1"])
     assert summary["optimizer"] == "adamw"
-    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["optimizer"]
+    state = read_checkpoint(tmp_path / "run")["optimizer"]
     group = state["param_groups"][0]
     assert (group["initial_lr"], group["weight_decay"], tuple(group["betas"])) == (
         1e-2,

@@ -20,9 +20,9 @@ from resnet_exp.report import figures
 from resnet_exp.report.paper import paper_error
 from resnet_exp.report.runs import Run
 from resnet_exp.report.tables import group_rows
-from resnet_exp.run.records import RunRecords
+from resnet_exp.run.records import RunRecords, read_metrics
 
-from conftest import run_main
+from conftest import read_summary, run_main
 
 # A ResNet-8 sweep on the shared small data set (conftest's data_args).
 SWEEP_JOB = [
@@ -85,11 +85,8 @@ def test_multirun_report_holds_the_runs_values(sweep: Path) -> None:
     dirs = runs_by_label(sweep)
     for label, name in zip(LABELS[:2], ("identity", "exclusive_gating")):
         row = rows[label]
-        summaries = [json.loads((d / "summary.json").read_text()) for d in dirs[name]]
-        metrics = [
-            [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-            for d in dirs[name]
-        ]
+        summaries = [read_summary(d) for d in dirs[name]]
+        metrics = [read_metrics(d / "metrics.jsonl") for d in dirs[name]]
         assert [s["status"] for s in summaries] == ["completed", "completed"]
         assert [s["seed"] for s in summaries] == [1, 2]
         final = [m[-1]["test_error"] for m in metrics]  # the last evaluation of each seed
@@ -169,7 +166,7 @@ def test_each_run_logs_hparams_in_its_own_directory(sweep: Path) -> None:
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(content)
     start = content["_hparams_/session_start_info"]
     assert b"exclusive_gating" in start and b"model.shortcut.gate_bias" in start
-    summary = json.loads((run / "summary.json").read_text())
+    summary = read_summary(run)
     final = acc.Scalars("hparams/final_test_error")
     assert [(e.step, round(e.value, 4)) for e in final] == [
         (10, round(summary["final_test_error"], 4))
@@ -233,7 +230,7 @@ def test_unfinished_runs_are_listed_with_their_progress_apart_from_failures(
 
     done, cut = (shutil.copytree(d, tmp_path / d.name) for d in runs_by_label(sweep)["identity"])
     shutil.copytree(runs_by_label(sweep)["dropout"][0], tmp_path / "failed")
-    summary = json.loads((cut / "summary.json").read_text())
+    summary = read_summary(cut)
     for key in ("final_test_error", "final_test_loss", "wall_time_s"):
         summary.pop(key)
     summary.update(status="interrupted", reason="time_limit", steps_done=6)
@@ -243,7 +240,7 @@ def test_unfinished_runs_are_listed_with_their_progress_apart_from_failures(
 
     write_report([tmp_path], tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
-    done_error = json.loads((done / "summary.json").read_text())["final_test_error"]
+    done_error = read_summary(done)["final_test_error"]
     row = read_csv(tmp_path / "out" / "report.csv")["identity"]
     assert (row["runs"], row["completed"]) == ("2", "1")
     assert float(row["median_error"]) == pytest.approx(done_error)  # the stopped one is out

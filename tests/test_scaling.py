@@ -6,7 +6,6 @@ Slow (``make test-slow``): each test starts several Python processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -18,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ONE_THREAD, console_script, run_cli
+from resnet_exp.run.records import read_metrics
+
+from conftest import (
+    ONE_THREAD,
+    assert_same_tensors,
+    read_checkpoint,
+    read_summary,
+    run_main,
+    start_command,
+    torchrun,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -38,42 +47,28 @@ DDP_JOB = [
 ENV = ONE_THREAD  # two processes on two cores
 
 
-def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "resnet_exp",
-        *args,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 steps over two processes (torchrun), in the default (timestamped) run directory."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    torchrun([*DDP_JOB, "trainer.max_steps=10"], cwd=cwd)
+    runs = [p.parent.parent for p in (cwd / "outputs").rglob(".hydra/config.yaml")]
+    assert len(runs) == 1, runs  # one directory for both ranks
+    return runs[0]
 
 
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
-def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
-    # Two processes, default (timestamped) run directory: one directory for both ranks.
-    torchrun([*DDP_JOB, "trainer.max_steps=10"], cwd=tmp_path)
-    runs = [p.parent.parent for p in (tmp_path / "outputs").rglob(".hydra/config.yaml")]
-    assert len(runs) == 1, runs
-    ddp = runs[0]
+def test_torchrun_matches_single_process_and_resumes(tmp_path: Path, two_processes: Path) -> None:
+    ddp = two_processes
     assert len(list(ddp.glob("events.out.tfevents.*"))) == 1
     assert len((ddp / "resnet-exp.log").read_text().splitlines()) >= 2  # rank 0's log only
-    s2 = summary(ddp)
+    s2 = read_summary(ddp)
     assert s2["processes"] == 2 and s2["steps_done"] == 10 and s2["batch_size"] == 64
 
     # One process, same global batch of 64: the same loss up to BatchNorm statistics,
     # which each rank computes over its own 32 images (0.3% apart after 10 steps, measured).
     single = tmp_path / "single"
-    run_cli([*DDP_JOB, "trainer.max_steps=10", f"hydra.run.dir={single}"], cwd=tmp_path, env=ENV)
-    s1 = summary(single)
+    run_main([*DDP_JOB, "trainer.max_steps=10", f"hydra.run.dir={single}"], cwd=tmp_path)
+    s1 = read_summary(single)
     assert s1["processes"] == 1
     assert abs(s2["final_train_loss"] - s1["final_train_loss"]) / s1["final_train_loss"] < 0.02
 
@@ -83,7 +78,7 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     moved = tmp_path / "moved"
     shutil.copytree(part, moved)
     torchrun(["trainer.max_steps=10", f"resume={part}"], cwd=tmp_path)
-    s3 = summary(part)
+    s3 = read_summary(part)
     assert s3["steps_done"] == 10
     assert s3["final_train_loss"] == s2["final_train_loss"]
     assert s3["final_test_error"] == s2["final_test_error"]
@@ -91,29 +86,24 @@ def test_torchrun_matches_single_process_and_resumes(tmp_path: Path) -> None:
     # The 2-process run stopped at step 6 continued on one process: the same images at each
     # step (the data order is kept), so the loss of the 2-process run up to BatchNorm's
     # statistics over 64 images instead of 2 x 32, as above; said once in the log.
-    run_cli(["trainer.max_steps=10", f"resume={moved}"], cwd=tmp_path, env=ENV)
-    s4 = summary(moved)
+    run_main(["trainer.max_steps=10", f"resume={moved}"], cwd=tmp_path)
+    s4 = read_summary(moved)
     assert (s4["steps_done"], s4["processes"], s4["parts"]) == (10, 1, 2)
     assert abs(s4["final_train_loss"] - s2["final_train_loss"]) / s2["final_train_loss"] < 0.02
     log = (moved / "resnet-exp.log").read_text()
     assert log.count("continuing a run made elsewhere (processes 2 -> 1)") == 1
 
 
-def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path) -> None:
+def test_submitit_local_sweep_runs_both_jobs(tmp_path: Path, monkeypatch) -> None:
+    """The sweep from this process; its jobs in processes of their own (one thread each)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     sweep = tmp_path / "sweep"
-    run_cli(
-        [
-            "-m",
-            "hydra/launcher=local",
-            "block=original,preact",
-            *DDP_JOB,
-            "trainer.max_steps=4",
-            f"hydra.sweep.dir={sweep}",
-        ],
+    run_main(
+        ["-m", "hydra/launcher=local", "block=original,preact", *DDP_JOB, "trainer.max_steps=4",
+         f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path,
-        env=ENV,
-    )
-    done = {d.name: summary(d) for d in sweep.iterdir() if (d / "summary.json").exists()}
+    )  # fmt: skip
+    done = {d.name: read_summary(d) for d in sweep.iterdir() if (d / "summary.json").exists()}
     assert sorted(done) == ["0_original_8", "1_preact_8"]
     assert all(s["status"] == "completed" and s["steps_done"] == 4 for s in done.values())
 
@@ -137,7 +127,6 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
     the job checkpoint and requeue; the requeued job continues from that step."""
     sweep = tmp_path / "sweep"
     args = [
-        console_script(),
         "-m",
         "hydra/launcher=local",
         *DDP_JOB,
@@ -146,14 +135,7 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
         "trainer.max_steps=320",
         f"hydra.sweep.dir={sweep}",
     ]
-    sweeper = subprocess.Popen(
-        args,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **ENV},
-    )
+    sweeper = start_command(args, tmp_path)
     job = sweep / "0_preact_8"
     try:
         deadline = time.monotonic() + 300
@@ -162,17 +144,17 @@ def test_requeued_job_resumes_instead_of_restarting(tmp_path: Path) -> None:
             time.sleep(0.2)
         for pid in _job_pids(sweep):
             os.kill(pid, signal.SIGUSR2)
-        out, _ = sweeper.communicate(timeout=600)
+        done = sweeper.result(timeout=600)
     finally:
         if sweeper.poll() is None:
-            sweeper.kill()
-    assert sweeper.returncode == 0, out[-3000:]
+            sweeper.send_signal(signal.SIGKILL)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     log = (job / "resnet-exp.log").read_text()
     resumed = [line for line in log.splitlines() if "resumed from" in line]
     assert len(resumed) == 1 and "at step 0 " not in resumed[0], log[-2000:]
-    s = summary(job)
+    s = read_summary(job)
     assert s["status"] == "completed" and s["steps_done"] == 320
-    rows = [json.loads(r) for r in (job / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(job / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 41))  # every epoch once: no restart
 
 
@@ -198,21 +180,7 @@ def node_cmd(nodes: int, per_node: int, port: int, args: list[str], extra: list[
     ]
 
 
-def weights(run: Path) -> dict:
-    import torch
-
-    return torch.load(run / "last.pt", map_location="cpu", weights_only=False)["model"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    import torch
-
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def test_two_nodes_of_one_process_train_one_run(tmp_path: Path) -> None:
+def test_two_nodes_of_one_process_train_one_run(tmp_path: Path, two_processes: Path) -> None:
     """Two torchrun "nodes" on localhost meet at a c10d rendezvous (gloo): one run,
     the same result as two processes on one node."""
     job = [*DDP_JOB, "trainer.max_steps=10"]
@@ -232,12 +200,11 @@ def test_two_nodes_of_one_process_train_one_run(tmp_path: Path) -> None:
     for node in nodes:
         _, err = node.communicate(timeout=600)
         assert node.returncode == 0, err[-3000:]
-    s = summary(run)
+    s = read_summary(run)
     assert s["status"] == "completed" and s["processes"] == 2 and s["steps_done"] == 10
-    one_node = tmp_path / "one_node"
-    torchrun([*job, f"hydra.run.dir={one_node}"], cwd=tmp_path)
-    assert s["final_train_loss"] == summary(one_node)["final_train_loss"]
-    assert_same_weights(weights(run), weights(one_node))
+    one_node = two_processes  # the same job over two processes of one torchrun
+    assert s["final_train_loss"] == read_summary(one_node)["final_train_loss"]
+    assert_same_tensors(read_checkpoint(run)["model"], read_checkpoint(one_node)["model"])
 
 
 # --- elastic recovery: a worker killed, torchrun restarts the group, resume=auto ---------
@@ -345,13 +312,13 @@ def assert_recovered(run: Path, reference: Path) -> None:
     assert len(resumed) == 1, log[-3000:]
     step = int(resumed[0].split(" at step ")[1].split()[0])
     assert 0 < step < 48 and step % 8 == 0, resumed[0]
-    s, ref = summary(run), summary(reference)
+    s, ref = read_summary(run), read_summary(reference)
     assert s["status"] == "completed" and s["steps_done"] == 48 and s["processes"] == 2
     assert s["final_train_loss"] == ref["final_train_loss"]
     assert s["final_test_error"] == ref["final_test_error"]
-    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, 7))  # the redone epochs once each
-    assert_same_weights(weights(run), weights(reference))
+    assert_same_tensors(read_checkpoint(run)["model"], read_checkpoint(reference)["model"])
 
 
 def test_killed_worker_restarts_and_resumes(tmp_path: Path, uninterrupted: Path) -> None:

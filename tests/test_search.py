@@ -5,27 +5,26 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pickle
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from resnet_exp.run.records import read_metrics
 from resnet_exp.run.result import RunResult
 from resnet_exp.sweep.search.space import parse_space, readable
 from resnet_exp.sweep.search.study import JOURNAL
 
 from conftest import (
-    ONE_THREAD,
     TINY,
+    Forked,
     compose_config,
-    console_script,
-    run_cli,
+    read_summary,
     run_main,
+    start_command,
     tb_scalars,
 )
 
@@ -61,15 +60,11 @@ def trials(sweep: Path) -> list[Path]:
     )
 
 
-def summary(run: Path) -> dict:
-    return json.loads((run / "summary.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("search")
     sweep = tmp / "multirun"
-    proc = run_cli(
+    proc = run_main(
         [
             "-m",
             "hydra/sweeper=search",
@@ -78,7 +73,6 @@ def search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
             f"hydra.sweep.dir={sweep}",
         ],
         cwd=tmp,
-        env=ONE_THREAD,
     )
     return sweep, proc.stdout
 
@@ -92,7 +86,7 @@ def test_search_minimises_the_validation_error(search) -> None:
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
         lr, wd = cfg.optimizer.lr, cfg.optimizer.weight_decay
         assert LR[0] <= lr <= LR[1] and WD[0] <= wd <= WD[1]  # sampled from the config's space
-        s = summary(run)
+        s = read_summary(run)
         assert s["status"] == "completed"
         found[(lr, wd)] = s["final_val_error"]
     assert len(found) == 3  # three different trials
@@ -109,7 +103,7 @@ def test_search_minimises_the_validation_error(search) -> None:
             "optimizer.lr": cfg.optimizer.lr,
             "optimizer.weight_decay": cfg.optimizer.weight_decay,
         }
-        assert t.value == summary(run)["final_val_error"]
+        assert t.value == read_summary(run)["final_val_error"]
     assert (sweep / "search.png").stat().st_size > 10_000  # history and one panel per parameter
 
 
@@ -132,7 +126,7 @@ def test_report_and_tensorboard_list_the_trials(search) -> None:
 
 def test_search_on_the_test_set_is_refused(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
-    proc = run_cli(
+    proc = run_main(
         ["-m", "hydra/sweeper=search", *TINY, f"hydra.sweep.dir={sweep}"], tmp_path, check=False
     )
     assert proc.returncode == 2
@@ -281,7 +275,7 @@ def test_pruning_stops_the_trial_a_bad_learning_rate_makes_worse(tmp_path: Path)
     )
     assert r.returncode == 0
     bad = trials(sweep)[2]
-    s = summary(bad)
+    s = read_summary(bad)
     assert s["status"] == "pruned" and s["pruned_at_epoch"] == 2
     assert s["steps_done"] == 2 * s["steps_per_epoch"] < s["steps"]  # stopped before the end
     assert (bad / "last.pt").exists() and s["checkpoint"] == str(bad / "last.pt")
@@ -314,7 +308,7 @@ def test_the_trainer_stops_where_its_evaluation_reporter_says(tmp_path: Path) ->
     reporter = StopAfterEpoch2()
     cfg = compose_config([*TINY, "data.val_size=32", "trainer.epochs=4"])
     result = Trainer(cfg, resolve(cfg, tmp_path, pruning=reporter)).run()
-    s = summary(tmp_path)
+    s = read_summary(tmp_path)
     assert result.status is Status.pruned and result.ok and result.exit_code == 0
     assert result.check() is result  # a Python caller gets the result, nothing raised
     assert [e for e, _ in reporter.seen] == [1, 2]  # asked after each evaluation, until told
@@ -325,24 +319,12 @@ def test_the_trainer_stops_where_its_evaluation_reporter_says(tmp_path: Path) ->
     assert "test_error" not in s  # the test set is for runs trained to their end
 
 
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for(pred, proc: Forked, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while not pred():
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert proc.poll() is None, proc.result().stderr[-2000:]
         assert time.monotonic() < end, "timed out"
         time.sleep(0.2)
-
-
-def _popen(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **ONE_THREAD}
-    return subprocess.Popen(
-        [console_script(), *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.mark.slow
@@ -356,7 +338,7 @@ def test_stored_search_interrupted_and_continued(tmp_path: Path) -> None:
         *EPOCHS,
         f"hydra.sweep.dir={sweep}",
     ]
-    proc = _popen(args, tmp_path)
+    proc = start_command(args, tmp_path)
 
     def two_done() -> bool:
         done = [
@@ -373,11 +355,11 @@ def test_stored_search_interrupted_and_continued(tmp_path: Path) -> None:
         if (p / "summary.json").exists()
     }
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), err
+    done = proc.result(timeout=120)
+    assert done.returncode in (128 + signal.SIGTERM, -signal.SIGTERM), done.stderr
     assert len(load_study(sweep / JOURNAL).trials) < 4
 
-    run_cli([*args, "resume=auto"], tmp_path)
+    run_main([*args, "resume=auto"], tmp_path)
     study = load_study(sweep / JOURNAL)
     assert [t.number for t in study.trials] == [0, 1, 2, 3]  # n_trials over the whole study
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -386,14 +368,14 @@ def test_stored_search_interrupted_and_continued(tmp_path: Path) -> None:
     for name, before in kept.items():  # the first trials kept as they were, not run again
         assert (sweep / name / "summary.json").read_bytes() == before
     for t, run in zip(study.trials, runs):
-        assert t.value == summary(run)["final_val_error"]
+        assert t.value == read_summary(run)["final_val_error"]
 
 
 @pytest.mark.slow
 def test_two_sweeps_feed_one_study(tmp_path: Path) -> None:
     storage = tmp_path / "shared.journal"
     procs = [
-        _popen(
+        start_command(
             [
                 "-m",
                 "hydra/sweeper=search",
@@ -407,8 +389,8 @@ def test_two_sweeps_feed_one_study(tmp_path: Path) -> None:
         for name in ("a", "b")
     ]
     for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-2000:]
+        done = p.result(timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
     study = load_study(storage)
     numbers = {t.number: t for t in study.trials}
     dirs = {int(p.name.split("_")[0]): p for name in ("a", "b") for p in trials(tmp_path / name)}
@@ -419,13 +401,13 @@ def test_two_sweeps_feed_one_study(tmp_path: Path) -> None:
     assert trials(tmp_path / "a") and trials(tmp_path / "b")  # both fed it
     for n, run in dirs.items():
         assert numbers[n].state == optuna.trial.TrialState.COMPLETE
-        assert numbers[n].value == summary(run)["final_val_error"]
+        assert numbers[n].value == read_summary(run)["final_val_error"]
 
 
 @pytest.mark.slow
 def test_packed_launcher_runs_trials_of_a_search_at_once(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
-    run_cli(
+    run_main(
         [
             "-m",
             "hydra/sweeper=search",
@@ -440,8 +422,8 @@ def test_packed_launcher_runs_trials_of_a_search_at_once(tmp_path: Path) -> None
     )
     spans = []
     for run in trials(sweep):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert summary(run)["status"] in ("completed", "pruned")
+        rows = read_metrics(run / "metrics.jsonl")
+        assert read_summary(run)["status"] in ("completed", "pruned")
         mtime = (run / "metrics.jsonl").stat().st_mtime
         spans.append((mtime - rows[-1]["time_s"], mtime))
     (a0, a1), (b0, b1) = spans
@@ -450,15 +432,18 @@ def test_packed_launcher_runs_trials_of_a_search_at_once(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_submitit_trials_prune_from_their_own_processes(tmp_path: Path) -> None:
+def test_submitit_trials_prune_from_their_own_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Trials in other processes (submitit, hydra/launcher=local) reach the study through
     its storage: the sweep's results match their summaries, and pruning reaches them."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install '.[slurm]'")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the trials' processes: one thread each
     sweep = tmp_path / "multirun"
     common = ["-m", "hydra/sweeper=search", "hydra/launcher=local", *EPOCHS]
     common += ["hydra.sweeper.min_resource=2", f"hydra.sweep.dir={sweep}"]
-    run_cli([*common, "hydra.sweeper.n_trials=1", "optimizer.lr=interval(0.04, 0.06)"], tmp_path)
-    run_cli(
+    run_main([*common, "hydra.sweeper.n_trials=1", "optimizer.lr=interval(0.04, 0.06)"], tmp_path)
+    run_main(
         [*common, "hydra.sweeper.n_trials=2", "optimizer.lr=interval(1e-6, 2e-6)", "resume=auto"],
         tmp_path,
     )
@@ -467,4 +452,4 @@ def test_submitit_trials_prune_from_their_own_processes(tmp_path: Path) -> None:
         optuna.trial.TrialState.COMPLETE,
         optuna.trial.TrialState.PRUNED,
     ]
-    assert summary(trials(sweep)[1])["status"] == "pruned"
+    assert read_summary(trials(sweep)[1])["status"] == "pruned"

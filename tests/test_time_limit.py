@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
 from resnet_exp.config import parse_duration
 from resnet_exp.errors import UserError
-from resnet_exp.run.records import read_metrics
 from resnet_exp.run.result import RunResult, Status
 from resnet_exp.run.stop import Interrupted, StopRequest, TimeLimit
 from resnet_exp.train.loop import train
 
-from conftest import TINY, assert_same_tensors, compose_config, run_main, tb_scalars
+from conftest import (
+    TINY,
+    assert_same_tensors,
+    compose_config,
+    outcome,
+    read_checkpoint,
+    read_summary,
+    run_main,
+)
 
 # 16 steps an epoch, 4 epochs: evaluations, checkpoints and lr milestones on the way.
 JOB = [*TINY, "trainer.log_every=5", "trainer.deterministic=true", "trainer.epochs=4"]
@@ -81,27 +85,6 @@ def test_the_estimate_covers_a_stops_measured_costs() -> None:
     assert limit.needed() == pytest.approx(TimeLimit.SAFETY * (2 + 1 + 6) + TimeLimit.FLOOR_S)
 
 
-def outcome(run: Path) -> dict[str, Any]:
-    """What a run computed (checkpoint, metrics, curves, summary), minus wall-clock values."""
-    state = torch.load(run / "last.pt", weights_only=False)
-    state["metrics"].pop("throughput")
-    summary = json.loads((run / "summary.json").read_text())
-    for key in ("wall_time_s", "train_images_per_s", "parts"):  # wall-clock, how it ran
-        summary.pop(key, None)
-    return {
-        "state": {
-            k: state[k]
-            for k in ("model", "optimizer", "scheduler", "loader", "rng", "step", "metrics")
-        },
-        "rows": [
-            {k: v for k, v in r.items() if k != "time_s"}
-            for r in read_metrics(run / "metrics.jsonl")
-        ],
-        "scalars": {k: v for k, v in tb_scalars(run).items() if not k.startswith("throughput")},
-        "summary": summary,
-    }
-
-
 def test_three_windows_end_bit_identical_to_one_run(tmp_path: Path) -> None:
     """A deterministic CPU run cut by its time limit into three windows, each continued
     with resume=auto, ends with the weights, optimizer, metrics and curves of the run
@@ -120,10 +103,10 @@ def test_three_windows_end_bit_identical_to_one_run(tmp_path: Path) -> None:
             break
         except Interrupted as stop:
             assert stop.reason == "time_limit" and stop.signum is None
-            summary = json.loads((run / "summary.json").read_text())
+            summary = read_summary(run)
             assert summary["status"] == "interrupted" and summary["reason"] == "time_limit"
             assert summary["steps_done"] == stop.step and summary["steps"] == 64
-            assert torch.load(run / "last.pt", weights_only=False)["step"] == stop.step
+            assert read_checkpoint(run)["step"] == stop.step
             cuts.append(stop.step)
             assert len(cuts) < 5, cuts
     assert done.status is Status.completed
