@@ -273,9 +273,16 @@ def run_cli(
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+# Optional extras that start threads when imported (MLflow, ONNX Runtime): a process
+# forked while another thread holds a lock can hang on it, so the server leaves them out
+# (src/ imports them lazily, where they are used).
+THREADED = ("mlflow", "onnxruntime", "onnx", "onnxscript")
+
+
 @functools.cache
 def src_libraries() -> list[str]:
-    """The modules outside the project and the standard library that src/ imports."""
+    """The modules outside the project and the standard library that src/ imports (but
+    the THREADED extras)."""
     names: set[str] = set()
     for path in (REPO / "src").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -284,7 +291,8 @@ def src_libraries() -> list[str]:
             elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
                 names.add(node.module)
     own = ("resnet_exp", "hydra_plugins")
-    return sorted(n for n in names if n.split(".")[0] not in (*sys.stdlib_module_names, *own))
+    skip = (*sys.stdlib_module_names, *own, *THREADED)
+    return sorted(n for n in names if n.split(".")[0] not in skip)
 
 
 _SERVERS: list[ForkServer] = []

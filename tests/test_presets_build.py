@@ -155,9 +155,11 @@ def test_resnet1001_batch64_builds_as_the_published_run(
     assert not s.warmup and s.total_steps == 200 * s.loader.steps_per_epoch
 
 
-def test_modern_every_job_builds_at_full_size_with_its_recipe(folders: dict[str, Path]) -> None:
+def test_modern_every_job_builds_at_full_size_with_its_recipe(
+    folders: dict[str, Path], cache_dir: Path
+) -> None:
     built = set()
-    for cfg, s in build_jobs("modern", folders):
+    for cfg, s in build_jobs("modern", folders, cache_dir):
         check_net(s, bn_group=64)
         check_params(s)
         assert s.warmup and s.cfg.trainer.epochs == 164 and s.cfg.trainer.max_steps is None
