@@ -14,7 +14,7 @@ import pytest
 
 from resnet_exp.sweep import campaign as reproduce
 
-from conftest import ONE_THREAD, console_script
+from conftest import ONE_THREAD, command_env, console_script, fork_server
 
 # Two tiny synthetic runs per sweep; the second asks for a batch larger than its data
 # set, which every run of it refuses at the start (a failure with the same reason each time).
@@ -149,6 +149,18 @@ def test_a_run_not_reached_keeps_its_summary(
     assert not list((sweep_dir / "1_preact_8").glob("summary.*.json"))
     state = json.loads((tmp_path / "campaign" / "campaign.json").read_text())
     assert state["failures"] == {} and not state["sweeps"]["a_pair"]["done"]
+
+
+def test_a_fresh_process_plans_a_presets_sweeps(tmp_path: Path) -> None:
+    """The campaign composes the command's configs itself (in a process where the
+    command's module was never imported: its schema must be registered there too)."""
+    code = (
+        "from resnet_exp.sweep.campaign import planned_jobs\n"
+        "print(len(planned_jobs(['+experiment=table2', 'scale=short'])))"
+    )
+    result = fork_server().run_code(code, tmp_path, command_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["10"]  # Table 2 short: two nets x five orderings, one seed
 
 
 def test_missing_data_stops_the_call_before_anything_is_written(

@@ -85,8 +85,9 @@ def compose(overrides: list[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from resnet_exp.config import config_dir
+    from resnet_exp.config import config_dir, register_configs
 
+    register_configs()  # the schema the YAML extends (the command registers it on import)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose("config", overrides=overrides, return_hydra_config=True)
 
