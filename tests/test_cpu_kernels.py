@@ -51,9 +51,10 @@ def test_unsafe_layers_are_the_strided_narrow_1x1_convs() -> None:
     assert (conv.in_channels, conv.out_channels, conv.stride) == (8, 16, (2, 2))
     assert nhwc_unsafe_convs(wide) == [] and nhwc_unsafe_convs(cifar) == []
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert not pick_channels_last(True, narrow, cpu)
-    assert pick_channels_last(True, narrow, cuda) and pick_channels_last(True, wide, cpu)
-    assert not pick_channels_last(False, wide, cpu)
+    assert not pick_channels_last(True, lambda: narrow, cpu)
+    assert pick_channels_last(True, lambda: wide, cpu)
+    unbuilt = lambda: pytest.fail("built for a choice that needs no net")  # noqa: E731
+    assert pick_channels_last(True, unbuilt, cuda) and not pick_channels_last(False, unbuilt, cpu)
     assert nhwc_unsafe_convs(nn.Conv2d(8, 8, 1, 2)) == [""]
 
 

@@ -59,6 +59,7 @@ def build_jobs(experiment: str, folders: dict[str, Path], cache_dir: Path):
         cfg.data.root = str(folders[cfg.data.name])
         cfg.data.cache_dir = str(cache_dir)
         cfg.trainer.device = "cpu"
+        cfg.trainer.channels_last = False  # the memory format needs no look at the layers
         yield cfg, build_setup(cfg, resolve(cfg, Path("unused")))  # writes nothing
 
 

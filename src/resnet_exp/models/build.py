@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 from resnet_exp.errors import UserError
 from resnet_exp.models import cifar, imagenet
 from resnet_exp.models.options import Block, Downsample, Family, NetOptions, Unit, choose
@@ -130,6 +132,11 @@ class NetSpec:
             self.options,
             self.checkpointing,
         )
+
+    def layers(self) -> ResNet:
+        """The net's layers on the meta device (no memory, no weights): to look at."""
+        with torch.device("meta"):
+            return self.build(num_classes=1)
 
     @property
     def name(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -109,13 +110,16 @@ def nhwc_unsafe_convs(model: nn.Module) -> list[str]:
     ]
 
 
-def pick_channels_last(requested: bool, model: nn.Module, device: torch.device) -> bool:
+def pick_channels_last(
+    requested: bool, layers: Callable[[], nn.Module], device: torch.device
+) -> bool:
     """``trainer.channels_last``, unless the net would train on the CPU with a layer
     whose channels_last backward crashes: then the whole run (net and batches) is
-    contiguous, as a batch in channels_last would turn the net's outputs back to it."""
+    contiguous, as a batch in channels_last would turn the net's outputs back to it.
+    ``layers`` builds the net (weights unneeded) only when that must be looked at."""
     if not requested or device.type != "cpu":
         return requested
-    unsafe = nhwc_unsafe_convs(model)
+    unsafe = nhwc_unsafe_convs(layers())
     if unsafe:
         log.warning(
             "trainer.channels_last=true ignored: on the CPU, %s (a strided 1x1 conv with "

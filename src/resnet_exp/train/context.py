@@ -88,14 +88,12 @@ def resolve(
     net, device, precision = _decide(cfg, world, claim=True)
     if device.type == "cuda":  # cuda:N: streams, graphs and allocations of this process there
         torch.cuda.set_device(device)
-    with torch.device("meta"):  # the layers decide the memory format; no weights needed
-        layers = net.build(num_classes=1)
     return RunContext(
         run_dir=run_dir,
         net=net,
         device=device,
         precision=precision,
-        channels_last=pick_channels_last(cfg.trainer.channels_last, layers, device),
+        channels_last=pick_channels_last(cfg.trainer.channels_last, net.layers, device),
         world=world,
         stop=stop if stop is not None else StopRequest(),
         time_limit_s=parse_duration(cfg.trainer.time_limit),
