@@ -200,7 +200,8 @@ def test_modern_preset_one_epoch_runs_and_reports(tmp_path: Path) -> None:
     sweep = tmp_path / "modern"
     run_cli(
         ["-m", "+experiment=modern", "scale=short", "dataset=synthetic",
-         "data.synthetic_train=1280", "data.synthetic_test=200", "data.train_limit=null",
+         "data.synthetic_train=640", "data.synthetic_test=64", "data.batch_size=64",
+         "model.bn_group=32", "data.eval_batch_size=64", "data.train_limit=null",
          "data.test_limit=null", "trainer.max_steps=null", "trainer.epochs=1",
          "trainer.progress=false", "trainer.device=cpu", f"hydra.sweep.dir={sweep}"],
         tmp_path,

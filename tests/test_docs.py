@@ -319,6 +319,8 @@ def adapted(c: Command, root: Path, n: int) -> tuple[list[str], list[list[str]]]
             ]
     if any(a.startswith("init_from.path=") for a in args):
         extra.append("depth=8")  # the tiny run's net, whose weights it starts from
+    if "-m" in args and not any(a.startswith("seed=") for a in args):
+        extra.append("seed=1")  # a preset's other seeds build the same nets again
     if "-m" in args and not any(a.startswith("hydra.sweep.dir=") for a in args):
         extra.append(f"hydra.sweep.dir=sweeps/{n}")
     if "-m" not in args and not any(a.startswith("hydra.run.dir=") for a in args) and not resumes:

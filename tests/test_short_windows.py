@@ -125,10 +125,10 @@ def test_the_default_campaign_plans_the_papers_sweeps() -> None:
     assert all("net=resnet164" in j for j in plans[3])
 
 
-@pytest.mark.slow  # ~40 s: a run cut by its limit through the command, then continued
+@pytest.mark.slow  # ~15 s: a run cut by its limit through the command, then continued
 def test_the_command_stops_at_its_limit_with_exit_75_and_resumes(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = run_cli([*LONG, "trainer.time_limit=20s", f"hydra.run.dir={run}"], tmp_path, check=False)
+    proc = run_cli([*LONG, "trainer.time_limit=12s", f"hydra.run.dir={run}"], tmp_path, check=False)
     assert proc.returncode == 75, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["reason"]) == ("interrupted", "time_limit")
@@ -143,12 +143,12 @@ def test_the_command_stops_at_its_limit_with_exit_75_and_resumes(tmp_path: Path)
     assert summary["status"] == "completed" and summary["steps_done"] == done + 10
 
 
-@pytest.mark.slow  # ~90 s: a packed sweep at its deadline, then continued twice
+@pytest.mark.slow  # ~30 s: a packed sweep at its deadline, then continued twice
 def test_a_packed_sweep_ends_at_its_deadline_and_continues(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     packed = ["hydra/launcher=packed", "hydra.launcher.runs_per_device=2"]
     packed += ["hydra.launcher.threads_per_run=1", "seed=1,2,3", f"hydra.sweep.dir={sweep}"]
-    proc = run_cli(["-m", *LONG, *packed, "trainer.time_limit=25s"], tmp_path, check=False)
+    proc = run_cli(["-m", *LONG, *packed, "trainer.time_limit=12s"], tmp_path, check=False)
     assert proc.returncode == 75, proc.stderr
     names = ["0_preact_8", "1_preact_8", "2_preact_8"]
     steps = []
