@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import resnet_exp
+from resnet_exp.config import DataConfig
+from resnet_exp.data.batch_aug import STATE_KEY, BatchAugment
 from resnet_exp.data.loader import Normalize, TrainLoader
-from resnet_exp.data.splits import Split
+from resnet_exp.data.splits import Placement, Split
 from resnet_exp.errors import UserError
 from resnet_exp.run import moves
 from resnet_exp.run.checkpoint import SCHEMA, Checkpoint
@@ -147,6 +149,32 @@ def test_a_generator_of_another_device_is_re_derived_and_the_order_kept() -> Non
     xb, yb = b.next()
     assert torch.equal(xb, c.next()[0])  # re-derived from the seed and position: deterministic
     assert torch.equal(yb, y)  # the same images as the uninterrupted run's next batch
+
+
+def cutout(split: Split, rank: int = 0, world: int = 1) -> BatchAugment:
+    at = Placement(torch.device("cpu"), False, rank, world)
+    return BatchAugment(loader(split, 4, rank, world), DataConfig(cutout=4), 10, 3, at)
+
+
+def test_cutout_draws_of_another_device_or_rank_are_re_derived() -> None:
+    split = images(64)
+    a = cutout(split)
+    for _ in range(3):
+        a.next()
+    state = a.state_dict()
+    cuda_like = {**state, STATE_KEY: torch.zeros(16, dtype=torch.uint8), "aug_gen": None}
+    b, c = cutout(split), cutout(split)
+    b.load_state_dict(cuda_like)  # a CUDA generator's state: no crash, seeded again
+    c.load_state_dict(cuda_like)
+    assert torch.equal(b.next()[0], c.next()[0])  # deterministic from the seed and position
+    # One rank continued by two: each rank draws its own cutouts, not rank 0's copy.
+    twos = moves.regroup([{"loader": state, "rng": {}}], 2)
+    assert all(r["loader"][STATE_KEY] is None for r in twos)
+    ranks = [cutout(split, r, 2) for r in range(2)]
+    for r, x in zip(twos, ranks):
+        x.load_state_dict(r["loader"])
+    boxes = [x.next()[0] == 0 for x in ranks]  # where each rank's cutout zeroed the images
+    assert not torch.equal(boxes[0], boxes[1])
 
 
 def test_the_optimizer_steps_with_this_devices_kernel() -> None:

@@ -134,7 +134,8 @@ class BatchAugment:
         )
         self.device = at.device
         self.fmt = torch.channels_last if at.channels_last else torch.contiguous_format
-        self.gen = torch.Generator(device=at.device).manual_seed(seed + 1 + at.rank + STREAM)
+        self.seed = seed + 1 + at.rank + STREAM
+        self.gen = torch.Generator(device=at.device).manual_seed(self.seed)
 
     @classmethod
     def wrap(
@@ -180,5 +181,13 @@ class BatchAugment:
         return {**self.loader.state_dict(), STATE_KEY: self.gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The loader's position and these draws' generator; one saved on a device of
+        another type (its state has another size) or for another rank (``None``) is
+        seeded again from this rank's seed and the position, as the loader does."""
         self.loader.load_state_dict({k: v for k, v in state.items() if k != STATE_KEY})
-        self.gen.set_state(state[STATE_KEY])
+        saved = state.get(STATE_KEY)
+        if saved is not None and saved.numel() == self.gen.get_state().numel():
+            self.gen.set_state(saved)
+        else:
+            where = self.seed * 1_000_003 + self.loader.epoch * 100_003 + self.loader.pos
+            self.gen.manual_seed(where % 2**63)

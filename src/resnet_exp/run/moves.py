@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from resnet_exp.data.batch_aug import STATE_KEY as BATCH_AUG_GEN
+
 
 @dataclass(frozen=True)
 class Place:
@@ -98,8 +100,13 @@ def regroup(ranks: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
     return out
 
 
+RANK_DRAWS = ("aug_gen", BATCH_AUG_GEN)  # a loader's per-rank generator states
+
+
 def _loaders(saved: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
-    first = saved[0]
+    # Each rank's augmentation draws (None: each loader re-derives its generator from the
+    # seed, its rank and the position; rank 0's copied to every rank would draw alike).
+    first = {**saved[0], **{k: None for k in RANK_DRAWS if k in saved[0]}}
     if "perm" not in first:  # streamed data: a position in a seeded order, the same on every rank
         skipped = [s for state in saved for s in state.get("skipped", [])]
         return [{**first, "skipped": skipped if r == 0 else []} for r in range(world)]
@@ -107,10 +114,7 @@ def _loaders(saved: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
     full = torch.empty(n, dtype=first["perm"].dtype)
     for r, state in enumerate(saved):
         full[r :: len(saved)] = state["perm"]
-    return [
-        {**first, "perm": full[r::world].clone(), "aug_gen": None}  # None: re-derive it
-        for r in range(world)
-    ]
+    return [{**first, "perm": full[r::world].clone(), "aug_gen": None} for r in range(world)]
 
 
 def _metrics(saved: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
