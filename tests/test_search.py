@@ -362,7 +362,7 @@ def test_stored_search_interrupted_and_continued(tmp_path: Path) -> None:
     run_main([*args, "resume=auto"], tmp_path)
     study = load_study(sweep / JOURNAL)
     assert [t.number for t in study.trials] == [0, 1, 2, 3]  # n_trials over the whole study
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
     runs = trials(sweep)
     assert [p.name for p in runs] == [f"{n}_preact_8" for n in range(4)]
     for name, before in kept.items():  # the first trials kept as they were, not run again

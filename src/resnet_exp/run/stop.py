@@ -61,6 +61,21 @@ def requeue(signum: int) -> None:
         handler(signum, None)
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back for the duration (delivered when it ends): a few
+    steps that must happen together or not at all (in the main thread; elsewhere,
+    signals do not arrive anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = set(SIGNALS) - signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 

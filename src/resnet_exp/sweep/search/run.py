@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from resnet_exp.errors import UserError
 from resnet_exp.run.result import RunResult, Status, objective
+from resnet_exp.run.stop import signals_deferred
 from resnet_exp.sweep.search.plot import SEARCH_PNG, plot_search
 from resnet_exp.sweep.search.space import SearchSpace, parse_space, readable
 from resnet_exp.sweep.search.study import (
@@ -164,6 +165,13 @@ class Search:
         return out
 
     def ask(self, study: Any) -> tuple[int, dict[str, Any]]:
+        """A new trial with its values, marked as this folder's; a stop arriving while
+        it is asked waits for the mark (an unmarked trial would be left running for ever:
+        a continued sweep takes over only its own)."""
+        with signals_deferred():
+            return self._ask(study)
+
+    def _ask(self, study: Any) -> tuple[int, dict[str, Any]]:
         c = self.conf
         trial = study.ask()
         if c.sampler.seed is not None and c.sampler.name != "grid":
