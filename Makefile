@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-# Test processes: one a core, at most 4 (each holds torch and a fork server).
+# Test processes: one a core, at most 4 (each holds torch and a fork server); a test
+# file's tests in one of them (its module-wide fixtures made once).
 JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
 PY     ?= $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 WHEELS ?=
@@ -33,10 +34,10 @@ run: install  ## the default job (pre-act ResNet-110, CIFAR-10); extra overrides
 	$(BIN)/resnet-exp $(ARGS)
 
 test: install  ## the quick test suite (CPU, under 5 minutes)
-	$(BIN)/pytest -q -n $(JOBS)
+	$(BIN)/pytest -q -n $(JOBS) --dist loadfile
 
 test-slow: install  ## the long checks marked slow: wheel build, torchrun, submitit, depth 1001, real CIFAR-10, torch.compile, the measuring scripts, an offline install and a GPU window rehearsed on the CPU
-	$(BIN)/pytest -q -m slow -n $(JOBS)
+	$(BIN)/pytest -q -m slow -n $(JOBS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check src tests scripts
