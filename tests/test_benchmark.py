@@ -78,5 +78,5 @@ def test_benchmark_command_writes_table_and_json(tmp_path: Path) -> None:
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **ONE_THREAD})
     rows = json.loads((out / "benchmark.json").read_text())["rows"]
     assert [r["variant"] for r in rows] == ["reference", "default", "trainer.channels_last=false"]
-    assert all("error" not in r and r["images_per_s"] > 0 for r in rows)
+    assert all("error" not in r and r["images_per_s"] > 0 for r in rows), rows
     assert "| reference |" in (out / "benchmark.md").read_text()

@@ -25,6 +25,7 @@ def console(name: str) -> str:
 
 
 # A run far longer than any window below: only its time limit ends it.
+WORKER_TIMEOUT = "RESNET_EXP_WORKER_TIMEOUT"  # gpu-check's limit for each measurement
 LONG = [*TINY, "trainer.max_steps=1000000", "trainer.log_every=8"]
 
 
@@ -55,6 +56,7 @@ def test_gpu_check_refuses_data_that_is_not_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     gpu_check = import_script("gpu_check.py", monkeypatch)
+    monkeypatch.setenv(WORKER_TIMEOUT, "600")  # main() sets it: as it was again after
     out = tmp_path / "out"
     assert gpu_check.main(["--dry", "--data", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -96,6 +98,7 @@ def test_gpu_check_reports_a_hung_step_and_writes_its_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     gpu_check = import_script("gpu_check.py", monkeypatch)
+    monkeypatch.setenv(WORKER_TIMEOUT, "600")  # main() sets it: as it was again after
     hung = tmp_path / "test_hang.py"
     hung.write_text("import time\n\ndef test_hangs():\n    time.sleep(3600)\n")
     monkeypatch.setattr(gpu_check, "CUDA_TESTS", [str(hung)])
