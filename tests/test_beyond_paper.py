@@ -20,7 +20,7 @@ from resnet_exp.train.loop import Trainer
 from resnet_exp.train.metrics import RunningMetrics
 from resnet_exp.train.setup import Setup, build_setup
 
-from conftest import TINY, compose_config, run_main, tb_scalars
+from conftest import TINY, compose_config, read_checkpoint, run_main, tb_scalars
 
 FP32 = [*TINY, "trainer.precision=fp32", "trainer.deterministic=true"]
 CLASSES = 10  # the synthetic data set's
@@ -63,7 +63,7 @@ def test_the_papers_recipe_is_unchanged(tmp_path: Path) -> None:
     got = (summary["final_test_error"], summary["final_test_loss"])
     assert got == pytest.approx(REFERENCE_TEST, rel=1e-4)
     assert not [k for k in summary if k.endswith("_ema")]
-    state = torch.load(run / "last.pt", weights_only=False)
+    state = read_checkpoint(run)
     assert "ema" not in state and STATE_KEY not in state["loader"]
 
 
@@ -286,7 +286,7 @@ def test_the_average_is_evaluated_logged_and_checkpointed(sweeps: tuple[Path, Pa
     assert scalars["hparams/final_test_error_ema"][20] == pytest.approx(rows[-1]["test_error_ema"])
     # The checkpoint's average, evaluated afresh, gives the summary's numbers; the
     # net's own weights give other ones.
-    state = torch.load(run / "last.pt", weights_only=False)
+    state = read_checkpoint(run)
     # What the switches add to a checkpoint is tensors in plain dicts (weights_only-safe).
     assert type(state["ema"]) is dict
     assert all(isinstance(v, torch.Tensor) for v in state["ema"].values())

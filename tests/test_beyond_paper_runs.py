@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from resnet_exp.run.stop import Interrupted, StopRequest
@@ -213,7 +212,7 @@ def test_modern_preset_one_epoch_runs_and_reports(tmp_path: Path) -> None:
         s = json.loads((run / "summary.json").read_text())
         assert s["status"] == "completed" and s["steps_done"] == 10 and s["schedule"] == "cosine"
         assert 0 <= s["final_test_error_ema"] <= 100
-        state = torch.load(run / "last.pt", weights_only=False)
+        state = read_checkpoint(run)
         assert state["ema"]["n_averaged"].item() == 10
     with open(sweep / "report.csv") as f:
         rows = {r["configuration"]: r for r in csv.DictReader(f)}

@@ -27,6 +27,7 @@ from conftest import (
     read_summary,
     run_main,
     signal_after_first_evaluation,
+    stop_at_poll,
 )
 
 # conftest's tiny job: 16 steps an epoch, deterministic, a logging step every 5.
@@ -59,22 +60,6 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"paper": root / "paper", "flat": root / "flat"}
 
 
-class StopAt(StopRequest):
-    """A stop requested at the loop's n-th poll (once per step, after any end-of-epoch
-    work), as a preemption notice calling ``request()`` would."""
-
-    def __init__(self, polls: int) -> None:
-        super().__init__()
-        self.left = polls
-
-    @property
-    def requested(self) -> bool:
-        self.left -= 1
-        if self.left == 0:
-            self.request(signal.SIGINT)
-        return self.signum is not None
-
-
 def assert_identical(resumed: Path, reference: Path, extra_step: int | None = None) -> None:
     """Same weights, optimizer, schedule, data position, RNG; same metrics and curves.
 
@@ -99,7 +84,7 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(
 ) -> None:
     run = tmp_path / "run"
     with pytest.raises(Interrupted) as info:
-        train_in(run, PAPER, stop=StopAt(polls=STEPS_PER_EPOCH + 5))
+        train_in(run, PAPER, stop=stop_at_poll(STEPS_PER_EPOCH + 5))
     assert info.value.step == STEPS_PER_EPOCH + 5  # mid-epoch, mid logging interval
     summary = read_summary(run)
     assert summary["status"] == "interrupted" and summary["steps_done"] == info.value.step

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from resnet_exp.config import flat_config
 from resnet_exp.errors import UserError
@@ -27,6 +26,7 @@ from conftest import (
     ONE_THREAD,
     TINY,
     compose_config,
+    read_checkpoint,
     run_main,
     signal_after_first_evaluation,
     tb_scalars,
@@ -119,7 +119,7 @@ def test_a_run_records_its_config_curves_result_and_files(
     assert r.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
     saved = Path(store(mlflow_store).download_artifacts(rid, "summary.json", str(tmp_path)))
     assert json.loads(saved.read_text()) == summary
-    assert torch.load(run / "last.pt", weights_only=False)["mlflow_run_id"] == rid
+    assert read_checkpoint(run)["mlflow_run_id"] == rid
 
 
 def test_mlflow_alone_and_tensorboard_alone(tmp_path: Path, mlflow_store: Path) -> None:
@@ -131,7 +131,7 @@ def test_mlflow_alone_and_tensorboard_alone(tmp_path: Path, mlflow_store: Path) 
     assert [s for s, _ in history(mlflow_store, r.info.run_id, "train/loss")] == [5, 10, 15, 20]
     run_main([*JOB, f"hydra.run.dir={tmp_path / 'tb'}"], tmp_path)  # the default: no MLflow
     assert len(runs(mlflow_store)) == 1 and list((tmp_path / "tb").glob("events.out.tfevents*"))
-    assert torch.load(tmp_path / "tb" / "last.pt", weights_only=False)["mlflow_run_id"] is None
+    assert read_checkpoint(tmp_path / "tb")["mlflow_run_id"] is None
 
 
 def check_sweep(db: Path, sweep: Path) -> None:
@@ -240,7 +240,7 @@ def test_sigterm_then_resume_auto_is_one_mlflow_run(tmp_path: Path, mlflow_store
     assert_curves_match(mlflow_store, rid, run)
     assert not any(k.startswith("resumed.") for k in resumed.data.tags)  # same settings
     assert json.loads((run / "summary.json").read_text())["parts"] == 2
-    assert torch.load(run / "last.pt", weights_only=False)["mlflow_run_id"] == rid
+    assert read_checkpoint(run)["mlflow_run_id"] == rid
 
 
 def test_a_longer_resumed_run_keeps_its_params_and_tags_the_change(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ONE_THREAD, REPO, TINY, console_script, import_script, run_cli
+from conftest import ONE_THREAD, REPO, TINY, console_script, import_script, read_checkpoint, run_cli
 
 SCRIPTS = REPO / "scripts"
 
@@ -137,7 +137,7 @@ def test_the_command_stops_at_its_limit_with_exit_75_and_resumes(tmp_path: Path)
     assert (summary["status"], summary["reason"]) == ("interrupted", "time_limit")
     done = summary["steps_done"]
     assert 0 < done < summary["steps"] == 1000000
-    assert torch.load(run / "last.pt", weights_only=False)["step"] == done
+    assert read_checkpoint(run)["step"] == done
     assert f"after step {done} of 1000000" in proc.stderr and "Traceback" not in proc.stderr
     assert f"to continue: resnet-exp resume={run}" in proc.stderr
     # Continued (its overrides inherited), with a length it can finish.
@@ -159,7 +159,7 @@ def test_a_packed_sweep_ends_at_its_deadline_and_continues(tmp_path: Path) -> No
         summary = json.loads((sweep / name / "summary.json").read_text())
         assert (summary["status"], summary["reason"]) == ("interrupted", "time_limit")
         steps.append(summary["steps_done"])
-        assert torch.load(sweep / name / "last.pt", weights_only=False)["step"] == steps[-1]
+        assert read_checkpoint(sweep / name)["step"] == steps[-1]
     assert not (sweep / names[2]).exists()  # the third did not start
     last = proc.stderr.strip().splitlines()[-1]
     assert last == (
