@@ -250,7 +250,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in folder.rglob("*")}  # fmt: skip
 
 
-@pytest.mark.slow  # ~2 minutes: gpu-check and two reproduce calls of the dry campaign
+@pytest.mark.slow  # ~3 minutes: gpu-check and two reproduce calls of the dry campaign
 def test_a_gpu_window_rehearsed_on_the_cpu(kit: dict[str, Path]) -> None:
     tmp, repo = kit["tmp"], kit["repo"]
     data = make_cifar_folders(tmp / "cifar10", train=16, test=4)
@@ -276,7 +276,7 @@ def test_a_gpu_window_rehearsed_on_the_cpu(kit: dict[str, Path]) -> None:
         assert (check / name).is_file(), name
     assert gpu.stdout.rstrip().endswith(f"everything in {check}")
 
-    first = sh(["make", "reproduce", "DRY=1", "BUDGET=45s", f"OUT={campaign}"], repo, env)
+    first = sh(["make", "reproduce", "DRY=1", "BUDGET=60s", f"OUT={campaign}"], repo, env)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     state = json.loads((campaign / "campaign.json").read_text())["sweeps"]
     assert state["a_depth8_orderings"]["done"]  # the short sweep finished
@@ -289,7 +289,7 @@ def test_a_gpu_window_rehearsed_on_the_cpu(kit: dict[str, Path]) -> None:
     runs = campaign / "b_depth11_long"
     done = {p.parent.name: json.loads(p.read_text())["steps_done"] for p in runs.glob("*/summary.json")}  # fmt: skip
 
-    second = sh(["make", "reproduce", "DRY=1", "BUDGET=45s", f"OUT={campaign}"], repo, env)
+    second = sh(["make", "reproduce", "DRY=1", "BUDGET=60s", f"OUT={campaign}"], repo, env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "a_depth8_orderings:" not in second.stdout.split("budget")[1].split("report:")[0]
     for name, steps in done.items():  # continued from its checkpoint, further along
@@ -298,7 +298,7 @@ def test_a_gpu_window_rehearsed_on_the_cpu(kit: dict[str, Path]) -> None:
 
     shutil.rmtree(data)
     before = snapshot(campaign)
-    third = sh(["make", "reproduce", "DRY=1", "BUDGET=45s", f"OUT={campaign}"], repo, env)
+    third = sh(["make", "reproduce", "DRY=1", "BUDGET=60s", f"OUT={campaign}"], repo, env)
     assert third.returncode == 2
     said = [line for line in third.stderr.splitlines() if not line.startswith("make: ***")]
     assert len(said) == 1, third.stderr
