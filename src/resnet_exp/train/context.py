@@ -10,13 +10,15 @@ and unit, the device, the precision and the memory format are decided here alone
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
-from resnet_exp.config import Config, Mode, Precision, flat_config, parse_duration
+from resnet_exp.config import Config, Mode, Precision, config_tree, flatten, parse_duration
 from resnet_exp.data import Placement, is_streamed
 from resnet_exp.errors import UserError
 from resnet_exp.models import NetSpec
@@ -27,6 +29,9 @@ from resnet_exp.run.runtime import pick_channels_last, pick_device, pick_precisi
 from resnet_exp.run.stop import StopRequest
 from resnet_exp.run.tracking import Tracking
 from resnet_exp.train.checks import check_settings
+from resnet_exp.train.init_from import InitWeights
+
+log = logging.getLogger("resnet_exp")
 
 
 class EvaluationReporter(Protocol):
@@ -57,6 +62,13 @@ class RunContext:
     pruning: EvaluationReporter | None = None  # a search's trial: its study's pruner
     # TensorBoard, MLflow (logger=...); the MLflow run id, kept in the checkpoint
     tracking: Tracking = field(default_factory=Tracking)
+    config: dict[str, Any] = field(default_factory=dict)  # config_tree: what a checkpoint keeps
+    init: InitWeights | None = None  # init_from='s weights, read; a new training run's only
+
+    @cached_property
+    def flat(self) -> dict[str, Any]:
+        """The config as dotted keys (``model.block``): what a resume is checked against."""
+        return flatten(self.config)
 
     @property
     def placement(self) -> Placement:
@@ -88,6 +100,8 @@ def resolve(
     net, device, precision = _decide(cfg, world, claim=True)
     if device.type == "cuda":  # cuda:N: streams, graphs and allocations of this process there
         torch.cuda.set_device(device)
+    tree = config_tree(cfg)
+    resume = _starting_point(cfg, run_dir, Place(device.type, world.world, precision.value), tree)
     return RunContext(
         run_dir=run_dir,
         net=net,
@@ -97,23 +111,36 @@ def resolve(
         world=world,
         stop=stop if stop is not None else StopRequest(),
         time_limit_s=parse_duration(cfg.trainer.time_limit),
-        resume=_starting_point(cfg, run_dir, Place(device.type, world.world, precision.value)),
+        resume=resume,
         overrides=overrides,
         pruning=pruning,
         tracking=tracking if tracking is not None else Tracking.of(cfg, run_dir),
+        config=tree,
+        init=_init_weights(cfg, resume),
     )
 
 
-def _starting_point(cfg: Config, run_dir: Path, here: Place) -> Resume | None:
+def _starting_point(cfg: Config, run_dir: Path, here: Place, tree: dict[str, Any]) -> Resume | None:
     """The checkpoint a training run continues (``resume=``; a new run never writes over
     another's, but a dry run may look) or ``mode=eval`` evaluates."""
     trust = cfg.trust_checkpoint
     if cfg.mode is Mode.eval:
-        return Resume.to_evaluate(cfg.resume, flat_config(cfg), trust)
+        return Resume.to_evaluate(cfg.resume, flatten(tree), trust)
     if cfg.mode is Mode.train:
-        flat = flat_config(cfg)
-        return Resume.find(cfg.resume, run_dir, flat, here, cfg.dry_run, trust)
+        return Resume.find(cfg.resume, run_dir, flatten(tree), here, cfg.dry_run, trust)
     return None
+
+
+def _init_weights(cfg: Config, resume: Resume | None) -> InitWeights | None:
+    """``init_from=``'s weights for a new training run (a resumed one continues its own)."""
+    if cfg.mode is not Mode.train or not cfg.init_from.path:
+        return None
+    if resume is not None:
+        log.info(
+            "init_from=%s not applied: the run continues from its checkpoint", cfg.init_from.path
+        )
+        return None
+    return InitWeights.read(cfg.init_from, cfg.trust_checkpoint)
 
 
 def validate(cfg: Config, world: DistInfo = ONE_PROCESS) -> None:

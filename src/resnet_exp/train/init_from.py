@@ -11,8 +11,10 @@ a one-line error naming the first tensor that differs.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from resnet_exp.config import Head, InitConfig
@@ -25,36 +27,52 @@ log = logging.getLogger("resnet_exp")
 HEAD = "fc."  # the classifier's tensors (models/resnet.py)
 
 
-def start_from(model: nn.Module, init: InitConfig, trust: bool = False) -> dict[str, Any]:
-    """Load ``init.path``'s weights into ``model``; what summary.json records of it."""
-    key = f"init_from={init.path}"
-    state = read_weights(str(init.path), trust)
-    ours = model.state_dict()
-    kept = {k for k in ours if init.head is Head.reset and k.startswith(HEAD)}
-    given = {k: v for k, v in state.items() if k not in kept}
-    fits = {k: v for k, v in given.items() if k in ours and v.shape == ours[k].shape}
-    left = sorted(k for k in ours if k not in fits and k not in kept)
-    unused = sorted(k for k in given if k not in fits)
-    if init.strict and (left or unused):
-        raise UserError(_mismatch(key, ours, given))
-    model.load_state_dict(fits, strict=False)
-    if kept:
-        log.info("%s: the classifier (%s) starts afresh (init_from.head=reset)", key, HEAD + "*")
-    not_loaded = sorted({*left, *unused})  # this net's, and the given ones' (by name)
-    if not_loaded:
-        log.info(
-            "%s: %d tensors loaded; not loaded (init_from.strict=false): %s",
-            key,
-            len(fits),
-            ", ".join(not_loaded),
-        )
-    else:
-        log.info("%s: all %d tensors loaded", key, len(fits))
-    return {
-        "init_from": str(init.path),
-        "init_from_head": init.head.value,
-        "init_from_not_loaded": not_loaded,
-    }
+@dataclass(frozen=True)
+class InitWeights:
+    """``init_from=``'s weights, read (and checked to be weights) with the run's context,
+    before any data is loaded; put into the net once it is built."""
+
+    path: str
+    head: Head
+    strict: bool
+    state: dict[str, torch.Tensor]
+
+    @classmethod
+    def read(cls, init: InitConfig, trust: bool = False) -> InitWeights:
+        state = read_weights(str(init.path), trust)
+        return cls(str(init.path), init.head, init.strict, state)
+
+    def load_into(self, model: nn.Module) -> dict[str, Any]:
+        """Load the weights into ``model``; what summary.json records of it."""
+        key = f"init_from={self.path}"
+        ours = model.state_dict()
+        kept = {k for k in ours if self.head is Head.reset and k.startswith(HEAD)}
+        given = {k: v for k, v in self.state.items() if k not in kept}
+        fits = {k: v for k, v in given.items() if k in ours and v.shape == ours[k].shape}
+        left = sorted(k for k in ours if k not in fits and k not in kept)
+        unused = sorted(k for k in given if k not in fits)
+        if self.strict and (left or unused):
+            raise UserError(_mismatch(key, ours, given))
+        model.load_state_dict(fits, strict=False)
+        if kept:
+            log.info(
+                "%s: the classifier (%s) starts afresh (init_from.head=reset)", key, HEAD + "*"
+            )
+        not_loaded = sorted({*left, *unused})  # this net's, and the given ones' (by name)
+        if not_loaded:
+            log.info(
+                "%s: %d tensors loaded; not loaded (init_from.strict=false): %s",
+                key,
+                len(fits),
+                ", ".join(not_loaded),
+            )
+        else:
+            log.info("%s: all %d tensors loaded", key, len(fits))
+        return {
+            "init_from": self.path,
+            "init_from_head": self.head.value,
+            "init_from_not_loaded": not_loaded,
+        }
 
 
 def _mismatch(key: str, ours: dict[str, Any], given: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ import logging
 import time
 from pathlib import Path
 
-from resnet_exp.config import Config, config_tree, flatten
+from resnet_exp.config import Config
 from resnet_exp.models.gradflow import GradFlowMonitor
 from resnet_exp.run import distributed
 from resnet_exp.run.records import RunRecords
@@ -56,8 +56,7 @@ class Trainer:
     def __init__(self, cfg: Config, ctx: RunContext) -> None:
         self.clock = RunClock()  # the wall time counts the set-up too
         self.cfg, self.ctx = cfg, ctx
-        tree = config_tree(cfg)
-        self.flat = flatten(tree)
+        tree, self.flat = ctx.config, ctx.flat
         self.resume = ctx.resume  # loaded and checked with the context, before any data
         self.s = build_setup(cfg, ctx)
         self.metrics = RunningMetrics(ctx.device, ctx.world.world)

@@ -24,7 +24,6 @@ from resnet_exp.run.runtime import allow_tf32, seed_everything
 from resnet_exp.train.checks import batch_of
 from resnet_exp.train.context import RunContext
 from resnet_exp.train.ema import WeightAverage
-from resnet_exp.train.init_from import start_from
 from resnet_exp.train.optim import build_optimizer, build_scheduler, warmup_on
 from resnet_exp.train.step import CudaGraphStep, EagerStep, make_train_step
 
@@ -77,7 +76,7 @@ def build_setup(cfg: Config, ctx: RunContext) -> Setup:
     """The whole training run, in its context (``train.context.resolve``)."""
     data, model = prepare(cfg, ctx)
     params = count_params(model)
-    started = _initial_weights(cfg, ctx, model)
+    started = ctx.init.load_into(model) if ctx.init is not None else {}
     model, train_model = _data_parallel(model, cfg.trainer, ctx)
     _, batch = batch_of(cfg)
     loader = data.train_loader(batch // ctx.world.world, cfg.seed, ctx.placement)
@@ -116,18 +115,6 @@ def build_setup(cfg: Config, ctx: RunContext) -> Setup:
     )
     s.info = {**describe(cfg, ctx, data, params, batch, loader, total, warmup), **started}
     return s
-
-
-def _initial_weights(cfg: Config, ctx: RunContext, model: nn.Module) -> dict[str, Any]:
-    """``init_from=``'s weights in a new run (a resumed one continues its own)."""
-    if not cfg.init_from.path:
-        return {}
-    if ctx.resume is not None:
-        log.info(
-            "init_from=%s not applied: the run continues from its checkpoint", cfg.init_from.path
-        )
-        return {}
-    return start_from(model, cfg.init_from, cfg.trust_checkpoint)
 
 
 def _data_parallel(
