@@ -25,6 +25,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,17 @@ def check_writable(path: Path, key: str) -> str | None:
     return None
 
 
+@contextmanager
+def _refusing() -> Iterator[None]:
+    """A UserError inside becomes the command's one-line refusal and exit 2 (a callback's
+    exceptions become warnings in Hydra; SystemExit is not caught)."""
+    try:
+        yield
+    except UserError as e:
+        print(f"resnet-exp: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CODES[Status.failed]) from None
+
+
 def _refuse(problem: str | None) -> None:
     if problem:
         # A callback's exceptions become warnings in Hydra; SystemExit is not caught.
@@ -71,13 +84,10 @@ def _refuse_settings(config: DictConfig) -> None:
     task = copy.deepcopy(config)
     with read_write(task), open_dict(task):
         del task["hydra"]
-    try:
+    with _refusing():
         cfg: Any = OmegaConf.to_object(task)
         validate(cfg, distributed.current())
         require(cfg.data.name, Path(cfg.data.root), cfg.data.download)
-    except UserError as e:
-        print(f"resnet-exp: error: {e}", file=sys.stderr)
-        raise SystemExit(EXIT_CODES[Status.failed]) from None
 
 
 def _refuse_missing_data(config: DictConfig) -> None:
@@ -90,11 +100,8 @@ def _refuse_missing_data(config: DictConfig) -> None:
         return  # its jobs run on other machines, where data.root may name another folder
     from resnet_exp.data.stage import require
 
-    try:
+    with _refusing():
         require(str(config.data.name), Path(str(config.data.root)), bool(config.data.download))
-    except UserError as e:
-        print(f"resnet-exp: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None  # a callback's exceptions become warnings in Hydra
 
 
 class Reporter(Callback):
@@ -223,11 +230,8 @@ class MlflowTracking(Callback):
             return  # the other ranks of a data-parallel run record nothing
         from resnet_exp.run.tracking import check_store
 
-        try:
+        with _refusing():
             check_store(_mlflow_uri(config), config.mlflow.experiment)
-        except UserError as e:
-            print(f"resnet-exp: error: {e}", file=sys.stderr)
-            raise SystemExit(EXIT_CODES[Status.failed]) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracks(config):
@@ -241,14 +245,11 @@ class MlflowTracking(Callback):
             "launcher": str(hc.runtime.choices.get("hydra/launcher")),
             "sweeper": str(hc.runtime.choices.get("hydra/sweeper")),
         }
-        try:
+        with _refusing():
             check_mlflow(config.mlflow.tracking_uri, config.mlflow.experiment)
             start_sweep(
                 _mlflow_uri(config), config.mlflow.experiment, Path(str(hc.sweep.dir)), tags
             )
-        except UserError as e:
-            print(f"resnet-exp: error: {e}", file=sys.stderr)
-            raise SystemExit(EXIT_CODES[Status.failed]) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracks(config):
