@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from resnet_exp.config import DataConfig
 from resnet_exp.data.interface import TrainBatches
+from resnet_exp.data.loader import restore_draws
 from resnet_exp.data.splits import Placement
 from resnet_exp.errors import UserError
 
@@ -185,9 +186,5 @@ class BatchAugment:
         another type (its state has another size) or for another rank (``None``) is
         seeded again from this rank's seed and the position, as the loader does."""
         self.loader.load_state_dict({k: v for k, v in state.items() if k != STATE_KEY})
-        saved = state.get(STATE_KEY)
-        if saved is not None and saved.numel() == self.gen.get_state().numel():
-            self.gen.set_state(saved)
-        else:
-            where = self.seed * 1_000_003 + self.loader.epoch * 100_003 + self.loader.pos
-            self.gen.manual_seed(where % 2**63)
+        at = self.loader
+        restore_draws(self.gen, state.get(STATE_KEY), self.seed, at.epoch, at.pos)

@@ -143,12 +143,20 @@ class TrainLoader:
         self.epoch, self.pos = state["epoch"], state["pos"]
         self.perm = state["perm"].to(self.device)
         self.order_gen.set_state(state["order_gen"])
-        aug = state.get("aug_gen")
-        if aug is not None and aug.numel() == self.aug_gen.get_state().numel():
-            self.aug_gen.set_state(aug)
-        else:
-            where = (self.seed + 1 + self.rank) * 1_000_003 + self.epoch * 100_003 + self.pos
-            self.aug_gen.manual_seed(where % 2**63)
+        base = self.seed + 1 + self.rank
+        restore_draws(self.aug_gen, state.get("aug_gen"), base, self.epoch, self.pos)
+
+
+def restore_draws(
+    gen: torch.Generator, saved: torch.Tensor | None, base: int, epoch: int, pos: int
+) -> None:
+    """A per-rank augmentation generator continued: its saved state where it fits, else
+    (a state of another device type, or ``None``: saved for another rank) seeded from
+    ``base`` (the seed and the rank) and the loader's position (``epoch``, ``pos``)."""
+    if saved is not None and saved.numel() == gen.get_state().numel():
+        gen.set_state(saved)
+    else:
+        gen.manual_seed((base * 1_000_003 + epoch * 100_003 + pos) % 2**63)
 
 
 def eval_batches(
