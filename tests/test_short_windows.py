@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,11 +53,17 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture
+def gpu_check(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """scripts/gpu_check.py as a module; the limit its main() sets in this process's
+    environment for each measurement is as it was again after the test."""
+    monkeypatch.setenv(WORKER_TIMEOUT, "600")
+    return import_script("gpu_check.py", monkeypatch)
+
+
 def test_gpu_check_refuses_data_that_is_not_there(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    gpu_check: Any, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    gpu_check = import_script("gpu_check.py", monkeypatch)
-    monkeypatch.setenv(WORKER_TIMEOUT, "600")  # main() sets it: as it was again after
     out = tmp_path / "out"
     assert gpu_check.main(["--dry", "--data", str(tmp_path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -95,10 +102,8 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.slow  # ~20 s: gpu-check's steps killed at a 5 s timeout
 def test_gpu_check_reports_a_hung_step_and_writes_its_summary(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    gpu_check: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    gpu_check = import_script("gpu_check.py", monkeypatch)
-    monkeypatch.setenv(WORKER_TIMEOUT, "600")  # main() sets it: as it was again after
     hung = tmp_path / "test_hang.py"
     hung.write_text("import time\n\ndef test_hangs():\n    time.sleep(3600)\n")
     monkeypatch.setattr(gpu_check, "CUDA_TESTS", [str(hung)])
